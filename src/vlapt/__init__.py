@@ -1,0 +1,16 @@
+"""vlapt: post-training vision-language-action robot policies with reinforcement learning."""
+
+import os as _os
+
+# Headless software rendering works everywhere (no display, no GPU); users with a GPU can
+# export MUJOCO_GL=egl with their own driver, or osmesa, before importing vlapt.
+_os.environ.setdefault("MUJOCO_GL", "egl")
+
+__version__ = "0.1.0"
+
+
+def load_policy(path, device: str = "cpu", seed: int = 0):
+    """Load a policy checkpoint directory (safetensors + JSON) for inference."""
+    from vlapt.models import load_policy as _load
+
+    return _load(path, device=device, seed=seed)

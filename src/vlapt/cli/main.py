@@ -1,0 +1,173 @@
+"""The `vlapt` command line.
+
+Every command takes ``--config FILE.yaml`` and trailing ``key=value`` overrides of its
+typed config (``vlapt sft --config configs/sft.yaml train.lr=1e-4``); flags such as
+``--suite`` are shortcuts for the most used overrides. Each run writes its resolved config
+next to its outputs. Errors in the input exit with status 2 and a message saying what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_BAD_INPUT = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with options (see configs/); overrides follow as key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config option, e.g. num_workers=2")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _shortcut(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    """Turn shortcut flags into overrides placed before the explicit ones (which win)."""
+    out = []
+    for flag, key in mapping.items():
+        value = getattr(args, flag, None)
+        if value is None or value is False:
+            continue
+        if isinstance(value, bool):
+            value = "true"
+        if isinstance(value, list):
+            value = "[" + ",".join(value) + "]"
+        out.append(f"{key}={value}")
+    return out + list(args.overrides)
+
+
+def _tasks_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# -- tasks -------------------------------------------------------------------------------------
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from vlapt.envs.tasks import describe, resolve_tasks
+
+    for task, instruction in describe(resolve_tasks(args.suite)):
+        print(f"{task:32s} {instruction}")
+    return 0
+
+
+# -- collect -----------------------------------------------------------------------------------
+def cmd_collect(args: argparse.Namespace) -> int:
+    from vlapt.config import load_config, save_config
+    from vlapt.data.collect import CollectConfig, collect
+
+    overrides = _shortcut(args, {"suite": "suite", "tasks": "tasks", "demos_per_task": "demos_per_task",
+                                 "output": "output", "overwrite": "overwrite", "workers": "num_workers"})
+    config = load_config(CollectConfig, args.config, overrides).validate()
+    summary = collect(config, progress=not args.quiet)
+    save_config(config, Path(summary["output"]).with_suffix(".config.yaml"))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# -- eval --------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlapt.config import atomic_write_json, load_config
+    from vlapt.evaluation import EvalConfig, ScriptedExpert, evaluate, format_table
+
+    overrides = _shortcut(args, {"suite": "suite", "tasks": "tasks", "episodes": "episodes_per_task",
+                                 "workers": "num_workers", "seed": "seed"})
+    config = load_config(EvalConfig, args.config, overrides).validate()
+    if args.policy == "scripted":
+        agent = ScriptedExpert()
+        default_output = Path("outputs") / f"eval_scripted_{'_'.join(config.tasks) if config.tasks else config.suite}.json"
+    else:
+        from vlapt.evaluation import CheckpointAgent
+
+        agent = CheckpointAgent(args.policy, deterministic=config.deterministic, seed=config.seed)
+        default_output = Path(args.policy) / f"eval_{config.split}.json"
+    output = Path(args.output) if args.output else default_output
+    _check_output_file(output)
+    result = evaluate(agent, config, progress=not args.quiet)
+    result["command"] = "vlapt " + " ".join(sys.argv[1:])
+    atomic_write_json(output, result)
+    print(format_table(result, title=f"{agent.name} on {config.split} configurations"))
+    print(f"\nwall time {result['wall_time_s']:.1f} s, {result['env_steps']} env steps; results written to {output}")
+    return 0
+
+
+def _check_output_file(path: Path) -> None:
+    if path.exists() and path.is_dir():
+        raise ValueError(f"output {path} is a directory; give a file path such as {path / 'eval.json'}")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output directory {parent}: {exc.strerror}; choose a writable --output") from exc
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output directory {parent} is not writable; choose a writable --output")
+
+
+# -- entry point -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlapt",
+        description="Post-train vision-language-action policies with RL on MetaWorld.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tasks", help="list tasks and their language instructions",
+                       description="List the tasks of a suite with the instruction the policy reads.")
+    p.add_argument("--suite", default="mt10", help="mt10 or mt50")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("collect", help="collect scripted-expert demonstrations (HDF5)",
+                       description="Run MetaWorld's scripted experts on training configurations, keep the first "
+                                   "N successful episodes per task, and write them in the HDF5 format of "
+                                   "docs/dataset_format.md. Options: vlapt.data.collect.CollectConfig.")
+    _common(p)
+    p.add_argument("--suite", help="mt10 or mt50")
+    p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
+    p.add_argument("--demos-per-task", dest="demos_per_task", type=int)
+    p.add_argument("--output", help="dataset file to write (.hdf5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--workers", type=int, help="env worker processes")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("eval", help="evaluate a policy on held-out configurations",
+                       description="Evaluate under the published protocol (docs/evaluation.md): held-out "
+                                   "configurations, 500-step limit, first success ends the episode. Prints a "
+                                   "per-task table and writes it as JSON. Options: vlapt.evaluation.EvalConfig.")
+    _common(p)
+    p.add_argument("--policy", required=True, help="'scripted' (MetaWorld's experts) or a checkpoint directory")
+    p.add_argument("--suite", help="mt10 or mt50")
+    p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
+    p.add_argument("--episodes", type=int, help="episodes per task (default 50)")
+    p.add_argument("--workers", type=int, help="env worker processes")
+    p.add_argument("--seed", type=int, help="policy sampling seed")
+    p.add_argument("--output", help="JSON file for the results")
+    p.set_defaults(func=cmd_eval)
+
+    for register in _extra_commands:
+        register(sub)
+    return parser
+
+
+_extra_commands: list[Callable] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlapt.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    bad_input: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, PermissionError)
+    try:
+        return int(args.func(args) or 0)
+    except bad_input as exc:
+        print(f"vlapt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"vlapt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Typed configs: dataclasses, loadable from YAML, overridable with ``key.sub=value``.
+
+Every command builds its config the same way (defaults < YAML file < command-line
+overrides), validates types through OmegaConf's structured configs, and writes the
+resolved result next to its outputs so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says how to fix it."""
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults of ``cls``, then the YAML file at ``path``, then ``key=value`` overrides."""
+    base = OmegaConf.structured(cls)
+    layers = [base]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. one from configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of option names to values")
+        layers.append(_create(data, path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. sft.lr=3e-4)")
+    if overrides:
+        layers.append(_create(OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))), "command line"))
+    try:
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc, cls)) from exc
+
+
+def _create(data: Any, source: Any):
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot read config from {source}: {exc}") from exc
+
+
+def _explain(exc: OmegaConfBaseException, cls: type) -> str:
+    msg = str(exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    names = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    where = f" (option '{key}')" if key else ""
+    return f"bad config{where}: {msg}. Top-level options of {cls.__name__}: {names}"
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    atomic_write_text(Path(path), text)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=False) + "\n")

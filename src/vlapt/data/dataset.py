@@ -1,0 +1,78 @@
+"""Demonstrations as a torch dataset of (observation, action chunk) samples.
+
+Every step t of every episode is a sample: the observation at t and the actions
+t..t+h-1. Chunks that run past the episode's end are padded with the last action and
+flagged in ``action_pad`` so losses can ignore the padding (the episode ended in success,
+so there is nothing to imitate after it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vlapt.data.format import EpisodeData, read_episodes
+
+
+class ChunkDataset(Dataset):
+    def __init__(self, episodes: Sequence[EpisodeData], chunk_len: int):
+        if chunk_len < 1:
+            raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+        if not episodes:
+            raise ValueError("no episodes given")
+        self.chunk_len = chunk_len
+        self.episodes = list(episodes)
+        self.images = np.concatenate([e.images for e in episodes])
+        self.proprio = np.concatenate([e.proprio for e in episodes]).astype(np.float32)
+        self.actions = np.concatenate([e.actions for e in episodes]).astype(np.float32)
+        lengths = np.array([len(e) for e in episodes])
+        self.episode_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self.episode_end = np.repeat(np.cumsum(lengths), lengths)  # exclusive
+        self.instructions = [e.instruction for e in episodes]
+        self.episode_of = np.repeat(np.arange(len(episodes)), lengths)
+        offsets = np.arange(chunk_len)
+        idx = np.arange(len(self.actions))[:, None] + offsets[None]
+        self.action_pad = idx >= self.episode_end[:, None]
+        self.chunk_index = np.minimum(idx, self.episode_end[:, None] - 1)
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike, chunk_len: int, tasks: Sequence[str] | None = None, demos_per_task: int | None = None
+    ) -> "ChunkDataset":
+        return cls(read_episodes(path, tasks, demos_per_task), chunk_len)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image": torch.from_numpy(self.images[i]),
+            "proprio": torch.from_numpy(self.proprio[i]),
+            "instruction": self.instructions[self.episode_of[i]],
+            "actions": torch.from_numpy(self.actions[self.chunk_index[i]]),
+            "action_pad": torch.from_numpy(self.action_pad[i]),
+        }
+
+    def batch(self, indices: np.ndarray) -> dict:
+        """A whole batch by fancy indexing: much faster than collating single samples."""
+        return {
+            "image": torch.from_numpy(self.images[indices]),
+            "proprio": torch.from_numpy(self.proprio[indices]),
+            "instruction": [self.instructions[e] for e in self.episode_of[indices]],
+            "actions": torch.from_numpy(self.actions[self.chunk_index[indices]]),
+            "action_pad": torch.from_numpy(self.action_pad[indices]),
+        }
+
+    def statistics(self) -> dict[str, list[float]]:
+        """Per-dimension mean/std of proprioception and actions, for the policy's normalisation."""
+        eps = 1e-3
+        return {
+            "proprio_mean": self.proprio.mean(0).tolist(),
+            "proprio_std": np.maximum(self.proprio.std(0), eps).tolist(),
+            "action_mean": self.actions.mean(0).tolist(),
+            "action_std": np.maximum(self.actions.std(0), eps).tolist(),
+        }

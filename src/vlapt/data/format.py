@@ -1,0 +1,183 @@
+"""The on-disk demonstration format: HDF5 in robomimic's layout (see docs/dataset_format.md).
+
+robomimic's layout (``data/demo_<i>/{obs/<key>, actions, rewards, dones}``, ``mask/<filter>``)
+is read by robomimic, LeRobot's converters and plain h5py, needs no pickle, and stores
+images compressed. Files are written to a temporary name and renamed when complete, so a
+crash never leaves a dataset that looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+FORMAT = "vlapt-demos"
+FORMAT_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """A dataset path that cannot be written or read; the message says what to do."""
+
+
+@dataclasses.dataclass
+class EpisodeData:
+    """One demonstration: per-step observations before each action, and the actions taken."""
+
+    task: str
+    instruction: str
+    images: np.ndarray  # (T, H, W, 3) uint8
+    proprio: np.ndarray  # (T, P) float32
+    actions: np.ndarray  # (T, 4) float32, clipped to [-1, 1]
+    rewards: np.ndarray  # (T,) float32
+    states: np.ndarray | None = None  # (T, 39) float32 privileged state
+    success: bool = True
+    config_split: str = "train"
+    config_index: int = -1
+    config_seed: int = 0
+    source: str = "scripted"
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail before any work starts if the output cannot be written."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DatasetError(f"dataset {path} already exists; pass overwrite=true to replace it, or choose another output path")
+    if path.exists() and path.is_dir():
+        raise DatasetError(f"output path {path} is a directory; give a file path such as {path / 'demos.hdf5'}")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create the output directory {parent}: {exc.strerror}") from exc
+    if not os.access(parent, os.W_OK):
+        raise DatasetError(f"output directory {parent} is not writable; choose a writable output path")
+    return path
+
+
+class DemoWriter:
+    """Append episodes to a new HDF5 file; ``close()`` publishes it, ``abort()`` removes it."""
+
+    def __init__(self, path: str | os.PathLike, env_args: dict[str, Any], overwrite: bool = False):
+        self.path = check_writable(path, overwrite)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._file = h5py.File(self._tmp, "w")
+        self._data = self._file.create_group("data")
+        self._data.attrs["env_args"] = json.dumps(env_args)
+        self._data.attrs["format"] = FORMAT
+        self._data.attrs["format_version"] = FORMAT_VERSION
+        self._count = 0
+        self._total = 0
+        self._by_task: dict[str, list[str]] = {}
+
+    def add(self, episode: EpisodeData) -> str:
+        name = f"demo_{self._count}"
+        group = self._data.create_group(name)
+        obs = group.create_group("obs")
+        obs.create_dataset("image", data=episode.images, compression="gzip", compression_opts=4, chunks=(1, *episode.images.shape[1:]))
+        obs.create_dataset("proprio", data=episode.proprio.astype(np.float32))
+        if episode.states is not None:
+            obs.create_dataset("state", data=episode.states.astype(np.float32))
+        group.create_dataset("actions", data=episode.actions.astype(np.float32))
+        group.create_dataset("rewards", data=episode.rewards.astype(np.float32))
+        dones = np.zeros(len(episode), dtype=np.uint8)
+        dones[-1] = 1
+        group.create_dataset("dones", data=dones)
+        attrs = group.attrs
+        attrs["num_samples"] = len(episode)
+        for key in ("task", "instruction", "success", "config_split", "config_index", "config_seed", "source"):
+            attrs[key] = getattr(episode, key)
+        self._by_task.setdefault(episode.task, []).append(name)
+        self._count += 1
+        self._total += len(episode)
+        return name
+
+    def close(self) -> Path:
+        mask = self._file.create_group("mask")
+        for task, names in self._by_task.items():
+            mask.create_dataset(task, data=np.array(names, dtype="S"))
+        self._data.attrs["total"] = self._total
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "DemoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def open_dataset(path: str | os.PathLike) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset not found: {path} (create one with `vlapt collect output={path}`)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DatasetError(f"{path} is not a readable HDF5 dataset ({exc}); collect it again with `vlapt collect`") from exc
+    if f.get("data") is None or f["data"].attrs.get("format") != FORMAT:
+        f.close()
+        raise DatasetError(f"{path} is not a vlapt demonstration file (no data group with format={FORMAT!r})")
+    return f
+
+
+def env_args(path: str | os.PathLike) -> dict[str, Any]:
+    with open_dataset(path) as f:
+        return json.loads(f["data"].attrs["env_args"])
+
+
+def read_episodes(
+    path: str | os.PathLike, tasks: Sequence[str] | None = None, demos_per_task: int | None = None
+) -> list[EpisodeData]:
+    """Episodes in file order, optionally only some tasks and the first ``demos_per_task`` of each."""
+    out: list[EpisodeData] = []
+    with open_dataset(path) as f:
+        available = list(f["mask"].keys())
+        wanted = list(tasks) if tasks else available
+        missing = [t for t in wanted if t not in available]
+        if missing:
+            raise DatasetError(f"dataset {path} has no demonstrations for {missing}; it holds {available}")
+        for task in wanted:
+            names = [n.decode() for n in f["mask"][task][()]]
+            if demos_per_task is not None:
+                if demos_per_task > len(names):
+                    raise DatasetError(f"dataset {path} has {len(names)} demos of {task}, fewer than the {demos_per_task} asked for")
+                names = names[:demos_per_task]
+            for name in names:
+                g = f["data"][name]
+                a = g.attrs
+                out.append(
+                    EpisodeData(
+                        task=str(a["task"]),
+                        instruction=str(a["instruction"]),
+                        images=g["obs/image"][()],
+                        proprio=g["obs/proprio"][()],
+                        actions=g["actions"][()],
+                        rewards=g["rewards"][()],
+                        states=g["obs/state"][()] if "state" in g["obs"] else None,
+                        success=bool(a["success"]),
+                        config_split=str(a["config_split"]),
+                        config_index=int(a["config_index"]),
+                        config_seed=int(a["config_seed"]),
+                        source=str(a["source"]),
+                    )
+                )
+    return out

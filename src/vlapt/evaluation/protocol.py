@@ -1,0 +1,118 @@
+"""The evaluation protocol: held-out configurations, fixed by seed, run in parallel.
+
+Every task runs ``episodes_per_task`` episodes on configurations ``0..N-1`` of the ``eval``
+split (never used for demonstrations or training), at most ``max_episode_steps`` env steps,
+ending at the first success. Episodes of all tasks share env workers and the agent sees
+one batch per decision. The same agent, seed and config give the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections import deque
+from typing import Callable
+
+from tqdm import tqdm
+
+from vlapt.envs.metaworld_env import MAX_EPISODE_STEPS
+from vlapt.envs.tasks import resolve_tasks
+from vlapt.envs.vector import EnvPool, SlotSpec
+from vlapt.evaluation.agents import Agent, with_episode_limit
+from vlapt.evaluation.metrics import EpisodeRecord, summarize
+from vlapt.rollout.episodes import Episode, run_episodes
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    suite: str = "mt10"
+    tasks: list[str] = dataclasses.field(default_factory=list)  # overrides suite when given
+    episodes_per_task: int = 50
+    max_episode_steps: int = MAX_EPISODE_STEPS
+    split: str = "eval"  # held-out configurations; "train" only to measure overfitting
+    config_seed: int = 0  # which configurations: shared by every run so results compare
+    seed: int = 0  # the agent's sampling seed (stochastic policies)
+    deterministic: bool = True  # act with the policy's mean chunk
+    num_workers: int = 2
+    envs_per_task: int = 1  # parallel episodes per task (batch size = tasks x envs_per_task)
+
+    def validate(self) -> "EvalConfig":
+        resolve_tasks(self.suite, self.tasks)
+        if self.episodes_per_task < 1:
+            raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
+        if not 1 <= self.max_episode_steps <= MAX_EPISODE_STEPS:
+            raise ValueError(f"max_episode_steps must be in [1, {MAX_EPISODE_STEPS}], got {self.max_episode_steps}")
+        if self.split not in ("train", "eval"):
+            raise ValueError(f"split must be 'eval' or 'train', got {self.split!r}")
+        if self.envs_per_task < 1:
+            raise ValueError(f"envs_per_task must be >= 1, got {self.envs_per_task}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        return self
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return resolve_tasks(self.suite, self.tasks)
+
+
+def evaluate(
+    agent: Agent,
+    config: EvalConfig,
+    progress: bool = True,
+    on_episode: Callable[[EpisodeRecord], None] | None = None,
+) -> dict:
+    """Run the protocol and return a JSON-ready result (protocol, per-task and average metrics)."""
+    config.validate()
+    tasks = config.task_names
+    env_config = with_episode_limit(agent.observation_config(), config.max_episode_steps)
+    envs_per_task = min(config.envs_per_task, config.episodes_per_task)
+    slots = [SlotSpec(task, env_config, agent.chunk_len, config.config_seed) for task in tasks for _ in range(envs_per_task)]
+    # slot k of a task runs that task's episodes k, k + E, k + 2E, ...
+    queues = [deque(range(k, config.episodes_per_task, envs_per_task)) for _ in tasks for k in range(envs_per_task)]
+
+    start = time.perf_counter()
+    records: list[EpisodeRecord] = []
+    bar = tqdm(total=len(tasks) * config.episodes_per_task, desc="eval", unit="ep", disable=not progress, dynamic_ncols=True)
+
+    def finished(episode: Episode) -> None:
+        record = EpisodeRecord(episode.task, episode.config_index, episode.success, episode.steps)
+        records.append(record)
+        if on_episode is not None:
+            on_episode(record)
+        bar.update(1)
+        bar.set_postfix(success=f"{sum(r.success for r in records) / len(records):.3f}")
+
+    with EnvPool(slots, num_workers=config.num_workers) as pool:
+        env_steps = run_episodes(agent, pool, [s.task for s in slots], queues, config.split, finished)
+    bar.close()
+    wall = time.perf_counter() - start
+    records.sort(key=lambda r: (tasks.index(r.task), r.config_index))
+    summary = summarize(records, tasks, config.max_episode_steps)
+    return {
+        "agent": agent.name,
+        "protocol": {
+            "tasks": list(tasks),
+            "episodes_per_task": config.episodes_per_task,
+            "max_episode_steps": config.max_episode_steps,
+            "split": config.split,
+            "config_seed": config.config_seed,
+            "seed": config.seed,
+            "deterministic": config.deterministic,
+            "chunk_len": agent.chunk_len,
+            "camera": env_config.camera if env_config.render else None,
+            "image_size": env_config.image_size if env_config.render else None,
+            "success": "info['success'] at any step; the first success ends the episode",
+        },
+        **summary,
+        "episodes": [dataclasses.asdict(r) for r in records],
+        "env_steps": env_steps,
+        "wall_time_s": wall,
+        "machine": machine_description(),
+    }
+
+
+def machine_description() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"

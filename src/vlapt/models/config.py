@@ -1,0 +1,180 @@
+"""Policy architecture config and named size presets.
+
+The config is the single source of truth for rebuilding a policy: a checkpoint
+stores it as JSON next to the weights, and training configs embed it as an
+OmegaConf structured node, so it holds only plain scalar and list fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    # Smallest thing that exercises every code path; meant for unit tests (image_size 32).
+    "tiny": dict(
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        mlp_ratio=2.0,
+        language_layers=1,
+        image_channels=[8, 16, 16],
+        image_grid=4,
+    ),
+    # Small enough to train on a 2-core CPU (~1M parameters).
+    "default": dict(
+        d_model=128,
+        n_layers=3,
+        n_heads=4,
+        mlp_ratio=4.0,
+        language_layers=1,
+        image_channels=[32, 64, 128, 128],
+        image_grid=4,
+    ),
+    # Octo-small scale (~26M parameters); meant for GPUs.
+    "large": dict(
+        d_model=384,
+        n_layers=12,
+        n_heads=6,
+        mlp_ratio=4.0,
+        language_layers=2,
+        image_channels=[32, 64, 128, 256],
+        image_grid=4,
+    ),
+}
+
+
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a :class:`~vlapt.models.vla.VLAPolicy` bit for bit.
+
+    Defaults equal the ``"default"`` preset; use :func:`policy_config_for_size`
+    to start from another one.
+    """
+
+    size: str = "default"
+    d_model: int = 128
+    n_layers: int = 3
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    language_layers: int = 1
+
+    vision_backbone: str = "conv"
+    image_size: int = 96
+    image_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    image_grid: int = 4
+
+    chunk_len: int = 5
+    action_dim: int = 4
+    proprio_dim: int = 4
+    max_instruction_tokens: int = 16
+    vocab: list[str] = field(default_factory=list)
+
+    init_log_std: float = -1.0
+    min_log_std: float = -5.0
+    max_log_std: float = 1.0
+
+    # Per-dimension normalisation statistics; empty means identity.
+    proprio_mean: list[float] = field(default_factory=list)
+    proprio_std: list[float] = field(default_factory=list)
+    action_mean: list[float] = field(default_factory=list)
+    action_std: list[float] = field(default_factory=list)
+
+    # Observation spec the policy was trained on, recorded so users feed it the same inputs.
+    camera: str = "corner"
+    proprio_fields: list[str] = field(default_factory=lambda: ["hand_x", "hand_y", "hand_z", "gripper"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Embedding rows; an empty vocab still reserves [PAD] and [UNK]."""
+        return max(len(self.vocab), 2)
+
+    def validate(self) -> "PolicyConfig":
+        """Raise ValueError describing the first inconsistency; return self when valid."""
+        _check_field_types(self)
+        if self.size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {self.size!r}; choose one of {sorted(MODEL_SIZES)}")
+        for name in ("d_model", "n_layers", "n_heads", "language_layers", "image_size", "image_grid",
+                     "chunk_len", "action_dim", "proprio_dim", "max_instruction_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.image_channels or any(c < 1 for c in self.image_channels):
+            raise ValueError(f"image_channels must be a non-empty list of positive widths, got {self.image_channels}")
+        if not self.min_log_std < self.max_log_std:
+            raise ValueError(f"min_log_std ({self.min_log_std}) must be < max_log_std ({self.max_log_std})")
+        if not self.min_log_std <= self.init_log_std <= self.max_log_std:
+            raise ValueError(
+                f"init_log_std ({self.init_log_std}) must lie in [min_log_std, max_log_std] "
+                f"= [{self.min_log_std}, {self.max_log_std}]"
+            )
+        if self.vocab:
+            if self.vocab[:2] != ["[PAD]", "[UNK]"]:
+                raise ValueError("vocab must start with '[PAD]', '[UNK]'; build it with Tokenizer.build(texts)")
+            if len(set(self.vocab)) != len(self.vocab):
+                raise ValueError("vocab contains duplicate entries; build it with Tokenizer.build(texts)")
+        if self.proprio_fields and len(self.proprio_fields) != self.proprio_dim:
+            raise ValueError(
+                f"proprio_fields names {len(self.proprio_fields)} entries but proprio_dim is {self.proprio_dim}"
+            )
+        _check_stats("proprio", self.proprio_mean, self.proprio_std, self.proprio_dim)
+        _check_stats("action", self.action_mean, self.action_std, self.action_dim)
+        return self
+
+
+def policy_config_for_size(size: str, **overrides: Any) -> PolicyConfig:
+    """Config from the named preset, with any field replaced by ``overrides``."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    known = {f.name for f in dataclasses.fields(PolicyConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown PolicyConfig field(s) {unknown}; valid fields: {sorted(known)}")
+    values = {**MODEL_SIZES[size], **overrides, "size": size}
+    return PolicyConfig(**values).validate()
+
+
+def _check_stats(name: str, mean: list[float], std: list[float], dim: int) -> None:
+    if not mean and not std:
+        return
+    if len(mean) != dim or len(std) != dim:
+        raise ValueError(
+            f"{name}_mean and {name}_std must both be empty or both have {name}_dim={dim} entries, "
+            f"got {len(mean)} and {len(std)}"
+        )
+    if not all(math.isfinite(m) for m in mean):
+        raise ValueError(f"{name}_mean must be finite, got {mean}")
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(f"{name}_std must be finite and > 0, got {std}")
+
+
+_SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_field_types(config: PolicyConfig) -> None:
+    """Catch wrongly typed values early (e.g. from a hand-edited config.json)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        annotation = str(f.type)
+        is_list = annotation.startswith("list[")
+        item_type = _SCALARS.get(annotation[len("list["):-1] if is_list else annotation)
+        if item_type is None:
+            continue
+        items = value if is_list and isinstance(value, (list, tuple)) else [value]
+        ok = (is_list == isinstance(value, (list, tuple))) and all(
+            isinstance(v, item_type) and not _is_bool_posing_as_number(v, item_type) for v in items
+        )
+        if not ok:
+            raise ValueError(f"PolicyConfig.{f.name} must be {annotation}, got {value!r}")
+
+
+def _is_bool_posing_as_number(value: Any, expected: Any) -> bool:
+    return isinstance(value, bool) and expected is not bool

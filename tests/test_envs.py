@@ -1,0 +1,205 @@
+import numpy as np
+import pytest
+
+import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
+from vlapt.envs import (
+    MT10,
+    MT50,
+    EnvConfig,
+    EnvPool,
+    MetaWorldVLAEnv,
+    ScriptedExpert,
+    SlotSpec,
+    UnknownTaskError,
+    instruction_for,
+    make_configuration,
+    make_configurations,
+    resolve_tasks,
+)
+
+
+@pytest.fixture(scope="module")
+def reach_env():
+    env = MetaWorldVLAEnv("reach-v3", EnvConfig(image_size=64, privileged_state=True), chunk_len=5)
+    yield env
+    env.close()
+
+
+def _hand_geoms(env):
+    model = env._env.model
+    hand = model.body("hand").id
+    ids = []
+    for geom in range(model.ngeom):
+        body = model.geom_bodyid[geom]
+        while body != 0:
+            if body == hand:
+                ids.append(geom)
+                break
+            body = model.body_parentid[body]
+    return ids
+
+
+def _hand_centroid(env):
+    rows, cols = np.nonzero(np.isin(env.render_segmentation(), _hand_geoms(env)))
+    assert len(rows) > 5, "the gripper should be visible from the default camera"
+    return rows.mean(), cols.mean()
+
+
+def test_every_task_has_its_own_instruction():
+    assert len(MT50) == 50 and set(MT10) <= set(MT50)
+    instructions = [instruction_for(t) for t in MT50]
+    assert len(set(instructions)) == 50
+    assert all(len(i.split()) >= 2 for i in instructions)
+
+
+def test_unknown_names_are_rejected_with_choices():
+    with pytest.raises(UnknownTaskError, match="reach-v3"):
+        resolve_tasks(tasks="reach-v4")
+    with pytest.raises(UnknownTaskError, match="mt10, mt50"):
+        resolve_tasks(suite="mt11")
+    with pytest.raises(ValueError, match="valid cameras"):
+        EnvConfig(camera="ceiling").validate()
+    assert resolve_tasks(tasks="push-v3, reach-v3") == ("push-v3", "reach-v3")
+
+
+def test_observation_has_image_proprio_instruction(reach_env):
+    obs, info = reach_env.reset(options={"split": "eval", "index": 0})
+    assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
+    assert obs["proprio"].shape == (4,) and obs["proprio"].dtype == np.float32
+    assert obs["state"].shape == (39,)
+    np.testing.assert_allclose(obs["proprio"], obs["state"][:4])
+    assert obs["instruction"] == instruction_for("reach-v3")
+    assert reach_env.observation_space.contains({k: v for k, v in obs.items()})
+
+
+def test_image_is_upright_and_not_mirrored(reach_env):
+    """Moving the hand up moves it up in the image; moving it to the camera's right moves it right."""
+    reach_env.reset(options={"split": "eval", "index": 0})
+    row0, col0 = _hand_centroid(reach_env)
+    for _ in range(3):
+        reach_env.step(np.tile([0.0, 0.0, 1.0, 0.0], (4, 1)))
+    row1, col1 = _hand_centroid(reach_env)
+    assert row1 < row0 - 2, "world up must be image up"
+    cam = reach_env._env.model.camera(reach_env.config.camera).id
+    cam_right = -reach_env._env.data.cam_xmat[cam].reshape(3, 3)[:, 0]  # camera x, turned 180 degrees
+    cam_right[2] = 0.0
+    cam_right /= np.abs(cam_right).max()
+    for _ in range(3):
+        reach_env.step(np.tile([cam_right[0], cam_right[1], 0.0, 0.0], (4, 1)))
+    row2, col2 = _hand_centroid(reach_env)
+    assert col2 > col1 + 2, "the image must not be mirrored"
+
+
+def test_chunk_step_runs_all_actions_and_renders_once(reach_env, monkeypatch):
+    reach_env.reset(options={"split": "eval", "index": 1})
+    calls = []
+    original = reach_env.render
+    monkeypatch.setattr(reach_env, "render", lambda: calls.append(1) or original())
+    obs, reward, terminated, truncated, info = reach_env.step(np.zeros((5, 4)))
+    assert info["steps"] == 5 and info["rewards"].shape == (5,) and reward == 0.0
+    assert not terminated and not truncated and info["episode_steps"] == 5
+    assert len(calls) == 1
+
+
+def test_chunk_stops_at_first_success_with_sparse_reward():
+    env = MetaWorldVLAEnv("reach-v3", EnvConfig(render=False, privileged_state=True), chunk_len=8)
+    expert = ScriptedExpert()
+    obs, _ = env.reset(options={"split": "eval", "index": 0})
+    # find how many expert steps reach success, then replay the same actions in chunks of 8
+    actions = []
+    probe = MetaWorldVLAEnv("reach-v3", EnvConfig(render=False, privileged_state=True))
+    o, _ = probe.reset(options={"split": "eval", "index": 0})
+    while True:
+        a = expert.act_one(o["state"], "reach-v3")
+        actions.append(a)
+        o, _, term, trunc, _ = probe.step(a)
+        if term or trunc:
+            break
+    assert term, "the expert solves this configuration"
+    n = len(actions)
+    actions += [np.zeros(4, np.float32)] * 8  # extra actions after success must not run
+    executed, rewards = 0, []
+    for k in range(0, len(actions), 8):
+        obs, reward, terminated, truncated, info = env.step(np.stack(actions[k : k + 8]))
+        executed += info["steps"]
+        rewards.extend(info["rewards"].tolist())
+        if terminated:
+            break
+    assert terminated and not truncated and info["success"]
+    assert executed == n == info["episode_steps"]
+    assert rewards == [0.0] * (n - 1) + [1.0]
+    assert info["steps"] == (n - 1) % 8 + 1
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros((1, 4)))
+    env.close()
+    probe.close()
+
+
+def test_step_limit_truncates_mid_chunk():
+    env = MetaWorldVLAEnv("push-v3", EnvConfig(render=False, max_episode_steps=12), chunk_len=5)
+    env.reset(options={"split": "train", "index": 0})
+    steps = [env.step(np.zeros((5, 4)))[4]["steps"] for _ in range(2)]
+    obs, reward, terminated, truncated, info = env.step(np.zeros((5, 4)))
+    assert steps + [info["steps"]] == [5, 5, 2]
+    assert truncated and not terminated and info["episode_steps"] == 12
+
+
+def test_dense_reward_option():
+    env = MetaWorldVLAEnv("reach-v3", EnvConfig(render=False, reward="dense"), chunk_len=3)
+    env.reset(options={"split": "eval", "index": 0})
+    _, reward, _, _, info = env.step(np.zeros((3, 4)))
+    assert info["rewards"].shape == (3,) and np.all(info["rewards"] > 0)
+    assert reward == pytest.approx(float(info["rewards"].sum()), rel=1e-5)
+    env.close()
+
+
+def test_bad_chunk_shape_is_rejected(reach_env):
+    reach_env.reset(options={"split": "eval", "index": 0})
+    with pytest.raises(ValueError, match=r"\(n, 4\)"):
+        reach_env.step(np.zeros((5, 3)))
+
+
+def test_configurations_are_deterministic_and_splits_disjoint():
+    for task in ("pick-place-v3", "door-open-v3"):
+        train = make_configurations(task, "train", 60, seed=0)
+        evals = make_configurations(task, "eval", 60, seed=0)
+        again = make_configurations(task, "eval", 60, seed=0)
+        assert [c.rand_vec for c in evals] == [c.rand_vec for c in again]
+        train_vecs = np.array([c.rand_vec for c in train])
+        eval_vecs = np.array([c.rand_vec for c in evals])
+        distance = np.linalg.norm(train_vecs[:, None] - eval_vecs[None], axis=-1)
+        assert distance.min() > 1e-6, "no evaluation configuration may equal a training one"
+        assert len(np.unique(train_vecs, axis=0)) == 60 and len(np.unique(eval_vecs, axis=0)) == 60
+        assert make_configurations(task, "eval", 60, seed=1)[0].rand_vec != evals[0].rand_vec
+    # a configuration does not depend on how many were drawn before it
+    assert make_configuration("pick-place-v3", "eval", 7).rand_vec == evals_for_pick_place_index_7()
+
+
+def evals_for_pick_place_index_7():
+    return make_configurations("pick-place-v3", "eval", 8)[7].rand_vec
+
+
+def test_env_reset_draws_the_same_configuration_as_make_configuration(reach_env):
+    _, info = reach_env.reset(options={"split": "eval", "index": 3})
+    assert tuple(info["configuration"]["rand_vec"]) == make_configuration("reach-v3", "eval", 3).rand_vec
+    obs_a, _ = reach_env.reset(options={"configuration": make_configuration("reach-v3", "eval", 3)})
+    obs_b, _ = reach_env.reset(options={"split": "eval", "index": 3})
+    np.testing.assert_array_equal(obs_a["state"], obs_b["state"])
+    np.testing.assert_array_equal(obs_a["image"], obs_b["image"])
+
+
+def test_pool_matches_single_env_and_reports_worker_errors():
+    config = EnvConfig(image_size=32)
+    tasks = ["reach-v3", "push-v3", "window-close-v3"]
+    with EnvPool([SlotSpec(t, config, 2) for t in tasks], num_workers=2) as pool:
+        reset = pool.reset({i: {"split": "eval", "index": 2} for i in range(3)})
+        stepped = pool.step({1: np.full((2, 4), 0.5)})
+        assert list(stepped) == [1]
+        with pytest.raises(Exception, match="action chunk must have shape"):
+            pool.step({0: np.zeros((2, 7))})
+    single = MetaWorldVLAEnv("push-v3", config, 2)
+    obs, _ = single.reset(options={"split": "eval", "index": 2})
+    np.testing.assert_array_equal(obs["image"], reset[1][0]["image"])
+    obs, *_ = single.step(np.full((2, 4), 0.5))
+    np.testing.assert_array_equal(obs["image"], stepped[1].observation["image"])
+    single.close()
