@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from vlapt.evaluation import CheckpointAgent
 
         agent = CheckpointAgent(args.policy, deterministic=config.deterministic, seed=config.seed)
-        default_output = Path(args.policy) / f"eval_{config.split}.json"
+        default_output = Path(args.policy) / ("eval.json" if config.split == "eval" else f"eval_{config.split}.json")
     output = Path(args.output) if args.output else default_output
     _check_output_file(output)
     result = evaluate(agent, config, progress=not args.quiet)
@@ -102,6 +102,19 @@ def _check_output_file(path: Path) -> None:
         raise ValueError(f"cannot create output directory {parent}: {exc.strerror}; choose a writable --output") from exc
     if not os.access(parent, os.W_OK):
         raise ValueError(f"output directory {parent} is not writable; choose a writable --output")
+
+
+# -- sft ---------------------------------------------------------------------------------------
+def cmd_sft(args: argparse.Namespace) -> int:
+    from vlapt.algorithms.sft import SFTConfig, train_sft
+    from vlapt.config import load_config
+
+    overrides = _shortcut(args, {"dataset": "dataset", "output_dir": "output_dir", "demos_per_task": "demos_per_task",
+                                 "steps": "steps"})
+    config = load_config(SFTConfig, args.config, overrides).validate()
+    final = train_sft(config, progress=not args.quiet)
+    print(f"policy written to {final}; evaluate it with: vlapt eval --policy {final}")
+    return 0
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -144,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="policy sampling seed")
     p.add_argument("--output", help="JSON file for the results")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (the baseline)",
+                       description="Behaviour-clone action chunks from a demonstration dataset; writes TensorBoard "
+                                   "logs, periodic resumable checkpoints and the final policy to output_dir/policy. "
+                                   "Re-running with the same output_dir resumes. Options: vlapt.algorithms.sft.SFTConfig.")
+    _common(p)
+    p.add_argument("--dataset", help="HDF5 demonstrations from `vlapt collect`")
+    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("--demos-per-task", dest="demos_per_task", type=int, help="first N demos of each task (0: all)")
+    p.add_argument("--steps", type=int)
+    p.set_defaults(func=cmd_sft)
 
     for register in _extra_commands:
         register(sub)

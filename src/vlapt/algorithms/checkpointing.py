@@ -1,0 +1,129 @@
+"""Resumable training checkpoints without pickle.
+
+A training checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding the policy
+checkpoint (``model.safetensors`` + ``config.json``, loadable by `vlapt.load_policy`) and the
+rest of the training state: every tensor (optimizer moments, RNG states, buffers) in
+``state.safetensors`` and every scalar or structure in ``state.json``. The directory is
+written under a temporary name and renamed, then ``checkpoints/latest`` (a one-line text
+file) is replaced atomically, so a crash at any moment leaves the previous checkpoint
+intact and resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlapt.config import atomic_write_text
+from vlapt.models.checkpoint import CheckpointError, load_pretrained, save_pretrained
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            key = f"optim.{index}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state(np_rng: np.random.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    meta: dict[str, Any] = {"python": _python_state_to_json(random.getstate())}
+    if np_rng is not None:
+        meta["numpy"] = np_rng.bit_generator.state
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, np_rng: np.random.Generator | None = None) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    random.setstate(_python_state_from_json(meta["python"]))
+    if np_rng is not None and "numpy" in meta:
+        np_rng.bit_generator.state = meta["numpy"]
+
+
+def _python_state_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_json(state) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def save_training_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically, point ``latest`` at it, prune old ones."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:09d}"
+    tmp = root / f".step_{step:09d}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, metadata={"step": step})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{pointer} points at {path}, which does not exist; delete {pointer} to start over or restore the directory"
+        )
+    return path
+
+
+def load_training_checkpoint(path: str | os.PathLike, device: str = "cpu"):
+    """``(model, tensors, meta)`` of a training checkpoint directory."""
+    path = Path(path)
+    model = load_pretrained(path, device=device)
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:  # safetensors raises its own errors as subclasses of these
+        raise CheckpointError(f"training state in {path} is missing or corrupt ({exc}); delete the directory to resume from an earlier one") from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError
+        raise CheckpointError(f"training state in {path} is corrupt ({exc}); delete the directory to resume from an earlier one") from exc
+    return model, tensors, meta

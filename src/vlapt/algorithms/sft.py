@@ -1,0 +1,231 @@
+"""Supervised fine-tuning (behaviour cloning) of the VLA policy on demonstration chunks.
+
+The baseline that RL post-training starts from. Each sample is the observation at step t
+and the expert's actions t..t+h-1; the loss is the chunk's Gaussian negative
+log-likelihood (padding past the episode end masked out), which trains the mean and a
+calibrated exploration std in one go. Random-shift image augmentation (pad + random
+crop, as in DrQ) matters with few demonstrations from pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vlapt.config import save_config
+from vlapt.data.dataset import ChunkDataset
+from vlapt.data.format import env_args, read_episodes
+from vlapt.envs.tasks import MT50, instruction_for
+from vlapt.models import PolicyConfig, Tokenizer, VLAPolicy, make_batch, policy_config_for_size
+from vlapt.algorithms.checkpointing import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    restore_rng,
+    rng_state,
+    save_training_checkpoint,
+)
+
+log = logging.getLogger("vlapt.sft")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The policy architecture: a named size preset plus the knobs people change most."""
+
+    size: str = "default"  # tiny | default | large (vlapt.models.MODEL_SIZES)
+    chunk_len: int = 5
+    image_size: int = 0  # 0: the dataset's image size
+    init_log_std: float = -1.0
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    dataset: str = "datasets/mt10_scripted.hdf5"
+    tasks: list[str] = dataclasses.field(default_factory=list)  # default: every task in the dataset
+    demos_per_task: int = 0  # 0: all; the paper's small set is 10, the large set 50
+    output_dir: str = "runs/sft"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    loss: str = "nll"  # "nll": chunk Gaussian NLL (mean and std); "mse": mean only
+    augment_shift: int = 4  # pixels of random shift; 0 disables
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    threads: int = 2
+    resume: bool = True
+
+    def validate(self) -> "SFTConfig":
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.loss not in ("nll", "mse"):
+            raise ValueError(f"loss must be 'nll' or 'mse', got {self.loss!r}")
+        if self.demos_per_task < 0 or self.augment_shift < 0:
+            raise ValueError("demos_per_task and augment_shift must be >= 0")
+        if self.model.chunk_len < 1:
+            raise ValueError(f"model.chunk_len must be >= 1, got {self.model.chunk_len}")
+        return self
+
+
+def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats: dict) -> PolicyConfig:
+    """The policy's full config: preset + knobs + normalisation + a vocabulary of all task instructions."""
+    vocab = Tokenizer.build([instruction_for(t) for t in MT50]).vocab
+    return policy_config_for_size(
+        model.size,
+        chunk_len=model.chunk_len,
+        image_size=model.image_size or image_size,
+        init_log_std=model.init_log_std,
+        dropout=model.dropout,
+        camera=camera,
+        vocab=list(vocab),
+        **stats,
+    )
+
+
+def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad by replicating edges and crop back at a random offset per image (uint8 in, uint8 out)."""
+    if pad == 0:
+        return images
+    n, h, w, _ = images.shape
+    padded = F.pad(images.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, :, None].expand(n, h, w)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, :].expand(n, h, w)
+    batch = torch.arange(n)[:, None, None].expand(n, h, w)
+    out = padded.permute(0, 2, 3, 1)[batch, rows, cols]
+    return out.to(torch.uint8)
+
+
+def chunk_bc_loss(model: VLAPolicy, batch: dict, actions: torch.Tensor, pad: torch.Tensor, kind: str = "nll"):
+    """Masked behaviour-cloning loss on normalised chunks; returns (loss, mse of the mean)."""
+    out = model(batch)
+    valid = (~pad).unsqueeze(-1).float().expand_as(actions)
+    count = valid.sum().clamp_min(1.0)
+    sq = (out.mean - actions).square()
+    mse = (sq * valid).sum() / count
+    if kind == "mse":
+        return mse, mse.detach()
+    z2 = sq * torch.exp(-2.0 * out.log_std)
+    nll = 0.5 * z2 + out.log_std + 0.5 * math.log(2 * math.pi)
+    return (nll * valid).sum() / count, mse.detach()
+
+
+def train_sft(config: SFTConfig, progress: bool = True) -> Path:
+    """Train, checkpoint periodically (resuming from the last checkpoint), return the final policy dir."""
+    config.validate()
+    torch.set_num_threads(config.threads)
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    _log_to_file(out_dir / "train.log")
+
+    meta = env_args(config.dataset)
+    episodes = read_episodes(config.dataset, config.tasks or None, config.demos_per_task or None)
+    dataset = ChunkDataset(episodes, config.model.chunk_len)
+    policy_config = build_policy_config(config.model, meta["image_size"], meta["camera"], dataset.statistics())
+    if policy_config.image_size != meta["image_size"]:
+        raise ValueError(f"model.image_size {policy_config.image_size} differs from the dataset's {meta['image_size']}")
+    tokenizer = Tokenizer(policy_config.vocab)
+    log.info("dataset %s: %d episodes, %d samples", config.dataset, len(episodes), len(dataset))
+
+    torch.manual_seed(config.seed)
+    model = VLAPolicy(policy_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    rng = np.random.default_rng(config.seed)
+    aug_gen = torch.Generator().manual_seed(config.seed + 1)
+    step = 0
+    resume_from = latest_checkpoint(out_dir) if config.resume else None
+    if resume_from is not None:
+        loaded, tensors, state = load_training_checkpoint(resume_from)
+        model.load_state_dict(loaded.state_dict())
+        optimizer_from_flat(optimizer, tensors, state["optimizer"])
+        restore_rng(tensors, state["rng"], rng)
+        aug_gen.set_state(tensors["rng.augment"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=step)
+    model.train()
+    bar = tqdm(total=config.steps, initial=step, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    while step < config.steps:
+        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / config.steps)))  # cosine decay to zero
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = rng.integers(0, len(dataset), size=config.batch_size)
+        sample = dataset.batch(indices)
+        sample["image"] = random_shift(sample["image"], config.augment_shift, aug_gen)
+        batch = make_batch(
+            {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(), "instruction": sample["instruction"]},
+            tokenizer,
+            policy_config,
+        )
+        actions = model.normalize_actions(sample["actions"])
+        loss, mse = chunk_bc_loss(model, batch, actions, sample["action_pad"], config.loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower lr or check the dataset")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            std = model.clamped_log_std().exp().mean().item()
+            writer.add_scalar("sft/loss", loss.item(), step)
+            writer.add_scalar("sft/mse", mse.item(), step)
+            writer.add_scalar("sft/action_std", std, step)
+            writer.add_scalar("sft/grad_norm", float(grad_norm), step)
+            writer.add_scalar("sft/lr", lr, step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", mse=f"{mse.item():.4f}", std=f"{std:.3f}")
+            log.info("step %d loss %.4f mse %.5f std %.4f", step, loss.item(), mse.item(), std)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _checkpoint(out_dir, step, model, optimizer, rng, aug_gen)
+    bar.close()
+    writer.close()
+    final = out_dir / "policy"
+    from vlapt.models import save_pretrained
+
+    save_pretrained(model, final, metadata={
+        "trained_by": "vlapt sft", "steps": step, "dataset": str(config.dataset),
+        "demos_per_task": config.demos_per_task, "samples": len(dataset),
+        "wall_time_s_this_session": time.perf_counter() - start,
+    })
+    log.info("final policy written to %s", final)
+    return final
+
+
+def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen):
+    tensors, optim_meta = optimizer_to_flat(optimizer)
+    rng_tensors, rng_meta = rng_state(rng)
+    tensors.update(rng_tensors)
+    tensors["rng.augment"] = aug_gen.get_state()
+    save_training_checkpoint(out_dir, step, model, tensors, {"optimizer": optim_meta, "rng": rng_meta})
+
+
+def _log_to_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root = logging.getLogger("vlapt")
+    root.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+        root.addHandler(handler)
