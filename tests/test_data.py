@@ -269,8 +269,6 @@ def test_directory_as_output(tmp_path):
     assert out.is_dir() and list(out.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="check_writable tests 'exists and not overwrite' before 'is a directory', "
-                                       "so a directory output is answered with advice to pass overwrite=true")
 def test_directory_as_output_without_overwrite_says_directory(tmp_path):
     out = tmp_path / "adir"
     out.mkdir()

@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else default_output
     _check_output_file(output)
     result = evaluate(agent, config, progress=not args.quiet)
-    result["command"] = "vlapt " + " ".join(sys.argv[1:])
+    result["command"] = "vlapt " + " ".join(args.argv)
     atomic_write_json(output, result)
     print(format_table(result, title=f"{agent.name} on {config.split} configurations"))
     print(f"\nwall time {result['wall_time_s']:.1f} s, {result['env_steps']} env steps; results written to {output}")
@@ -114,6 +114,19 @@ def cmd_sft(args: argparse.Namespace) -> int:
     config = load_config(SFTConfig, args.config, overrides).validate()
     final = train_sft(config, progress=not args.quiet)
     print(f"policy written to {final}; evaluate it with: vlapt eval --policy {final}")
+    return 0
+
+
+# -- train (RL post-training) ----------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
+    from vlapt.config import load_config
+
+    overrides = _shortcut(args, {"init_policy": "init_policy", "demos": "demos", "output_dir": "output_dir",
+                                 "total_env_steps": "total_env_steps"})
+    config = load_config(PPOConfig, args.config, overrides).validate()
+    final = train_ppo(config, progress=not args.quiet)
+    print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     return 0
 
 
@@ -169,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("train", help="RL post-training: action-chunked PPO with self behaviour cloning",
+                       description="Post-train an SFT checkpoint with chunk-level PPO plus a self-BC loss on a "
+                                   "demonstration buffer that admits the policy's own shorter successes, with an "
+                                   "online-adapted BC weight (docs/method.md). Re-running with the same output_dir "
+                                   "resumes from the last checkpoint. Options: vlapt.algorithms.ppo_sbc.PPOConfig.")
+    _common(p)
+    p.add_argument("--init-policy", dest="init_policy", help="SFT checkpoint directory to start from")
+    p.add_argument("--demos", help="HDF5 demonstrations that seed the self-BC buffer")
+    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("--total-env-steps", dest="total_env_steps", type=int)
+    p.set_defaults(func=cmd_train)
+
     for register in _extra_commands:
         register(sub)
     return parser
@@ -181,13 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     from vlapt.config import ConfigError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     bad_input: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, PermissionError)
     try:
         return int(args.func(args) or 0)
     except bad_input as exc:
         print(f"vlapt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (RuntimeError, FloatingPointError) as exc:  # a run that cannot go on (e.g. too few expert successes)
+        print(f"vlapt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"vlapt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -49,10 +49,10 @@ class EpisodeData:
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     """Fail before any work starts if the output cannot be written."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"output path {path} is a directory; give a file path such as {path / 'demos.hdf5'}")
     if path.exists() and not overwrite:
         raise DatasetError(f"dataset {path} already exists; pass overwrite=true to replace it, or choose another output path")
-    if path.exists() and path.is_dir():
-        raise DatasetError(f"output path {path} is a directory; give a file path such as {path / 'demos.hdf5'}")
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,8 @@ def read_episodes(
     """Episodes in file order, optionally only some tasks and the first ``demos_per_task`` of each."""
     out: list[EpisodeData] = []
     with open_dataset(path) as f:
-        available = list(f["mask"].keys())
+        written = json.loads(f["data"].attrs["env_args"]).get("tasks", [])
+        available = [t for t in written if t in f["mask"]] + sorted(t for t in f["mask"] if t not in written)
         wanted = list(tasks) if tasks else available
         missing = [t for t in wanted if t not in available]
         if missing:

@@ -1,0 +1,402 @@
+"""Action-chunked PPO with self behaviour cloning (arXiv 2509.25718), in one file.
+
+Read top to bottom: the config (every hyperparameter), the BC-weight rule, the losses, then
+the training loop (rollout -> buffer -> update -> checkpoint -> evaluate).
+
+- One decision = one action chunk; one PPO ratio per chunk from its joint Gaussian
+  likelihood (sum over the h x action_dim entries); GAE over decisions with the discount of
+  the env steps each chunk actually executed (vlapt.rollout.chunked).
+- Self-BC: a per-task buffer seeded with the SFT demonstrations that admits the policy's
+  own successes when shorter than its longest episode (vlapt.data.demo_buffer), and a
+  BC loss (chunk NLL) on it.
+- The BC weight lambda is adapted online by dual ascent on a constraint (see `BCWeight`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlapt.algorithms.checkpointing import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    restore_rng,
+    rng_state,
+    save_training_checkpoint,
+)
+from vlapt.algorithms.sft import chunk_bc_loss
+from vlapt.config import atomic_write_json, save_config
+from vlapt.data.demo_buffer import DemoBuffer
+from vlapt.data.format import read_episodes
+from vlapt.envs.metaworld_env import EnvConfig
+from vlapt.envs.tasks import resolve_tasks
+from vlapt.envs.vector import EnvPool, SlotSpec
+from vlapt.evaluation.metrics import format_table
+from vlapt.evaluation.protocol import EvalConfig
+from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch
+from vlapt.rollout.chunked import ChunkedRollout, RolloutBatch, chunk_gae
+
+log = logging.getLogger("vlapt.ppo")
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    # what to post-train, on what
+    init_policy: str = "runs/sft/policy"  # SFT checkpoint directory
+    demos: str = "datasets/mt10_scripted.hdf5"  # seeds the self-BC buffer
+    demos_per_task: int = 0  # 0: all the dataset has
+    suite: str = "mt10"
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    output_dir: str = "runs/ppo"
+    reward: str = "sparse"  # "sparse" (1 at first success) or "dense" (MetaWorld's shaped reward)
+    # rollout
+    envs_per_task: int = 2
+    horizon: int = 16  # decisions per env slot per iteration
+    num_workers: int = 2
+    total_env_steps: int = 200_000
+    # PPO
+    gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n
+    gae_lambda: float = 0.95  # per decision
+    lr: float = 1e-4
+    epochs: int = 4
+    minibatch_size: int = 128
+    clip_coef: float = 0.2
+    value_clip_coef: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    target_kl: float = 0.05  # stop the epoch loop once approx KL per chunk exceeds this (0: never)
+    normalize_advantages: bool = True
+    init_log_std: float = -1.0  # reset the exploration std (normalised action units) at the start; 0 keeps SFT's
+    value_warmup_iterations: int = 2  # train only the critic first: SFT leaves the value head untrained
+    # self behaviour cloning
+    bc_weight_rule: str = "lagrangian"  # "lagrangian" | "fixed" | "none"
+    bc_coef: float = 0.1  # fixed weight, and the lagrangian rule's starting weight
+    bc_target_ratio: float = 1.5  # lagrangian: keep buffer BC loss <= ratio x its starting level
+    bc_lr: float = 0.1  # lagrangian: step size of the dual update on log lambda
+    bc_coef_min: float = 1e-3
+    bc_coef_max: float = 10.0
+    bc_batch_size: int = 64
+    buffer_capacity: int = 50
+    buffer_admit_self: bool = True  # False: the buffer only ever holds the SFT demos (ablation)
+    # bookkeeping
+    checkpoint_every: int = 5  # iterations
+    eval_every: int = 10  # iterations; 0 disables
+    eval_episodes: int = 5  # per task, held-out configurations
+    max_nonfinite_updates: int = 20  # abort (keeping the last good checkpoint) after this many skipped updates
+    seed: int = 0
+    threads: int = 2
+    resume: bool = True
+
+    def validate(self) -> "PPOConfig":
+        resolve_tasks(self.suite, self.tasks)
+        if self.bc_weight_rule not in ("lagrangian", "fixed", "none"):
+            raise ValueError(f"bc_weight_rule must be lagrangian, fixed or none, got {self.bc_weight_rule!r}")
+        for name in ("envs_per_task", "horizon", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ValueError("gamma must be in (0, 1] and gae_lambda in [0, 1]")
+        if self.reward not in ("sparse", "dense"):
+            raise ValueError(f"reward must be sparse or dense, got {self.reward!r}")
+        return self
+
+
+class BCWeight:
+    """The online-adapted weight lambda in L = L_PPO + lambda * L_BC.
+
+    "lagrangian": treat self-BC as a constraint, not a fixed regulariser. PPO may change the
+    policy freely as long as the buffer's BC loss stays below a target (``bc_target_ratio``
+    times its value at the start); lambda is the constraint's multiplier, updated by dual
+    ascent on log lambda: log lambda += bc_lr * (L_BC / target - 1). When RL updates start
+    to forget the successful behaviour in the buffer (the failure mode that makes PPO on
+    sparse rewards collapse), lambda grows until the policy returns to it; while the policy
+    keeps it, lambda decays and RL is free to find shorter solutions, which then enter
+    the buffer and become the behaviour the constraint protects.
+    "fixed": lambda = bc_coef. "none": lambda = 0 (plain chunked PPO).
+    """
+
+    def __init__(self, rule: str, init: float, target_ratio: float, lr: float, lo: float, hi: float):
+        self.rule, self.value, self.target_ratio, self.lr, self.lo, self.hi = rule, init, target_ratio, lr, lo, hi
+        self.target: float | None = None
+        self.scale = 1.0
+        if rule == "none":
+            self.value = 0.0
+
+    def update(self, bc_loss: float) -> float:
+        if self.rule != "lagrangian" or not math.isfinite(bc_loss):
+            return self.value
+        if self.target is None:  # calibrate on the first measurement; NLL can be negative, so offset by |L0|
+            self.scale = abs(bc_loss) + 1e-3
+            self.target = bc_loss + (self.target_ratio - 1.0) * self.scale
+            return self.value
+        violation = (bc_loss - self.target) / self.scale
+        self.value = float(np.clip(self.value * math.exp(self.lr * violation), self.lo, self.hi))
+        return self.value
+
+    def state(self) -> dict:
+        return {"value": self.value, "target": self.target, "scale": self.scale}
+
+    def load(self, state: dict) -> None:
+        self.value, self.target, self.scale = state["value"], state["target"], state["scale"]
+
+
+def ppo_losses(
+    model: VLAPolicy, batch: dict, actions: torch.Tensor, old_log_probs: torch.Tensor, old_values: torch.Tensor,
+    advantages: torch.Tensor, returns: torch.Tensor, clip_coef: float, value_clip_coef: float,
+):
+    """Chunk-level clipped surrogate and clipped value loss; returns (policy_loss, value_loss, entropy, approx_kl, clipfrac)."""
+    new_log_probs, entropy, values = model.evaluate_actions(batch, actions)
+    log_ratio = new_log_probs - old_log_probs
+    ratio = log_ratio.exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    policy_loss = -surrogate.mean()
+    clipped_values = old_values + (values - old_values).clamp(-value_clip_coef, value_clip_coef)
+    value_loss = 0.5 * torch.max((values - returns).square(), (clipped_values - returns).square()).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    return policy_loss, value_loss, entropy.mean(), approx_kl, clipfrac
+
+
+def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
+    config.validate()
+    torch.set_num_threads(config.threads)
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    from vlapt.algorithms.sft import _log_to_file
+
+    _log_to_file(out_dir / "train.log")
+    tasks = resolve_tasks(config.suite, config.tasks)
+
+    # -- policy, optimiser, buffer, state ---------------------------------------------------------
+    resume_from = latest_checkpoint(out_dir) if config.resume else None
+    model = load_pretrained(resume_from or config.init_policy)
+    policy_config = model.config
+    tokenizer = Tokenizer(policy_config.vocab)
+    h = policy_config.chunk_len
+    if resume_from is None and config.init_log_std != 0:
+        with torch.no_grad():
+            model.log_std.fill_(config.init_log_std)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=1e-5)
+    demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
+    buffer = DemoBuffer(tasks, config.buffer_capacity, config.buffer_admit_self)
+    buffer.seed(demos, h)
+    bc_weight = BCWeight(config.bc_weight_rule, config.bc_coef, config.bc_target_ratio, config.bc_lr,
+                         config.bc_coef_min, config.bc_coef_max)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    sample_gen = torch.Generator().manual_seed(config.seed)
+    iteration, env_steps, nonfinite = 0, 0, 0
+    next_index = {t: 0 for t in tasks}
+    history: list[dict] = []
+    if resume_from is not None:
+        _, tensors, state = load_training_checkpoint(resume_from)
+        optimizer_from_flat(optimizer, tensors, state["optimizer"])
+        restore_rng(tensors, state["rng"], rng)
+        sample_gen.set_state(tensors["rng.sample"])
+        buffer.load_state(tensors, state["buffer"], demos, h)
+        bc_weight.load(state["bc_weight"])
+        iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
+        log.info("resumed from %s: iteration %d, %d env steps", resume_from, iteration, env_steps)
+
+    def act(observations):
+        batch = make_batch(_stack(observations), tokenizer, policy_config)
+        with torch.no_grad():
+            model.eval()
+            actions, log_probs, values = model.sample(batch, deterministic=False, generator=sample_gen)
+        executed = np.clip(model.unnormalize_actions(actions).numpy(), -1.0, 1.0)
+        return actions.numpy(), executed, log_probs.numpy(), values.numpy()
+
+    def value(observations):
+        with torch.no_grad():
+            model.eval()
+            return model(make_batch(_stack(observations), tokenizer, policy_config)).value.numpy()
+
+    env_config = EnvConfig(camera=policy_config.camera, image_size=policy_config.image_size, reward=config.reward)
+    slots = [SlotSpec(t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=iteration)
+    recent = deque(maxlen=max(20, 2 * len(slots)))  # recent finished training episodes
+    bar = tqdm(total=config.total_env_steps, initial=env_steps, desc="ppo", unit="step", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    with EnvPool(slots, num_workers=config.num_workers) as pool:
+        rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index)
+        while env_steps < config.total_env_steps:
+            iteration += 1
+            t0 = time.perf_counter()
+            batch, finished = rollout.collect(act, value, config.horizon)
+            rollout_time = time.perf_counter() - t0
+            steps_now = int(batch.steps.sum())
+            env_steps += steps_now
+            for ep in finished:
+                recent.append(ep)
+                if ep.trajectory is not None:
+                    buffer.offer(ep.trajectory)
+            t1 = time.perf_counter()
+            stats = _update(model, optimizer, batch, buffer, bc_weight, tokenizer, policy_config, config, rng,
+                            critic_only=iteration <= config.value_warmup_iterations)
+            nonfinite += stats.pop("nonfinite")
+            if nonfinite > config.max_nonfinite_updates:
+                raise FloatingPointError(
+                    f"{nonfinite} updates had non-finite losses or gradients; stopped. The last good checkpoint is in "
+                    f"{out_dir / 'checkpoints'}; lower lr or raise max_grad_norm's strictness and resume"
+                )
+            learn_time = time.perf_counter() - t1
+            succ = [e for e in recent if e.success]
+            row = {
+                "iteration": iteration, "env_steps": env_steps,
+                "train_success": len(succ) / len(recent) if recent else float("nan"),
+                "train_steps_to_success": float(np.mean([e.steps for e in succ])) if succ else float("nan"),
+                "bc_weight": bc_weight.value, **stats, **{f"buffer_{k}": v for k, v in buffer.stats().items()},
+                "rollout_env_steps_per_s": steps_now / rollout_time, "learn_time_s": learn_time,
+                "wall_time_s": time.perf_counter() - start,
+            }
+            history.append(row)
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and math.isfinite(v) and k != "iteration":
+                    writer.add_scalar(f"ppo/{k}", v, env_steps)
+            bar.update(steps_now)
+            bar.set_postfix(it=iteration, succ=f"{row['train_success']:.2f}", steps=f"{row['train_steps_to_success']:.0f}",
+                            lam=f"{bc_weight.value:.3f}", kl=f"{stats['approx_kl']:.3f}")
+            log.info("iteration %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            done = env_steps >= config.total_env_steps
+            if iteration % config.checkpoint_every == 0 or done:
+                ckpt = _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen, buffer, bc_weight,
+                                   rollout.next_index, history)
+                if config.eval_every and (iteration % config.eval_every == 0 or done):
+                    result = _evaluate_checkpoint(ckpt, tasks, config)
+                    avg = result["average"]
+                    row.update({"eval_success": avg["success_rate"], "eval_steps_to_success": avg["steps_to_success"] or float("nan")})
+                    writer.add_scalar("eval/success_rate", avg["success_rate"], env_steps)
+                    if avg["steps_to_success"] is not None:
+                        writer.add_scalar("eval/steps_to_success", avg["steps_to_success"], env_steps)
+                    log.info("eval at %d env steps:\n%s", env_steps, format_table(result))
+    bar.close()
+    writer.close()
+    final = out_dir / "policy"
+    from vlapt.models import save_pretrained
+
+    save_pretrained(model, final, metadata={"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps,
+                                            "iterations": iteration})
+    atomic_write_json(out_dir / "history.json", history)
+    return final
+
+
+def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer, policy_config, config, rng, critic_only):
+    T, S = batch.rewards.shape
+    advantages, returns = chunk_gae(batch.rewards, batch.values, batch.discounts, batch.dones, batch.last_values, config.gae_lambda)
+    n = T * S
+    flat = {
+        "image": batch.images.reshape(n, *batch.images.shape[2:]),
+        "proprio": batch.proprio.reshape(n, -1),
+        "instruction": [_instruction(t) for _ in range(T) for t in batch.tasks],
+    }
+    actions = torch.from_numpy(batch.actions.reshape(n, *batch.actions.shape[2:]))
+    old_logp = torch.from_numpy(batch.log_probs.reshape(n))
+    old_values = torch.from_numpy(batch.values.reshape(n))
+    adv = torch.from_numpy(advantages.reshape(n))
+    ret = torch.from_numpy(returns.reshape(n))
+    model.train()
+    sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
+    updates, nonfinite = 0, 0
+    for _ in range(config.epochs):
+        order = rng.permutation(n)
+        epoch_kl = []
+        for startk in range(0, n, config.minibatch_size):
+            idx = order[startk : startk + config.minibatch_size]
+            mb = make_batch({k: (v[idx] if not isinstance(v, list) else [v[i] for i in idx]) for k, v in flat.items()},
+                            tokenizer, policy_config)
+            mb_adv = adv[idx]
+            if config.normalize_advantages and len(idx) > 1:
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+            pl, vl, ent, kl, cf = ppo_losses(model, mb, actions[idx], old_logp[idx], old_values[idx], mb_adv, ret[idx],
+                                             config.clip_coef, config.value_clip_coef)
+            if critic_only:
+                loss = config.vf_coef * vl
+                bc = torch.zeros(())
+            else:
+                loss = pl + config.vf_coef * vl - config.ent_coef * ent
+                bc = torch.zeros(())
+                if bc_weight.value > 0:
+                    demo = buffer.sample(config.bc_batch_size, rng)
+                    demo_batch = make_batch(demo, tokenizer, policy_config)
+                    bc, _ = chunk_bc_loss(model, demo_batch, model.normalize_actions(demo["actions"]), demo["action_pad"])
+                    loss = loss + bc_weight.value * bc
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                log.warning("non-finite loss (%s); minibatch skipped", loss.item())
+                continue
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                nonfinite += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("non-finite gradient norm; minibatch skipped")
+                continue
+            optimizer.step()
+            updates += 1
+            for k, v in zip(sums, (pl, vl, ent, kl, cf, bc)):
+                sums[k] += float(v.detach())
+            epoch_kl.append(float(kl))
+        if not critic_only and config.target_kl and epoch_kl and np.mean(epoch_kl) > config.target_kl:
+            break
+    stats = {k: v / max(1, updates) for k, v in sums.items()}
+    if not critic_only and bc_weight.value > 0:
+        bc_weight.update(stats["bc_loss"])
+    stats.update({"updates": updates, "nonfinite": nonfinite, "action_std": float(model.clamped_log_std().exp().mean()),
+                  "explained_variance": _explained_variance(batch.values.reshape(-1), returns.reshape(-1))})
+    return stats
+
+
+def _explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
+    var = np.var(target)
+    return float("nan") if var == 0 else float(1 - np.var(target - pred) / var)
+
+
+def _instruction(task: str) -> str:
+    from vlapt.envs.tasks import instruction_for
+
+    return instruction_for(task)
+
+
+def _stack(observations):
+    from vlapt.evaluation.agents import stack_observations
+
+    return stack_observations(observations)
+
+
+def _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history):
+    tensors, optim_meta = optimizer_to_flat(optimizer)
+    rng_tensors, rng_meta = rng_state(rng)
+    buffer_tensors, buffer_meta = buffer.state()
+    tensors.update(rng_tensors)
+    tensors.update(buffer_tensors)
+    tensors["rng.sample"] = sample_gen.get_state()
+    meta = {"optimizer": optim_meta, "rng": rng_meta, "buffer": buffer_meta, "bc_weight": bc_weight.state(),
+            "iteration": iteration, "env_steps": env_steps, "next_index": dict(next_index), "history": history}
+    return save_training_checkpoint(out_dir, iteration, model, tensors, meta)
+
+
+def _evaluate_checkpoint(path: Path, tasks, config: PPOConfig) -> dict:
+    """Periodic held-out evaluation reads the checkpoint just written, like any evaluation."""
+    from vlapt.evaluation import CheckpointAgent, evaluate
+
+    agent = CheckpointAgent(str(path), deterministic=True, seed=config.seed)
+    result = evaluate(agent, EvalConfig(tasks=list(tasks), episodes_per_task=config.eval_episodes,
+                                        num_workers=config.num_workers), progress=False)
+    atomic_write_json(path / "eval.json", result)
+    return result

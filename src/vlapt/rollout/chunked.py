@@ -1,0 +1,162 @@
+"""Fixed-horizon chunked rollouts for on-policy RL.
+
+Every slot (a task's env in a worker) makes ``horizon`` decisions per iteration; one
+decision samples a whole action chunk, which the env executes until it ends or the task
+succeeds. Episodes carry over between iterations (as in CleanRL) and each new episode
+takes the task's next *training* configuration. For each decision the buffer keeps what
+chunk-level PPO needs: the chunk's discounted reward over the steps actually executed, the
+discount ``gamma ** steps`` to the next decision, and episode ends (with the value of the
+last observation folded into the reward at a time-limit truncation, which is not a real
+end of the task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vlapt.data.demo_buffer import BufferEpisode
+from vlapt.envs.vector import EnvPool
+
+# act(observations) -> (normalised chunks (B, h, A), executed chunks (B, h, A), log_probs (B,), values (B,))
+ActFn = Callable[[list[dict]], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+ValueFn = Callable[[list[dict]], np.ndarray]
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    images: np.ndarray  # (T, S, H, W, 3) uint8
+    proprio: np.ndarray  # (T, S, P)
+    tasks: list[str]  # (S,) task of each slot
+    actions: np.ndarray  # (T, S, h, A) normalised chunks as sampled
+    log_probs: np.ndarray  # (T, S)
+    values: np.ndarray  # (T, S)
+    rewards: np.ndarray  # (T, S) sum_j gamma^j r_j over executed steps (+ truncation bootstrap)
+    discounts: np.ndarray  # (T, S) gamma ** steps executed
+    dones: np.ndarray  # (T, S) the episode ended with this decision
+    steps: np.ndarray  # (T, S) env steps executed
+    last_values: np.ndarray  # (S,) value of the observation after the last decision
+
+
+@dataclasses.dataclass
+class FinishedEpisode:
+    task: str
+    success: bool
+    steps: int
+    trajectory: BufferEpisode | None  # BC samples of a successful episode
+
+
+class ChunkedRollout:
+    def __init__(self, pool: EnvPool, tasks: Sequence[str], gamma: float, chunk_len: int, start_index: dict[str, int] | None = None):
+        self.pool = pool
+        self.tasks = list(tasks)
+        self.gamma = gamma
+        self.chunk_len = chunk_len
+        self.next_index = dict(start_index or {t: 0 for t in set(tasks)})
+        self.observations: dict[int, dict] = {}
+        self._trajectories: dict[int, list] = {}
+        self.reset_all()
+
+    def reset_all(self) -> None:
+        self.observations = {i: obs for i, (obs, _) in self.pool.reset(self._next_configs(range(len(self.tasks)))).items()}
+        self._trajectories = {i: [] for i in range(len(self.tasks))}
+
+    def _next_configs(self, slots) -> dict[int, dict]:
+        requests = {}
+        for i in slots:
+            task = self.tasks[i]
+            requests[i] = {"split": "train", "index": self.next_index[task]}
+            self.next_index[task] += 1
+        return requests
+
+    def collect(self, act: ActFn, value: ValueFn, horizon: int) -> tuple[RolloutBatch, list[FinishedEpisode]]:
+        S = len(self.tasks)
+        first = self.observations[0]
+        H, W, _ = first["image"].shape
+        P = first["proprio"].shape[0]
+        images = np.zeros((horizon, S, H, W, 3), np.uint8)
+        proprio = np.zeros((horizon, S, P), np.float32)
+        actions = np.zeros((horizon, S, self.chunk_len, 4), np.float32)
+        log_probs = np.zeros((horizon, S), np.float32)
+        values = np.zeros((horizon, S), np.float32)
+        rewards = np.zeros((horizon, S), np.float32)
+        discounts = np.zeros((horizon, S), np.float32)
+        dones = np.zeros((horizon, S), bool)
+        steps = np.zeros((horizon, S), np.int32)
+        finished: list[FinishedEpisode] = []
+        for t in range(horizon):
+            obs = [self.observations[i] for i in range(S)]
+            normalised, executed, logp, v = act(obs)
+            images[t] = np.stack([o["image"] for o in obs])
+            proprio[t] = np.stack([o["proprio"] for o in obs])
+            actions[t], log_probs[t], values[t] = normalised, logp, v
+            results = self.pool.step({i: executed[i] for i in range(S)})
+            truncated_slots, ended = [], []
+            for i in range(S):
+                r = results[i]
+                n = int(r.info["steps"])
+                steps[t, i] = n
+                rewards[t, i] = float(np.sum(r.info["rewards"] * self.gamma ** np.arange(n)))
+                discounts[t, i] = self.gamma**n
+                self._trajectories[i].append((obs[i]["image"], obs[i]["proprio"], executed[i][:n]))
+                self.observations[i] = r.observation
+                if r.terminated or r.truncated:
+                    dones[t, i] = True
+                    ended.append(i)
+                    if r.truncated and not r.terminated:
+                        truncated_slots.append(i)
+                    finished.append(self._finish(i, bool(r.terminated), int(r.info["episode_steps"])))
+            if truncated_slots:  # a time limit is not a task end: bootstrap from the last observation
+                boot = value([self.observations[i] for i in truncated_slots])
+                for i, b in zip(truncated_slots, boot):
+                    rewards[t, i] += discounts[t, i] * float(b)
+            if ended:
+                for i, (o, _) in self.pool.reset(self._next_configs(ended)).items():
+                    self.observations[i] = o
+        last_values = value([self.observations[i] for i in range(S)])
+        batch = RolloutBatch(images, proprio, self.tasks, actions, log_probs, values, rewards, discounts, dones, steps, last_values)
+        return batch, finished
+
+    def _finish(self, slot: int, success: bool, episode_steps: int) -> FinishedEpisode:
+        trajectory = self._trajectories[slot]
+        self._trajectories[slot] = []
+        samples = None
+        if success:
+            h = self.chunk_len
+            chunk_actions = np.zeros((len(trajectory), h, 4), np.float32)
+            pad = np.ones((len(trajectory), h), bool)
+            for k, (_, _, executed) in enumerate(trajectory):
+                n = len(executed)
+                chunk_actions[k, :n] = executed
+                chunk_actions[k, n:] = executed[-1]
+                pad[k, :n] = False
+            samples = BufferEpisode(
+                task=self.tasks[slot], length=episode_steps,
+                images=np.stack([im for im, _, _ in trajectory]), proprio=np.stack([p for _, p, _ in trajectory]),
+                actions=chunk_actions, pad=pad, source="self",
+            )
+        return FinishedEpisode(self.tasks[slot], success, episode_steps, samples)
+
+
+def chunk_gae(
+    rewards: np.ndarray, values: np.ndarray, discounts: np.ndarray, dones: np.ndarray, last_values: np.ndarray, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """GAE over decisions, with a per-decision discount ``gamma ** steps``.
+
+    delta_k = R_k + gamma^{n_k} V(s_{k+1}) (1 - done_k) - V(s_k)
+    A_k     = delta_k + gamma^{n_k} lambda (1 - done_k) A_{k+1}
+    Returns (advantages, returns) shaped like ``rewards`` ((T,) or (T, S)).
+    """
+    T = len(rewards)
+    advantages = np.zeros_like(rewards, dtype=np.float64)
+    next_adv = np.zeros_like(last_values, dtype=np.float64)
+    next_value = np.asarray(last_values, dtype=np.float64)
+    for t in reversed(range(T)):
+        cont = 1.0 - dones[t].astype(np.float64)
+        delta = rewards[t] + discounts[t] * next_value * cont - values[t]
+        next_adv = delta + discounts[t] * lam * cont * next_adv
+        advantages[t] = next_adv
+        next_value = values[t]
+    return advantages.astype(np.float32), (advantages + values).astype(np.float32)

@@ -1,0 +1,175 @@
+"""Evaluation: metrics, the protocol's results, determinism, and the held-out split."""
+
+import math
+
+import numpy as np
+import pytest
+
+import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
+from vlapt.envs import EnvConfig, MetaWorldVLAEnv
+from vlapt.evaluation import EpisodeRecord, EvalConfig, ScriptedExpert, evaluate, format_table, summarize, task_metrics
+
+TASKS = ["reach-v3", "drawer-close-v3"]
+EPISODES = 3
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+def _records():
+    return [
+        EpisodeRecord("a", 0, True, 10),
+        EpisodeRecord("a", 1, True, 30),
+        EpisodeRecord("a", 2, False, 100),  # failures end at the limit anyway
+        EpisodeRecord("a", 3, False, 100),
+        EpisodeRecord("b", 0, False, 100),
+        EpisodeRecord("b", 1, False, 100),
+    ]
+
+
+def test_task_metrics():
+    m = task_metrics([r for r in _records() if r.task == "a"], max_episode_steps=100)
+    assert m.episodes == 4
+    assert m.success_rate == pytest.approx(0.5)
+    assert m.steps_to_success == pytest.approx(20.0)  # over successes only
+    assert m.steps_failures_as_limit == pytest.approx((10 + 30 + 100 + 100) / 4)
+    none = task_metrics([r for r in _records() if r.task == "b"], max_episode_steps=100)
+    assert none.success_rate == 0.0 and none.steps_to_success is None
+    assert none.steps_failures_as_limit == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        task_metrics([], 100)
+
+
+def test_failures_count_as_the_limit_not_their_own_steps():
+    # a failure recorded with fewer steps than the limit still counts as the limit
+    m = task_metrics([EpisodeRecord("a", 0, True, 20), EpisodeRecord("a", 1, False, 7)], max_episode_steps=50)
+    assert m.steps_failures_as_limit == pytest.approx((20 + 50) / 2)
+    assert m.steps_to_success == pytest.approx(20.0)
+
+
+def test_summarize_averages_over_tasks():
+    records = _records() + [EpisodeRecord("c", 0, True, 40)]
+    summary = summarize(records, ["a", "b", "c"], max_episode_steps=100)
+    assert list(summary["per_task"]) == ["a", "b", "c"]
+    assert summary["per_task"]["c"]["success_rate"] == 1.0
+    avg = summary["average"]
+    assert avg["episodes"] == 7
+    # task-averaged (each task weighs the same), not episode-averaged (3/7)
+    assert avg["success_rate"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    # only tasks with a success enter the steps-to-success average
+    assert avg["steps_to_success"] == pytest.approx((20.0 + 40.0) / 2)
+    assert avg["steps_failures_as_limit"] == pytest.approx((60.0 + 100.0 + 40.0) / 3)
+
+
+def test_summarize_without_any_success():
+    summary = summarize([EpisodeRecord("b", 0, False, 100)], ["b"], max_episode_steps=100)
+    assert summary["average"]["steps_to_success"] is None
+    assert summary["average"]["success_rate"] == 0.0
+    assert not math.isnan(summary["average"]["steps_failures_as_limit"])
+
+
+def test_format_table():
+    summary = summarize(_records(), ["a", "b"], max_episode_steps=100)
+    table = format_table(summary, title="my title")
+    lines = table.splitlines()
+    assert lines[0] == "**my title**"
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| task")]
+    assert [r.split("|")[1].strip() for r in rows] == ["a", "b", "**average**"]
+    assert "| a | 4 | 0.500 | 20.0 | 60.0 |" in lines
+    assert "| b | 2 | 0.000 | - | 100.0 |" in lines
+    assert "| **average** | 6 | 0.250 | 20.0 | 80.0 |" in lines
+    assert "my title" not in format_table(summary)
+
+
+# -- the protocol with the scripted expert ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def serial_result():
+    return evaluate(ScriptedExpert(), EvalConfig(tasks=TASKS, episodes_per_task=EPISODES, num_workers=0), progress=False)
+
+
+def test_scripted_expert_solves_easy_tasks(serial_result):
+    r = serial_result
+    assert r["agent"] == "scripted"
+    assert r["protocol"]["split"] == "eval" and r["protocol"]["tasks"] == TASKS
+    assert r["protocol"]["episodes_per_task"] == EPISODES
+    assert list(r["per_task"]) == TASKS
+    for task in TASKS:
+        assert r["per_task"][task]["episodes"] == EPISODES
+        assert r["per_task"][task]["success_rate"] == 1.0
+    assert r["average"]["success_rate"] == 1.0
+    episodes = r["episodes"]
+    assert [(e["task"], e["config_index"]) for e in episodes] == [(t, i) for t in TASKS for i in range(EPISODES)]
+    assert all(e["success"] and 0 < e["steps"] < 500 for e in episodes)
+    assert r["env_steps"] == sum(e["steps"] for e in episodes)
+    # configurations differ, so episode lengths are not all the same
+    assert len({e["steps"] for e in episodes if e["task"] == "reach-v3"}) > 1
+
+
+def test_on_episode_callback_sees_every_episode():
+    seen = []
+    result = evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v3"], episodes_per_task=2, num_workers=0),
+                      progress=False, on_episode=seen.append)
+    assert sorted((r.task, r.config_index) for r in seen) == [("reach-v3", 0), ("reach-v3", 1)]
+    assert [r.steps for r in sorted(seen, key=lambda r: r.config_index)] == [e["steps"] for e in result["episodes"]]
+
+
+@pytest.mark.parametrize("workers,envs_per_task", [(0, 1), (2, 2)])
+def test_evaluation_is_deterministic_and_independent_of_parallelism(serial_result, workers, envs_per_task):
+    config = EvalConfig(tasks=TASKS, episodes_per_task=EPISODES, num_workers=workers, envs_per_task=envs_per_task)
+    again = evaluate(ScriptedExpert(), config, progress=False)
+    assert again["episodes"] == serial_result["episodes"]
+    assert again["per_task"] == serial_result["per_task"]
+    assert again["env_steps"] == serial_result["env_steps"]
+
+
+def test_invalid_eval_config():
+    with pytest.raises(ValueError, match="episodes_per_task"):
+        evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v3"], episodes_per_task=0), progress=False)
+    with pytest.raises(ValueError, match="split"):
+        evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v3"], split="test"), progress=False)
+    with pytest.raises(ValueError, match="reach-v3"):
+        evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v4"]), progress=False)
+
+
+# -- the held-out split ------------------------------------------------------------------------------------
+class RecordingExpert(ScriptedExpert):
+    """The scripted expert, remembering every privileged state it was shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.states: dict[str, list[np.ndarray]] = {}
+
+    def act(self, observations, tasks):
+        for obs, task in zip(observations, tasks):
+            self.states.setdefault(task, []).append(np.array(obs["state"]))
+        return super().act(observations, tasks)
+
+
+def _reset_state(task, split, index):
+    env = MetaWorldVLAEnv(task, EnvConfig(render=False, privileged_state=True))
+    try:
+        obs, info = env.reset(options={"split": split, "index": index})
+        assert info["configuration"]["split"] == split
+        return obs["state"]
+    finally:
+        env.close()
+
+
+def _seen(states, target):
+    return any(np.array_equal(s, target) for s in states)
+
+
+@pytest.mark.parametrize("split", ["eval", "train"])
+def test_evaluation_runs_the_configured_split(split):
+    task, n = "reach-v3", 2
+    agent = RecordingExpert()
+    result = evaluate(agent, EvalConfig(tasks=[task], episodes_per_task=n, num_workers=0, split=split), progress=False)
+    assert result["protocol"]["split"] == split
+    other = "train" if split == "eval" else "eval"
+    for i in range(n):
+        # the first observation of episode i is the reset state of configuration (split, i) ...
+        assert _seen(agent.states[task], _reset_state(task, split, i)), f"{split} configuration {i} was not run"
+        # ... and never one of the other split
+        assert not _seen(agent.states[task], _reset_state(task, other, i)), f"{other} configuration {i} leaked in"
+
+
+def test_default_protocol_is_held_out():
+    assert EvalConfig().split == "eval"
