@@ -12,6 +12,7 @@ intact and resumable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,8 +23,27 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlapt.config import atomic_write_text
+from vlapt.config import atomic_write_text, save_config
 from vlapt.models.checkpoint import CheckpointError, load_pretrained, save_pretrained
+
+
+def start_run(config: Any, output_dir: str | os.PathLike, threads: int) -> Path:
+    """Create the run directory, save the resolved config there, log to ``train.log``, set torch threads."""
+    torch.set_num_threads(threads)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    path = (out_dir / "train.log").resolve()
+    root = logging.getLogger("vlapt")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):  # one log file per run, also when runs follow each other in a process
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    return out_dir
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

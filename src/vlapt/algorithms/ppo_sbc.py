@@ -15,6 +15,7 @@ the training loop (rollout -> buffer -> update -> checkpoint -> evaluate).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -33,9 +34,10 @@ from vlapt.algorithms.checkpointing import (
     restore_rng,
     rng_state,
     save_training_checkpoint,
+    start_run,
 )
 from vlapt.algorithms.sft import chunk_bc_loss
-from vlapt.config import atomic_write_json, save_config
+from vlapt.config import atomic_write_json, atomic_write_text
 from vlapt.data.demo_buffer import DemoBuffer
 from vlapt.data.format import read_episodes
 from vlapt.envs.metaworld_env import EnvConfig
@@ -107,6 +109,9 @@ class PPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise ValueError("gamma must be in (0, 1] and gae_lambda in [0, 1]")
+        if not self.bc_coef_min <= self.bc_coef <= self.bc_coef_max or self.bc_coef_min <= 0:
+            raise ValueError(f"bc_coef ({self.bc_coef}) must lie in [bc_coef_min, bc_coef_max] = "
+                             f"[{self.bc_coef_min}, {self.bc_coef_max}] with bc_coef_min > 0 (bc_weight_rule=none disables BC)")
         if self.reward not in ("sparse", "dense"):
             raise ValueError(f"reward must be sparse or dense, got {self.reward!r}")
         return self
@@ -141,7 +146,8 @@ class BCWeight:
             self.target = bc_loss + (self.target_ratio - 1.0) * self.scale
             return self.value
         violation = (bc_loss - self.target) / self.scale
-        self.value = float(np.clip(self.value * math.exp(self.lr * violation), self.lo, self.hi))
+        log_value = np.clip(math.log(self.value) + self.lr * violation, math.log(self.lo), math.log(self.hi))
+        self.value = float(np.clip(math.exp(log_value), self.lo, self.hi))  # log-space step: a spike cannot overflow
         return self.value
 
     def state(self) -> dict:
@@ -171,13 +177,7 @@ def ppo_losses(
 
 def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     config.validate()
-    torch.set_num_threads(config.threads)
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
-    from vlapt.algorithms.sft import _log_to_file
-
-    _log_to_file(out_dir / "train.log")
+    out_dir = start_run(config, config.output_dir, config.threads)
     tasks = resolve_tasks(config.suite, config.tasks)
 
     # -- policy, optimiser, buffer, state ---------------------------------------------------------
@@ -278,8 +278,10 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
                                    rollout.next_index, history)
                 if config.eval_every and (iteration % config.eval_every == 0 or done):
                     result = _evaluate_checkpoint(ckpt, tasks, config)
+                    atomic_write_json(out_dir / "evals" / f"iteration_{iteration:06d}.json", result)
                     avg = result["average"]
                     row.update({"eval_success": avg["success_rate"], "eval_steps_to_success": avg["steps_to_success"] or float("nan")})
+                    _record_history(ckpt, history)  # the checkpoint was written before its evaluation
                     writer.add_scalar("eval/success_rate", avg["success_rate"], env_steps)
                     if avg["steps_to_success"] is not None:
                         writer.add_scalar("eval/steps_to_success", avg["steps_to_success"], env_steps)
@@ -354,10 +356,10 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
             epoch_kl.append(float(kl))
         if not critic_only and config.target_kl and epoch_kl and np.mean(epoch_kl) > config.target_kl:
             break
-    stats = {k: v / max(1, updates) for k, v in sums.items()}
-    if not critic_only and bc_weight.value > 0:
+    stats = {k: (v / updates if updates else float("nan")) for k, v in sums.items()}
+    if not critic_only and bc_weight.value > 0 and updates:  # only a measured BC loss moves the weight
         bc_weight.update(stats["bc_loss"])
-    stats.update({"updates": updates, "nonfinite": nonfinite, "action_std": float(model.clamped_log_std().exp().mean()),
+    stats.update({"updates": updates, "nonfinite": nonfinite, "action_std": float(model.clamped_log_std().detach().exp().mean()),
                   "explained_variance": _explained_variance(batch.values.reshape(-1), returns.reshape(-1))})
     return stats
 
@@ -389,6 +391,13 @@ def _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen
     meta = {"optimizer": optim_meta, "rng": rng_meta, "buffer": buffer_meta, "bc_weight": bc_weight.state(),
             "iteration": iteration, "env_steps": env_steps, "next_index": dict(next_index), "history": history}
     return save_training_checkpoint(out_dir, iteration, model, tensors, meta)
+
+
+def _record_history(checkpoint: Path, history: list[dict]) -> None:
+    state_path = checkpoint / "state.json"
+    state = json.loads(state_path.read_text())
+    state["history"] = history
+    atomic_write_text(state_path, json.dumps(state))
 
 
 def _evaluate_checkpoint(path: Path, tasks, config: PPOConfig) -> dict:

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vlapt.config import save_config
 from vlapt.data.dataset import ChunkDataset
 from vlapt.data.format import env_args, read_episodes
 from vlapt.envs.tasks import MT50, instruction_for
@@ -33,6 +32,7 @@ from vlapt.algorithms.checkpointing import (
     restore_rng,
     rng_state,
     save_training_checkpoint,
+    start_run,
 )
 
 log = logging.getLogger("vlapt.sft")
@@ -56,8 +56,8 @@ class SFTConfig:
     demos_per_task: int = 0  # 0: all; the paper's small set is 10, the large set 50
     output_dir: str = "runs/sft"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    steps: int = 6000
-    batch_size: int = 128
+    steps: int = 3000
+    batch_size: int = 64
     lr: float = 3e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 200
@@ -129,11 +129,7 @@ def chunk_bc_loss(model: VLAPolicy, batch: dict, actions: torch.Tensor, pad: tor
 def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     """Train, checkpoint periodically (resuming from the last checkpoint), return the final policy dir."""
     config.validate()
-    torch.set_num_threads(config.threads)
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
-    _log_to_file(out_dir / "train.log")
+    out_dir = start_run(config, config.output_dir, config.threads)
 
     meta = env_args(config.dataset)
     episodes = read_episodes(config.dataset, config.tasks or None, config.demos_per_task or None)
@@ -220,12 +216,3 @@ def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen):
     tensors.update(rng_tensors)
     tensors["rng.augment"] = aug_gen.get_state()
     save_training_checkpoint(out_dir, step, model, tensors, {"optimizer": optim_meta, "rng": rng_meta})
-
-
-def _log_to_file(path: Path) -> None:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    root = logging.getLogger("vlapt")
-    root.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
-        root.addHandler(handler)

@@ -130,6 +130,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- pipeline (the main job) -------------------------------------------------------------------
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from vlapt.config import load_config
+    from vlapt.pipeline import PipelineConfig, run_pipeline
+
+    overrides = _shortcut(args, {"output_dir": "output_dir", "suite": "suite"})
+    config = load_config(PipelineConfig, args.config, overrides)
+    config.collect.validate()
+    config.sft.validate()
+    config.ppo.validate()
+    config.eval.validate()
+    run_pipeline(config, progress=not args.quiet)
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -193,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--total-env-steps", dest="total_env_steps", type=int)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pipeline", help="the main job: collect -> SFT -> PPO + self-BC -> evaluate",
+                       description="Run the whole pipeline on its default config (MT10) and print the results "
+                                   "table (scripted expert, SFT, post-trained). Stages resume when re-run with the "
+                                   "same output_dir. Sub-configs: collect.*, sft.*, ppo.*, eval.* "
+                                   "(vlapt.pipeline.PipelineConfig); presets in configs/.")
+    _common(p)
+    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("--suite", help="mt10 or mt50")
+    p.set_defaults(func=cmd_pipeline)
 
     for register in _extra_commands:
         register(sub)

@@ -1,0 +1,102 @@
+"""Rollout-loop throughput against the raw environment, and the PPO learner's samples/s.
+
+Prints env steps/s of (a) the raw env pool stepping random chunks on the same workers and
+image size (rendering once per chunk, as the policy sees it) and (b) the chunked rollout
+loop with batched policy inference, and their ratio (target >= 0.8); then the learner's
+PPO-update samples/s. Not a test: numbers depend on the machine and its load.
+
+    .venv/bin/python benchmarks/bench_rollout.py --policy runs/sft_large/policy --decisions 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import vlapt  # noqa: F401
+from vlapt.envs import MT10, EnvConfig, EnvPool, SlotSpec
+from vlapt.evaluation.agents import stack_observations
+from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch, policy_config_for_size
+from vlapt.rollout.chunked import ChunkedRollout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", help="checkpoint dir (default: a fresh 'default'-size policy)")
+    parser.add_argument("--envs-per-task", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--decisions", type=int, default=30, help="decisions per slot to time")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--minibatch", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.policy:
+        model = load_pretrained(args.policy)
+    else:
+        torch.manual_seed(0)
+        model = VLAPolicy(policy_config_for_size("default", vocab=Tokenizer.build(["a"]).vocab))
+    config = model.config
+    tokenizer = Tokenizer(config.vocab)
+    h = config.chunk_len
+    env_config = EnvConfig(camera=config.camera, image_size=config.image_size)
+    slots = [SlotSpec(t, env_config, h) for t in MT10 for _ in range(args.envs_per_task)]
+    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
+
+    def act(observations):
+        batch = make_batch(stack_observations(observations), tokenizer, config)
+        with torch.no_grad():
+            actions, log_probs, values = model.sample(batch, generator=generator)
+        return actions.numpy(), np.clip(model.unnormalize_actions(actions).numpy(), -1, 1), log_probs.numpy(), values.numpy()
+
+    def value(observations):
+        with torch.no_grad():
+            return model(make_batch(stack_observations(observations), tokenizer, config)).value.numpy()
+
+    with EnvPool(slots, num_workers=args.workers) as pool:
+        pool.reset({i: {"split": "train", "index": i} for i in range(len(slots))})
+        steps, start = 0, time.perf_counter()
+        for _ in range(args.decisions):
+            results = pool.step({i: rng.uniform(-1, 1, (h, 4)) for i in range(len(slots))})
+            steps += sum(r.info["steps"] for r in results.values())
+            ended = [i for i, r in results.items() if r.terminated or r.truncated]
+            if ended:
+                pool.reset({i: {"split": "train", "index": 1000 + i} for i in ended})
+        raw = steps / (time.perf_counter() - start)
+
+        rollout = ChunkedRollout(pool, [s.task for s in slots], 0.99, h)
+        start = time.perf_counter()
+        batch, _ = rollout.collect(act, value, args.decisions)
+        loop = batch.steps.sum() / (time.perf_counter() - start)
+
+    from vlapt.algorithms.ppo_sbc import ppo_losses
+
+    n = batch.actions.shape[0] * batch.actions.shape[1]
+    flat_images = batch.images.reshape(n, *batch.images.shape[2:])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    model.train()
+    start, seen = time.perf_counter(), 0
+    for k in range(0, n - args.minibatch + 1, args.minibatch):
+        idx = np.arange(k, k + args.minibatch)
+        mb = make_batch({"image": flat_images[idx], "proprio": batch.proprio.reshape(n, -1)[idx],
+                         "instruction": "pick up the puck and place it at the goal"}, tokenizer, config)
+        acts = torch.from_numpy(batch.actions.reshape(n, h, 4)[idx])
+        zeros = torch.zeros(len(idx))
+        pl, vl, *_ = ppo_losses(model, mb, acts, zeros, zeros, zeros + 1, zeros, 0.2, 0.2)
+        optimizer.zero_grad()
+        (pl + vl).backward()
+        optimizer.step()
+        seen += len(idx)
+    learner = seen / (time.perf_counter() - start)
+
+    print(f"| slots | image | chunk | raw env steps/s | rollout loop steps/s | ratio | learner samples/s |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| {len(slots)} | {config.image_size} | {h} | {raw:.0f} | {loop:.0f} | {loop / raw:.2f} | {learner:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Supervised fine-tuning: outputs, learning, exact resume after a crash, the BC loss, augmentation, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
+import vlapt.algorithms.sft as sft_module
+from vlapt.algorithms.checkpointing import latest_checkpoint, load_training_checkpoint
+from vlapt.algorithms.sft import ModelConfig, SFTConfig, chunk_bc_loss, random_shift, train_sft
+from vlapt.config import load_config
+from vlapt.data import DatasetError, read_episodes
+from vlapt.data.collect import CollectConfig, collect
+from vlapt.data.dataset import ChunkDataset
+from vlapt.envs.tasks import MT50, instruction_for
+from vlapt.models import CheckpointError, Tokenizer, VLAPolicy, load_pretrained, make_batch, policy_config_for_size
+
+IMAGE_SIZE = 32  # tiny model: 3 stride-2 convs, 4x4 grid -> 32 px is the smallest valid size
+TASK = "reach-v3"
+
+
+class _Crash(Exception):
+    """Stands in for the process dying in the middle of training."""
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft_demos") / "demos.hdf5"
+    collect(
+        CollectConfig(tasks=[TASK], demos_per_task=2, image_size=IMAGE_SIZE, num_workers=0, output=str(path)),
+        progress=False,
+    )
+    return path
+
+
+def _config(dataset, out, **kwargs) -> SFTConfig:
+    defaults = dict(
+        dataset=str(dataset), output_dir=str(out), model=ModelConfig(size="tiny"), steps=6, batch_size=8,
+        checkpoint_every=3, log_every=1, warmup_steps=1, threads=1,
+    )
+    defaults.update(kwargs)
+    return SFTConfig(**defaults)
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    return load_pretrained(path).state_dict()
+
+
+def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+# -- a training run and what it leaves behind ---------------------------------------------------------
+def test_train_sft_writes_policy_config_checkpoints_and_tensorboard(dataset, tmp_path):
+    out = tmp_path / "run"
+    final = train_sft(_config(dataset, out), progress=False)
+
+    assert final == out / "policy"
+    policy = vlapt.load_policy(final)
+    cfg = policy.config
+    assert cfg.size == "tiny" and cfg.image_size == IMAGE_SIZE and cfg.chunk_len == 5 and cfg.camera == "corner"
+    # normalisation statistics come from the dataset
+    stats = ChunkDataset(read_episodes(dataset), 5).statistics()
+    np.testing.assert_allclose(cfg.action_mean, stats["action_mean"], rtol=1e-6)
+    np.testing.assert_allclose(cfg.proprio_std, stats["proprio_std"], rtol=1e-6)
+    # the policy acts on an observation of the dataset's format
+    demo = read_episodes(dataset)[0]
+    chunk = policy.predict({"image": demo.images[0], "proprio": demo.proprio[0], "instruction": instruction_for(TASK)})
+    assert chunk.shape == (5, 4) and np.all(np.abs(chunk) <= 1.0)
+
+    saved = load_config(SFTConfig, out / "config.yaml")
+    assert saved.steps == 6 and saved.model.size == "tiny" and saved.dataset == str(dataset)
+
+    # checkpoints every 3 steps; latest points at the last one, which holds the final weights
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000006"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000000003", "step_000000006"]
+    latest = latest_checkpoint(out)
+    model, tensors, meta = load_training_checkpoint(latest)
+    assert meta["step"] == 6
+    assert any(k.startswith("optim.") for k in tensors) and "rng.torch" in tensors and "rng.augment" in tensors
+    _assert_same_tensors(model.state_dict(), _state(final))
+    # training moved the weights away from the step-3 checkpoint
+    early = _state(out / "checkpoints" / "step_000000003")
+    assert any(not torch.equal(early[k], v) for k, v in model.state_dict().items())
+
+    events = list((out / "tb").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    log = (out / "train.log").read_text()
+    assert "step 6 loss" in log and "final policy written" in log
+
+
+def test_training_lowers_the_bc_loss_on_the_demonstrations(dataset, tmp_path):
+    config = _config(
+        dataset, tmp_path / "run", steps=60, batch_size=16, lr=3e-3, augment_shift=0, log_every=60, checkpoint_every=60
+    )
+    final = load_pretrained(train_sft(config, progress=False))
+
+    torch.manual_seed(config.seed)  # train_sft builds its initial model right after seeding like this
+    initial = VLAPolicy(final.config)
+
+    data = ChunkDataset(read_episodes(dataset), 5)
+    sample = data.batch(np.arange(len(data)))
+    batch = make_batch(
+        {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(), "instruction": sample["instruction"]},
+        Tokenizer(final.config.vocab), final.config,
+    )
+
+    def loss_of(model):
+        model.eval()
+        with torch.no_grad():
+            loss, mse = chunk_bc_loss(model, batch, model.normalize_actions(sample["actions"]), sample["action_pad"])
+        return loss.item(), mse.item()
+
+    (loss0, mse0), (loss1, mse1) = loss_of(initial), loss_of(final)
+    assert math.isfinite(loss1)
+    assert loss1 < loss0 - 0.5, (loss0, loss1)
+    assert mse1 < 0.8 * mse0, (mse0, mse1)
+
+
+# -- resume ---------------------------------------------------------------------------------------------
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path, monkeypatch):
+    # dropout and augmentation make the global torch RNG and the augmentation generator matter too
+    kwargs = dict(model=ModelConfig(size="tiny", dropout=0.1), augment_shift=2)
+    straight = train_sft(_config(dataset, tmp_path / "straight", **kwargs), progress=False)
+
+    crashed = tmp_path / "crashed"
+    original = sft_module._checkpoint
+    calls = []
+
+    def checkpoint_then_crash(*args, **kw):
+        original(*args, **kw)
+        calls.append(args[1])
+        raise _Crash("killed right after the first checkpoint")
+
+    monkeypatch.setattr(sft_module, "_checkpoint", checkpoint_then_crash)
+    with pytest.raises(_Crash):
+        train_sft(_config(dataset, crashed, **kwargs), progress=False)
+    monkeypatch.setattr(sft_module, "_checkpoint", original)
+    assert calls == [3]
+    assert latest_checkpoint(crashed).name == "step_000000003"
+    assert not (crashed / "policy").exists()
+
+    resumed = train_sft(_config(dataset, crashed, **kwargs), progress=False)
+    assert "resumed from" in (crashed / "train.log").read_text()
+    _assert_same_tensors(_state(straight), _state(resumed))
+    # the whole training state (optimizer moments, RNG streams) matches too
+    _, a, meta_a = load_training_checkpoint(latest_checkpoint(tmp_path / "straight"))
+    _, b, meta_b = load_training_checkpoint(latest_checkpoint(crashed))
+    _assert_same_tensors(a, b)
+    assert meta_a == meta_b
+
+
+def test_resume_false_starts_over(dataset, tmp_path):
+    out = tmp_path / "run"
+    other = train_sft(_config(dataset, out, steps=3, checkpoint_every=3, seed=1), progress=False)
+    other_weights = _state(other)
+    fresh = train_sft(_config(dataset, tmp_path / "fresh", steps=3, checkpoint_every=3), progress=False)
+    again = train_sft(_config(dataset, out, steps=3, checkpoint_every=3, resume=False), progress=False)
+    # resuming would pick up the seed-1 weights of the finished run; starting over retrains from seed 0
+    _assert_same_tensors(_state(fresh), _state(again))
+    assert any(not torch.equal(other_weights[k], v) for k, v in _state(again).items())
+    assert "resumed from" not in (out / "train.log").read_text()
+
+
+# -- the behaviour-cloning loss ------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    config = policy_config_for_size(
+        "tiny", image_size=IMAGE_SIZE, vocab=Tokenizer.build([instruction_for(t) for t in MT50]).vocab
+    )
+    model = VLAPolicy(config).eval()
+    with torch.no_grad():  # an uneven std per entry, so a wrong broadcast shows
+        model.log_std.copy_(torch.linspace(-1.5, 0.5, 20).view(5, 4))
+    return model
+
+
+def _random_batch(model, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = {
+        "image": rng.integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+        "proprio": rng.normal(size=(n, 4)).astype(np.float32),
+        "instruction": [instruction_for(MT50[i % 3]) for i in range(n)],
+    }
+    batch = make_batch(obs, Tokenizer(model.config.vocab), model.config)
+    actions = torch.from_numpy(rng.normal(size=(n, 5, 4)).astype(np.float32))
+    pad = torch.zeros(n, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    pad[1, 1:] = True
+    pad[2, 4:] = True
+    return batch, actions, pad
+
+
+def test_bc_loss_ignores_padded_targets(tiny_model):
+    batch, actions, pad = _random_batch(tiny_model)
+    with torch.no_grad():
+        for kind in ("nll", "mse"):
+            loss, mse = chunk_bc_loss(tiny_model, batch, actions, pad, kind)
+            changed = actions.clone()
+            changed[pad] = 100.0
+            loss2, mse2 = chunk_bc_loss(tiny_model, batch, changed, pad, kind)
+            assert loss2.item() == loss.item() and mse2.item() == mse.item()
+            # changing an unpadded target does change it
+            changed[0, 0, 0] += 1.0
+            assert chunk_bc_loss(tiny_model, batch, changed, pad, kind)[0].item() != loss.item()
+
+
+def test_bc_loss_matches_manual_gaussian_nll_and_mse(tiny_model):
+    batch, actions, pad = _random_batch(tiny_model)
+    with torch.no_grad():
+        out = tiny_model(batch)
+        valid = ~pad  # (B, h)
+        std = tiny_model.log_std.exp()
+        log_density = torch.distributions.Normal(out.mean, std.expand_as(out.mean)).log_prob(actions)  # (B, h, A)
+        manual_nll = -log_density[valid].mean()
+        manual_mse = (out.mean - actions).square()[valid].mean()
+
+        nll, mse_nll = chunk_bc_loss(tiny_model, batch, actions, pad, "nll")
+        mse, mse_mse = chunk_bc_loss(tiny_model, batch, actions, pad, "mse")
+    torch.testing.assert_close(nll, manual_nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mse, manual_mse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mse_nll, manual_mse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mse_mse, manual_mse, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(nll, mse)
+
+
+def test_nll_trains_the_std_and_mse_does_not(tiny_model):
+    batch, actions, pad = _random_batch(tiny_model)
+    tiny_model.train()
+    for kind, expect_std_grad in (("nll", True), ("mse", False)):
+        tiny_model.zero_grad(set_to_none=True)
+        loss, mse = chunk_bc_loss(tiny_model, batch, actions, pad, kind)
+        assert not mse.requires_grad
+        loss.backward()
+        std_grad = tiny_model.log_std.grad
+        assert (std_grad is not None and std_grad.abs().sum() > 0) == expect_std_grad
+        assert tiny_model.action_head[-1].weight.grad.abs().sum() > 0
+
+
+def test_bc_loss_with_everything_padded_is_zero_not_nan(tiny_model):
+    batch, actions, pad = _random_batch(tiny_model)
+    pad = torch.ones_like(pad)
+    with torch.no_grad():
+        for kind in ("nll", "mse"):
+            loss, mse = chunk_bc_loss(tiny_model, batch, actions, pad, kind)
+            assert loss.item() == 0.0 and mse.item() == 0.0
+
+
+# -- random shift --------------------------------------------------------------------------------------
+def test_random_shift_keeps_shape_dtype_and_zero_pad_is_identity():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8, generator=gen)
+    out = random_shift(images, 3, gen)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert random_shift(images, 0, gen) is images
+    # same seed, same shifts
+    a = random_shift(images, 3, torch.Generator().manual_seed(7))
+    b = random_shift(images, 3, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_random_shift_translates_each_image_by_at_most_pad():
+    pad, n, size = 3, 64, 16
+    images = torch.zeros(n, size, size, 3, dtype=torch.uint8)
+    images[:, 8, 7] = torch.tensor([255, 128, 1], dtype=torch.uint8)  # one bright pixel, far from the borders
+    out = random_shift(images, pad, torch.Generator().manual_seed(0))
+    offsets = set()
+    for k in range(n):
+        lit = torch.nonzero(out[k].sum(-1))
+        assert len(lit) == 1, "the pixel moves, nothing is smeared or duplicated"
+        y, x = lit[0].tolist()
+        assert torch.equal(out[k, y, x], images[0, 8, 7])
+        assert abs(y - 8) <= pad and abs(x - 7) <= pad
+        offsets.add((y - 8, x - 7))
+    assert len(offsets) > 5, "offsets are random per image"
+
+
+def test_random_shift_is_a_crop_of_the_edge_padded_image():
+    pad = 2
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (8, 10, 12, 3), dtype=torch.uint8, generator=gen)
+    out = random_shift(images, pad, torch.Generator().manual_seed(3)).numpy()
+    padded = np.pad(images.numpy(), ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    for k in range(len(images)):
+        matches = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if np.array_equal(out[k], padded[k, dy : dy + 10, dx : dx + 12])
+        ]
+        assert matches, f"image {k} is not a translated copy"
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+def test_missing_dataset_is_a_helpful_error(tmp_path):
+    missing = tmp_path / "nope.hdf5"
+    with pytest.raises(DatasetError, match="not found") as info:
+        train_sft(_config(missing, tmp_path / "run"), progress=False)
+    assert isinstance(info.value, ValueError)
+    assert str(missing) in str(info.value) and "vlapt collect" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (dict(loss="foo"), ["loss", "'foo'"]),
+        (dict(steps=0), ["steps"]),
+        (dict(batch_size=0), ["batch_size"]),
+        (dict(augment_shift=-1), ["augment_shift"]),
+        (dict(model=ModelConfig(size="tiny", chunk_len=0)), ["chunk_len"]),
+    ],
+    ids=["loss", "steps", "batch", "shift", "chunk"],
+)
+def test_invalid_config_is_rejected_before_work(tmp_path, change, words):
+    with pytest.raises(ValueError) as info:
+        train_sft(_config(tmp_path / "unused.hdf5", tmp_path / "run", **change), progress=False)
+    for word in words:
+        assert word in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_image_size_must_match_the_dataset(dataset, tmp_path):
+    with pytest.raises(ValueError, match="differs"):
+        train_sft(_config(dataset, tmp_path / "run", model=ModelConfig(size="tiny", image_size=64)), progress=False)
+
+
+def test_corrupt_training_state_is_a_checkpoint_error(dataset, tmp_path):
+    out = tmp_path / "run"
+    train_sft(_config(dataset, out, steps=3, checkpoint_every=3), progress=False)
+    ckpt = out / "checkpoints" / "step_000000003"
+    state = ckpt / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(CheckpointError) as info:
+        train_sft(_config(dataset, out, steps=6), progress=False)
+    assert isinstance(info.value, ValueError)
+    assert str(ckpt) in str(info.value)
+
+
+def test_corrupt_checkpoint_weights_are_a_checkpoint_error(dataset, tmp_path):
+    out = tmp_path / "run"
+    train_sft(_config(dataset, out, steps=3, checkpoint_every=3), progress=False)
+    weights = out / "checkpoints" / "step_000000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        train_sft(_config(dataset, out, steps=6), progress=False)
+
+
+def test_dangling_latest_pointer_is_a_checkpoint_error(dataset, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_000000042\n")
+    with pytest.raises(CheckpointError, match="step_000000042"):
+        train_sft(_config(dataset, out), progress=False)
