@@ -24,21 +24,24 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says how to fix it."""
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, then the YAML file at ``path``, then ``key=value`` overrides."""
+def load_config(
+    cls: type[T], path: str | os.PathLike | Sequence[str | os.PathLike] | None = None, overrides: Sequence[str] = ()
+) -> T:
+    """Defaults of ``cls``, then each YAML file in ``path`` (later files win), then ``key=value`` overrides."""
     base = OmegaConf.structured(cls)
     layers = [base]
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. one from configs/)")
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    for item in paths:
+        item = Path(item)
+        if not item.is_file():
+            raise ConfigError(f"config file not found: {item} (pass an existing YAML file, e.g. one from configs/)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(item.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {item} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of option names to values")
-        layers.append(_create(data, path))
+            raise ConfigError(f"config file {item} must hold a mapping of option names to values")
+        layers.append(_create(data, item))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. sft.lr=3e-4)")

@@ -19,7 +19,8 @@ EXIT_BAD_INPUT = 2
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with options (see configs/); overrides follow as key=value")
+    parser.add_argument("--config", action="append", help="YAML file with options (see configs/); give several "
+                        "to layer them (later files win); overrides follow as key=value")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config option, e.g. num_workers=2")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -145,6 +146,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- plot --------------------------------------------------------------------------------------
+def cmd_plot(args: argparse.Namespace) -> int:
+    from vlapt.evaluation.curves import plot_runs
+
+    labels = args.labels.split(",") if args.labels else None
+    path = plot_runs(args.runs, args.output, labels)
+    print(f"learning curves written to {path}")
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -218,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--suite", help="mt10 or mt50")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("plot", help="plot learning curves of `vlapt train` runs to a PNG",
+                       description="Success and steps to success against env steps: training episodes (smoothed) "
+                                   "and the periodic held-out evaluations, one colour per run.")
+    p.add_argument("runs", nargs="+", help="output_dir of each `vlapt train` run")
+    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument("--labels", help="comma-separated labels, one per run")
+    p.set_defaults(func=cmd_plot)
 
     for register in _extra_commands:
         register(sub)

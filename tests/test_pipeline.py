@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+import vlapt  # noqa: F401
+from vlapt.cli.main import main
+from vlapt.config import ConfigError, load_config
+from vlapt.algorithms.ppo_sbc import PPOConfig
+from vlapt.pipeline import PipelineConfig, run_pipeline
+
+
+def _tiny_pipeline(tmp_path) -> PipelineConfig:
+    return load_config(PipelineConfig, overrides=[
+        f"output_dir={tmp_path / 'run'}",
+        "collect.tasks=[reach-v3]", "collect.demos_per_task=2", "collect.image_size=32", "collect.num_workers=0",
+        "sft.steps=4", "sft.batch_size=8", "sft.model.size=tiny", "sft.threads=1",
+        "ppo.envs_per_task=1", "ppo.horizon=4", "ppo.minibatch_size=8", "ppo.total_env_steps=30",
+        "ppo.num_workers=0", "ppo.eval_every=1", "ppo.eval_episodes=1", "ppo.threads=1",
+        "eval.episodes_per_task=1", "eval.num_workers=0", "eval.max_episode_steps=40",
+    ])
+
+
+def test_pipeline_runs_every_stage_and_reports_three_rows(tmp_path, capsys):
+    config = _tiny_pipeline(tmp_path)
+    out = run_pipeline(config, progress=False)
+    run = tmp_path / "run"
+    assert (run / "demos.hdf5").is_file() and (run / "sft" / "policy" / "model.safetensors").is_file()
+    assert (run / "ppo" / "policy" / "config.json").is_file() and (run / "ppo" / "history.json").is_file()
+    assert list(out["rows"]) == ["scripted expert", "SFT", "SFT + chunked PPO + self-BC"]
+    report = (run / "results.md").read_text()
+    for name in out["rows"]:
+        assert f"| {name} |" in report
+    assert json.loads((run / "eval_scripted.json").read_text())["protocol"]["split"] == "eval"
+    assert set(json.loads((run / "timings.json").read_text())) == {"collect_s", "sft_s", "post_train_s", "eval_s"}
+    # the stages are wired to each other and to the suite
+    assert config.ppo.init_policy == str(run / "sft" / "policy") and config.sft.dataset == str(run / "demos.hdf5")
+    assert config.ppo.tasks == config.eval.tasks == ["reach-v3"]
+
+    # a second run reuses the demonstrations and resumes the finished trainings instead of redoing them
+    before = (run / "demos.hdf5").stat().st_mtime_ns
+    run_pipeline(_tiny_pipeline(tmp_path), progress=False)
+    assert (run / "demos.hdf5").stat().st_mtime_ns == before
+    history = json.loads((run / "ppo" / "history.json").read_text())
+    assert [row["iteration"] for row in history] == sorted({row["iteration"] for row in history})
+
+    # learning curves of the RL run
+    capsys.readouterr()
+    assert main(["plot", str(run / "ppo"), "--output", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_config_files_layer_and_overrides_win(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("lr: 0.001\nbc_weight_rule: fixed\noutput_dir: runs/a\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("bc_weight_rule: none\n")
+    config = load_config(PPOConfig, [base, overlay], ["output_dir=runs/b"])
+    assert (config.lr, config.bc_weight_rule, config.output_dir) == (0.001, "none", "runs/b")
+    assert config.epochs == PPOConfig().epochs
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(PPOConfig, [base, tmp_path / "missing.yaml"])
+
+
+def test_plot_of_a_directory_that_is_not_a_run_fails_cleanly(tmp_path, capsys):
+    assert main(["plot", str(tmp_path), "--output", str(tmp_path / "c.png")]) == 2
+    assert "history.json" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
