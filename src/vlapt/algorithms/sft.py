@@ -47,6 +47,8 @@ class ModelConfig:
     image_size: int = 0  # 0: the dataset's image size
     init_log_std: float = -1.0
     dropout: float = 0.0
+    vision_backbone: str = "conv"  # "hf": a pretrained Hugging Face vision model from vision_backbone_path
+    vision_backbone_path: str = ""
 
 
 @dataclasses.dataclass
@@ -91,6 +93,8 @@ def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats:
         image_size=model.image_size or image_size,
         init_log_std=model.init_log_std,
         dropout=model.dropout,
+        vision_backbone=model.vision_backbone,
+        vision_backbone_path=model.vision_backbone_path,
         camera=camera,
         vocab=list(vocab),
         **stats,

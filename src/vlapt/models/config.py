@@ -62,7 +62,9 @@ class PolicyConfig:
     dropout: float = 0.0
     language_layers: int = 1
 
-    vision_backbone: str = "conv"
+    vision_backbone: str = "conv"  # "conv" (trained from scratch) or "hf" (a Hugging Face vision model)
+    vision_backbone_path: str = ""  # "hf": local directory of a pretrained model (nothing is downloaded)
+    vision_backbone_spec: str = ""  # "hf": its architecture and pixel statistics as JSON, filled in when built
     image_size: int = 96
     image_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     image_grid: int = 4

@@ -142,7 +142,13 @@ class ConvVisionEncoder(nn.Module):
 
 VisionBackboneBuilder = Callable[[PolicyConfig], nn.Module]
 
-VISION_BACKBONES: dict[str, VisionBackboneBuilder] = {"conv": ConvVisionEncoder}
+def _hf_vision_encoder(config: PolicyConfig) -> nn.Module:
+    from vlapt.models.backbones import HFVisionEncoder
+
+    return HFVisionEncoder(config)
+
+
+VISION_BACKBONES: dict[str, VisionBackboneBuilder] = {"conv": ConvVisionEncoder, "hf": _hf_vision_encoder}
 """Extension point for image encoders, selected by ``PolicyConfig.vision_backbone``.
 
 A builder takes the config and returns a module that maps a uint8 image batch
