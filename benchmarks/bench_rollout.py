@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 import vlapt  # noqa: F401
-from vlapt.envs import MT10, EnvConfig, EnvPool, SlotSpec
-from vlapt.evaluation.agents import stack_observations
+from vlapt.envs import MT10, EnvPool, SlotSpec
+from vlapt.evaluation.agents import env_config_for_policy, stack_observations
 from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch, policy_config_for_size
 from vlapt.rollout.chunked import ChunkedRollout
 
@@ -42,7 +42,7 @@ def main() -> None:
     config = model.config
     tokenizer = Tokenizer(config.vocab)
     h = config.chunk_len
-    env_config = EnvConfig(camera=config.camera, image_size=config.image_size)
+    env_config = env_config_for_policy(config)
     slots = [SlotSpec(t, env_config, h) for t in MT10 for _ in range(args.envs_per_task)]
     rng = np.random.default_rng(0)
     generator = torch.Generator().manual_seed(0)

@@ -203,3 +203,15 @@ def test_pool_matches_single_env_and_reports_worker_errors():
     obs, *_ = single.step(np.full((2, 4), 0.5))
     np.testing.assert_array_equal(obs["image"], stepped[1].observation["image"])
     single.close()
+
+
+def test_narrower_field_of_view_makes_objects_larger():
+    pixels = {}
+    for fovy in (0.0, 30.0):
+        env = MetaWorldVLAEnv("reach-v3", EnvConfig(image_size=64, camera_fovy=fovy))
+        env.reset(options={"split": "eval", "index": 0})
+        pixels[fovy] = np.isin(env.render_segmentation(), _hand_geoms(env)).sum()
+        env.close()
+    assert pixels[30.0] > 1.5 * pixels[0.0]
+    with pytest.raises(ValueError, match="camera_fovy"):
+        EnvConfig(camera_fovy=200).validate()

@@ -40,9 +40,9 @@ from vlapt.algorithms.sft import chunk_bc_loss
 from vlapt.config import atomic_write_json, atomic_write_text
 from vlapt.data.demo_buffer import DemoBuffer
 from vlapt.data.format import read_episodes
-from vlapt.envs.metaworld_env import EnvConfig
 from vlapt.envs.tasks import resolve_tasks
 from vlapt.envs.vector import EnvPool, SlotSpec
+from vlapt.evaluation.agents import env_config_for_policy, stack_observations
 from vlapt.evaluation.metrics import format_table
 from vlapt.evaluation.protocol import EvalConfig
 from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch
@@ -212,7 +212,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
         log.info("resumed from %s: iteration %d, %d env steps", resume_from, iteration, env_steps)
 
     def act(observations):
-        batch = make_batch(_stack(observations), tokenizer, policy_config)
+        batch = make_batch(stack_observations(observations), tokenizer, policy_config)
         with torch.no_grad():
             model.eval()
             actions, log_probs, values = model.sample(batch, deterministic=False, generator=sample_gen)
@@ -222,9 +222,9 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     def value(observations):
         with torch.no_grad():
             model.eval()
-            return model(make_batch(_stack(observations), tokenizer, policy_config)).value.numpy()
+            return model(make_batch(stack_observations(observations), tokenizer, policy_config)).value.numpy()
 
-    env_config = EnvConfig(camera=policy_config.camera, image_size=policy_config.image_size, reward=config.reward)
+    env_config = env_config_for_policy(policy_config, reward=config.reward)
     slots = [SlotSpec(t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
     from torch.utils.tensorboard import SummaryWriter
 
@@ -232,6 +232,10 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     recent = deque(maxlen=max(20, 2 * len(slots)))  # recent finished training episodes
     bar = tqdm(total=config.total_env_steps, initial=env_steps, desc="ppo", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
+    if config.eval_every and resume_from is None:  # where the curves start: the SFT policy itself
+        result = _evaluate_checkpoint(Path(config.init_policy), tasks, config, write_into_checkpoint=False)
+        atomic_write_json(out_dir / "evals" / "iteration_000000.json", result)
+        writer.add_scalar("eval/success_rate", result["average"]["success_rate"], 0)
     with EnvPool(slots, num_workers=config.num_workers) as pool:
         rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index)
         while env_steps < config.total_env_steps:
@@ -375,12 +379,6 @@ def _instruction(task: str) -> str:
     return instruction_for(task)
 
 
-def _stack(observations):
-    from vlapt.evaluation.agents import stack_observations
-
-    return stack_observations(observations)
-
-
 def _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history):
     tensors, optim_meta = optimizer_to_flat(optimizer)
     rng_tensors, rng_meta = rng_state(rng)
@@ -400,12 +398,13 @@ def _record_history(checkpoint: Path, history: list[dict]) -> None:
     atomic_write_text(state_path, json.dumps(state))
 
 
-def _evaluate_checkpoint(path: Path, tasks, config: PPOConfig) -> dict:
+def _evaluate_checkpoint(path: Path, tasks, config: PPOConfig, write_into_checkpoint: bool = True) -> dict:
     """Periodic held-out evaluation reads the checkpoint just written, like any evaluation."""
     from vlapt.evaluation import CheckpointAgent, evaluate
 
     agent = CheckpointAgent(str(path), deterministic=True, seed=config.seed)
     result = evaluate(agent, EvalConfig(tasks=list(tasks), episodes_per_task=config.eval_episodes,
                                         num_workers=config.num_workers), progress=False)
-    atomic_write_json(path / "eval.json", result)
+    if write_into_checkpoint:
+        atomic_write_json(path / "eval.json", result)
     return result

@@ -84,7 +84,7 @@ class SFTConfig:
         return self
 
 
-def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats: dict) -> PolicyConfig:
+def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats: dict, camera_fovy: float = 0.0) -> PolicyConfig:
     """The policy's full config: preset + knobs + normalisation + a vocabulary of all task instructions."""
     vocab = Tokenizer.build([instruction_for(t) for t in MT50]).vocab
     return policy_config_for_size(
@@ -96,6 +96,7 @@ def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats:
         vision_backbone=model.vision_backbone,
         vision_backbone_path=model.vision_backbone_path,
         camera=camera,
+        camera_fovy=camera_fovy,
         vocab=list(vocab),
         **stats,
     )
@@ -138,7 +139,9 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     meta = env_args(config.dataset)
     episodes = read_episodes(config.dataset, config.tasks or None, config.demos_per_task or None)
     dataset = ChunkDataset(episodes, config.model.chunk_len)
-    policy_config = build_policy_config(config.model, meta["image_size"], meta["camera"], dataset.statistics())
+    policy_config = build_policy_config(
+        config.model, meta["image_size"], meta["camera"], dataset.statistics(), meta.get("camera_fovy", 0.0)
+    )
     if policy_config.image_size != meta["image_size"]:
         raise ValueError(f"model.image_size {policy_config.image_size} differs from the dataset's {meta['image_size']}")
     tokenizer = Tokenizer(policy_config.vocab)

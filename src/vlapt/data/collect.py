@@ -29,6 +29,7 @@ class CollectConfig:
     tasks: list[str] = dataclasses.field(default_factory=list)  # overrides suite when given
     demos_per_task: int = 50
     camera: str = "corner"
+    camera_fovy: float = 0.0  # 0: the camera's own field of view
     image_size: int = 96
     max_episode_steps: int = MAX_EPISODE_STEPS
     config_seed: int = 0
@@ -51,7 +52,7 @@ class CollectConfig:
 
     def env_config(self) -> EnvConfig:
         return EnvConfig(
-            camera=self.camera, image_size=self.image_size, render=True, privileged_state=True,
+            camera=self.camera, image_size=self.image_size, camera_fovy=self.camera_fovy, render=True, privileged_state=True,
             max_episode_steps=self.max_episode_steps,
         ).validate()
 
@@ -79,6 +80,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         "env_name": "metaworld",
         "tasks": list(tasks),
         "camera": config.camera,
+        "camera_fovy": config.camera_fovy,
         "image_size": config.image_size,
         "image_orientation": "upright (corner cameras rotated 180 degrees)",
         "proprio_fields": list(PROPRIO_FIELDS),

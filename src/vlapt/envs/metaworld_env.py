@@ -37,12 +37,15 @@ class EnvConfig:
     reward: str = "sparse"  # "sparse": 1 at the first success; "dense": MetaWorld's shaped reward
     max_episode_steps: int = MAX_EPISODE_STEPS
     fast_render: bool = True  # no MSAA, no shadows/reflections: ~8x faster, visually the same
+    camera_fovy: float = 0.0  # vertical field of view in degrees; 0 keeps the camera's own (45 for corner)
 
     def validate(self) -> "EnvConfig":
         if self.camera not in CAMERAS:
             raise ValueError(f"unknown camera {self.camera!r}; valid cameras: {', '.join(CAMERAS)}")
         if not 8 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be in [8, 1024], got {self.image_size}")
+        if self.camera_fovy and not 5.0 <= self.camera_fovy <= 120.0:
+            raise ValueError(f"camera_fovy must be 0 (the camera's own) or in [5, 120] degrees, got {self.camera_fovy}")
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; valid rewards: {', '.join(REWARDS)}")
         if not 1 <= self.max_episode_steps <= MAX_EPISODE_STEPS:
@@ -210,6 +213,8 @@ class MetaWorldVLAEnv(gym.Env):
 
         model = self._env.model
         size = self.config.image_size
+        if self.config.camera_fovy:  # zoom in: small objects (goals, pucks) cover more pixels
+            model.cam_fovy[model.camera(self.config.camera).id] = self.config.camera_fovy
         model.vis.global_.offwidth = size
         model.vis.global_.offheight = size
         if self.config.fast_render:

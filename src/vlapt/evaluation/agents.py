@@ -39,13 +39,18 @@ class CheckpointAgent:
         self.chunk_len = self.policy.chunk_len
 
     def observation_config(self) -> EnvConfig:
-        cfg = self.policy.config
-        return EnvConfig(camera=cfg.camera, image_size=cfg.image_size, render=True)
+        return env_config_for_policy(self.policy.config)
 
     def act(self, observations, tasks):
         batch = stack_observations(observations)
         chunks = self.policy.predict_batch(batch, deterministic=self.deterministic)
         return list(chunks)
+
+
+def env_config_for_policy(policy_config, **overrides) -> EnvConfig:
+    """The env settings that render what a policy was trained on (camera, field of view, image size)."""
+    return EnvConfig(camera=policy_config.camera, camera_fovy=policy_config.camera_fovy,
+                     image_size=policy_config.image_size, render=True, **overrides).validate()
 
 
 def stack_observations(observations: Sequence[dict[str, Any]]) -> dict[str, Any]:

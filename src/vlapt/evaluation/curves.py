@@ -27,7 +27,7 @@ def load_history(run_dir: str | Path) -> list[dict]:
 
 def load_evaluations(run_dir: str | Path, history: list[dict]) -> list[tuple[int, dict]]:
     """(env_steps, average metrics) of each held-out evaluation of the run."""
-    steps_at = {row["iteration"]: row["env_steps"] for row in history}
+    steps_at = {0: 0, **{row["iteration"]: row["env_steps"] for row in history}}
     out = []
     for path in sorted(Path(run_dir).glob("evals/iteration_*.json")):
         iteration = int(path.stem.split("_")[1])

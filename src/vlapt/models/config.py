@@ -87,6 +87,7 @@ class PolicyConfig:
 
     # Observation spec the policy was trained on, recorded so users feed it the same inputs.
     camera: str = "corner"
+    camera_fovy: float = 0.0  # 0: the camera's own field of view
     proprio_fields: list[str] = field(default_factory=lambda: ["hand_x", "hand_y", "hand_z", "gripper"])
 
     @property
