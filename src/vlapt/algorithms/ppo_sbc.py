@@ -69,7 +69,7 @@ class PPOConfig:
     # PPO
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n
     gae_lambda: float = 0.95  # per decision
-    lr: float = 1e-4
+    lr: float = 2e-5
     epochs: int = 4
     minibatch_size: int = 128
     clip_coef: float = 0.2
