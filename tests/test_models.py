@@ -29,14 +29,6 @@ IMAGE_SIZE = 32
 INSTRUCTIONS = ["pick up the puck and place it at the goal", "open the drawer", "press the button"]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def tokenizer() -> Tokenizer:
     return Tokenizer.build(INSTRUCTIONS)

@@ -37,14 +37,6 @@ class _Crash(Exception):
     """Stands in for the process dying in the middle of training."""
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # =========================================================================== chunk GAE
 GAMMA, LAM = 0.9, 0.8
 R = np.array([0.5, 1.0, 0.2, 0.3], np.float32)

@@ -27,14 +27,6 @@ class _Crash(Exception):
     """Stands in for the process dying in the middle of training."""
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("sft_demos") / "demos.hdf5"

@@ -65,11 +65,11 @@ class PPOConfig:
     envs_per_task: int = 2
     horizon: int = 16  # decisions per env slot per iteration
     num_workers: int = 2
-    total_env_steps: int = 200_000
+    total_env_steps: int = 500_000
     # PPO
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n
     gae_lambda: float = 0.95  # per decision
-    lr: float = 2e-5
+    lr: float = 2e-5  # 1e-4 moved the policy too far per update (approx KL > 1 per chunk) and tasks collapsed
     epochs: int = 4
     minibatch_size: int = 128
     clip_coef: float = 0.2
@@ -93,7 +93,7 @@ class PPOConfig:
     buffer_admit_self: bool = True  # False: the buffer only ever holds the SFT demos (ablation)
     # bookkeeping
     checkpoint_every: int = 5  # iterations
-    eval_every: int = 10  # iterations; 0 disables
+    eval_every: int = 25  # iterations; 0 disables
     eval_episodes: int = 5  # per task, held-out configurations
     max_nonfinite_updates: int = 20  # abort (keeping the last good checkpoint) after this many skipped updates
     seed: int = 0
