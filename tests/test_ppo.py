@@ -684,10 +684,11 @@ def reference_run(dataset, sft_policy, tmp_path_factory):
     return SimpleNamespace(out=out, final=final, records=records)
 
 
-def _fake_evaluation(path, tasks, config):
+def _fake_evaluation(path, tasks, config, write_into_checkpoint=True):
     metrics = {"episodes": 1, "success_rate": 0.25, "steps_to_success": 42.0, "steps_failures_as_limit": 100.0}
     result = {"per_task": {t: metrics for t in tasks}, "average": metrics}
-    (path / "eval.json").write_text(json.dumps(result))
+    if write_into_checkpoint:
+        (path / "eval.json").write_text(json.dumps(result))
     return result
 
 
@@ -865,3 +866,10 @@ def test_train_ppo_rejects_bad_config(dataset, sft_policy, tmp_path):
         with pytest.raises(ValueError, match=word):
             train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "run", **change), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluations_start_at_the_initial_policy_and_are_kept_per_iteration(resumed_run):
+    evals = sorted(p.name for p in (resumed_run.out / "evals").glob("iteration_*.json"))
+    history = _history(resumed_run.out)
+    assert evals[0] == "iteration_000000.json", "the starting (SFT) policy is evaluated once, before training"
+    assert evals[1:] == [f"iteration_{row['iteration']:06d}.json" for row in history]
