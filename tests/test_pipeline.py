@@ -65,3 +65,26 @@ def test_plot_of_a_directory_that_is_not_a_run_fails_cleanly(tmp_path, capsys):
     assert main(["plot", str(tmp_path), "--output", str(tmp_path / "c.png")]) == 2
     assert "history.json" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_every_preset_in_configs_loads_into_its_config():
+    from pathlib import Path
+
+    from vlapt.algorithms.sft import SFTConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    presets = sorted(root.rglob("*.yaml"))
+    assert presets, "configs/ holds the documented presets"
+    for path in presets:
+        if path.parent.name == "ablations":  # layered on the MT10 post-training preset
+            config = load_config(PPOConfig, [root / "ppo_mt10.yaml", path]).validate()
+            assert config.output_dir.startswith("runs/ablation_"), path
+        elif path.name.startswith("pipeline"):
+            config = load_config(PipelineConfig, path)
+            config.sft.validate(), config.ppo.validate(), config.eval.validate(), config.collect.validate()
+        elif path.name.startswith("sft"):
+            load_config(SFTConfig, path).validate()
+        elif path.name.startswith("ppo"):
+            load_config(PPOConfig, path).validate()
+        else:
+            raise AssertionError(f"no config class known for preset {path.name}")
