@@ -93,8 +93,8 @@ def main() -> None:
         seen += len(idx)
     learner = seen / (time.perf_counter() - start)
 
-    print(f"| slots | image | chunk | raw env steps/s | rollout loop steps/s | ratio | learner samples/s |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| slots | image | chunk | raw env steps/s | rollout loop steps/s | ratio | learner samples/s |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {len(slots)} | {config.image_size} | {h} | {raw:.0f} | {loop:.0f} | {loop / raw:.2f} | {learner:.0f} |")
 
 
