@@ -87,6 +87,28 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, np_rng: np.random.
         np_rng.bit_generator.state = meta["numpy"]
 
 
+def capture_state(
+    optimizer: torch.optim.Optimizer, np_rng: np.random.Generator, generators: dict[str, torch.Generator]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimiser moments and every random state of a run: what resuming needs besides the weights."""
+    tensors, optim_meta = optimizer_to_flat(optimizer)
+    rng_tensors, rng_meta = rng_state(np_rng)
+    tensors.update(rng_tensors)
+    for name, generator in generators.items():
+        tensors[f"rng.{name}"] = generator.get_state()
+    return tensors, {"optimizer": optim_meta, "rng": rng_meta}
+
+
+def restore_state(
+    optimizer: torch.optim.Optimizer, np_rng: np.random.Generator, generators: dict[str, torch.Generator],
+    tensors: dict[str, torch.Tensor], meta: dict,
+) -> None:
+    optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    restore_rng(tensors, meta["rng"], np_rng)
+    for name, generator in generators.items():
+        generator.set_state(tensors[f"rng.{name}"])
+
+
 def _python_state_to_json(state) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]

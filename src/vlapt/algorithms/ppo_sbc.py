@@ -27,12 +27,10 @@ import torch
 from tqdm import tqdm
 
 from vlapt.algorithms.checkpointing import (
+    capture_state,
     latest_checkpoint,
     load_training_checkpoint,
-    optimizer_from_flat,
-    optimizer_to_flat,
-    restore_rng,
-    rng_state,
+    restore_state,
     save_training_checkpoint,
     start_run,
 )
@@ -203,9 +201,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     history: list[dict] = []
     if resume_from is not None:
         _, tensors, state = load_training_checkpoint(resume_from)
-        optimizer_from_flat(optimizer, tensors, state["optimizer"])
-        restore_rng(tensors, state["rng"], rng)
-        sample_gen.set_state(tensors["rng.sample"])
+        restore_state(optimizer, rng, {"sample": sample_gen}, tensors, state)
         buffer.load_state(tensors, state["buffer"], demos, h)
         bc_weight.load(state["bc_weight"])
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
@@ -380,14 +376,11 @@ def _instruction(task: str) -> str:
 
 
 def _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history):
-    tensors, optim_meta = optimizer_to_flat(optimizer)
-    rng_tensors, rng_meta = rng_state(rng)
+    tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
     buffer_tensors, buffer_meta = buffer.state()
-    tensors.update(rng_tensors)
     tensors.update(buffer_tensors)
-    tensors["rng.sample"] = sample_gen.get_state()
-    meta = {"optimizer": optim_meta, "rng": rng_meta, "buffer": buffer_meta, "bc_weight": bc_weight.state(),
-            "iteration": iteration, "env_steps": env_steps, "next_index": dict(next_index), "history": history}
+    meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration,
+                 "env_steps": env_steps, "next_index": dict(next_index), "history": history})
     return save_training_checkpoint(out_dir, iteration, model, tensors, meta)
 
 

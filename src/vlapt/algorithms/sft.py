@@ -25,12 +25,10 @@ from vlapt.data.format import env_args, read_episodes
 from vlapt.envs.tasks import MT50, instruction_for
 from vlapt.models import PolicyConfig, Tokenizer, VLAPolicy, make_batch, policy_config_for_size
 from vlapt.algorithms.checkpointing import (
+    capture_state,
     latest_checkpoint,
     load_training_checkpoint,
-    optimizer_from_flat,
-    optimizer_to_flat,
-    restore_rng,
-    rng_state,
+    restore_state,
     save_training_checkpoint,
     start_run,
 )
@@ -157,9 +155,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     if resume_from is not None:
         loaded, tensors, state = load_training_checkpoint(resume_from)
         model.load_state_dict(loaded.state_dict())
-        optimizer_from_flat(optimizer, tensors, state["optimizer"])
-        restore_rng(tensors, state["rng"], rng)
-        aug_gen.set_state(tensors["rng.augment"])
+        restore_state(optimizer, rng, {"augment": aug_gen}, tensors, state)
         step = int(state["step"])
         log.info("resumed from %s at step %d", resume_from, step)
 
@@ -218,8 +214,5 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
 
 
 def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen):
-    tensors, optim_meta = optimizer_to_flat(optimizer)
-    rng_tensors, rng_meta = rng_state(rng)
-    tensors.update(rng_tensors)
-    tensors["rng.augment"] = aug_gen.get_state()
-    save_training_checkpoint(out_dir, step, model, tensors, {"optimizer": optim_meta, "rng": rng_meta})
+    tensors, state = capture_state(optimizer, rng, {"augment": aug_gen})
+    save_training_checkpoint(out_dir, step, model, tensors, state)
