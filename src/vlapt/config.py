@@ -79,6 +79,21 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     atomic_write_text(Path(path), text)
 
 
+def check_output_file(path: str | os.PathLike, example_name: str) -> Path:
+    """Fail before any work starts if a result file cannot be written at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output path {path} is a directory; give a file path such as {path / example_name}")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output directory {parent}: {exc.strerror}; choose a writable output path") from exc
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output directory {parent} is not writable; choose a writable output path")
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -69,7 +68,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 # -- eval --------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vlapt.config import atomic_write_json, load_config
+    from vlapt.config import atomic_write_json, check_output_file, load_config
     from vlapt.evaluation import EvalConfig, ScriptedExpert, evaluate, format_table
 
     overrides = _shortcut(args, {"suite": "suite", "tasks": "tasks", "episodes": "episodes_per_task",
@@ -84,25 +83,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         agent = CheckpointAgent(args.policy, deterministic=config.deterministic, seed=config.seed)
         default_output = Path(args.policy) / ("eval.json" if config.split == "eval" else f"eval_{config.split}.json")
     output = Path(args.output) if args.output else default_output
-    _check_output_file(output)
+    check_output_file(output, "eval.json")
     result = evaluate(agent, config, progress=not args.quiet)
     result["command"] = "vlapt " + " ".join(args.argv)
     atomic_write_json(output, result)
     print(format_table(result, title=f"{agent.name} on {config.split} configurations"))
     print(f"\nwall time {result['wall_time_s']:.1f} s, {result['env_steps']} env steps; results written to {output}")
     return 0
-
-
-def _check_output_file(path: Path) -> None:
-    if path.exists() and path.is_dir():
-        raise ValueError(f"output {path} is a directory; give a file path such as {path / 'eval.json'}")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create output directory {parent}: {exc.strerror}; choose a writable --output") from exc
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output directory {parent} is not writable; choose a writable --output")
 
 
 # -- sft ---------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
+from vlapt.config import check_output_file
+
 FORMAT = "vlapt-demos"
 FORMAT_VERSION = 1
 
@@ -49,18 +51,12 @@ class EpisodeData:
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     """Fail before any work starts if the output cannot be written."""
     path = Path(path)
-    if path.is_dir():
-        raise DatasetError(f"output path {path} is a directory; give a file path such as {path / 'demos.hdf5'}")
-    if path.exists() and not overwrite:
+    if path.is_file() and not overwrite:
         raise DatasetError(f"dataset {path} already exists; pass overwrite=true to replace it, or choose another output path")
-    parent = path.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DatasetError(f"cannot create the output directory {parent}: {exc.strerror}") from exc
-    if not os.access(parent, os.W_OK):
-        raise DatasetError(f"output directory {parent} is not writable; choose a writable output path")
-    return path
+        return check_output_file(path, "demos.hdf5")
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from exc
 
 
 class DemoWriter:
