@@ -18,7 +18,8 @@ import torch
 
 import vlapt  # noqa: F401
 from vlapt.envs import MT10, EnvPool, SlotSpec
-from vlapt.evaluation.agents import env_config_for_policy, stack_observations
+from vlapt.algorithms.ppo_sbc import ppo_losses, rollout_functions
+from vlapt.evaluation.agents import env_config_for_policy
 from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch, policy_config_for_size
 from vlapt.rollout.chunked import ChunkedRollout
 
@@ -47,15 +48,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     generator = torch.Generator().manual_seed(0)
 
-    def act(observations):
-        batch = make_batch(stack_observations(observations), tokenizer, config)
-        with torch.no_grad():
-            actions, log_probs, values = model.sample(batch, generator=generator)
-        return actions.numpy(), np.clip(model.unnormalize_actions(actions).numpy(), -1, 1), log_probs.numpy(), values.numpy()
-
-    def value(observations):
-        with torch.no_grad():
-            return model(make_batch(stack_observations(observations), tokenizer, config)).value.numpy()
+    act, value = rollout_functions(model, tokenizer, generator)
 
     with EnvPool(slots, num_workers=args.workers) as pool:
         pool.reset({i: {"split": "train", "index": i} for i in range(len(slots))})
@@ -73,7 +66,6 @@ def main() -> None:
         batch, _ = rollout.collect(act, value, args.decisions)
         loop = batch.steps.sum() / (time.perf_counter() - start)
 
-    from vlapt.algorithms.ppo_sbc import ppo_losses
 
     n = batch.actions.shape[0] * batch.actions.shape[1]
     flat_images = batch.images.reshape(n, *batch.images.shape[2:])

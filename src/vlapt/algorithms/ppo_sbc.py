@@ -38,7 +38,7 @@ from vlapt.algorithms.sft import chunk_bc_loss
 from vlapt.config import atomic_write_json, atomic_write_text
 from vlapt.data.demo_buffer import DemoBuffer
 from vlapt.data.format import read_episodes
-from vlapt.envs.tasks import resolve_tasks
+from vlapt.envs.tasks import instruction_for, resolve_tasks
 from vlapt.envs.vector import EnvPool, SlotSpec
 from vlapt.evaluation.agents import env_config_for_policy, stack_observations
 from vlapt.evaluation.metrics import format_table
@@ -155,6 +155,25 @@ class BCWeight:
         self.value, self.target, self.scale = state["value"], state["target"], state["scale"]
 
 
+def rollout_functions(model: VLAPolicy, tokenizer: Tokenizer, generator: torch.Generator):
+    """``act`` and ``value`` for `ChunkedRollout`: batched, sampled chunks; executed = unnormalised and clipped."""
+
+    def act(observations):
+        batch = make_batch(stack_observations(observations), tokenizer, model.config)
+        with torch.no_grad():
+            model.eval()
+            actions, log_probs, values = model.sample(batch, deterministic=False, generator=generator)
+        executed = np.clip(model.unnormalize_actions(actions).numpy(), -1.0, 1.0)
+        return actions.numpy(), executed, log_probs.numpy(), values.numpy()
+
+    def value(observations):
+        with torch.no_grad():
+            model.eval()
+            return model(make_batch(stack_observations(observations), tokenizer, model.config)).value.numpy()
+
+    return act, value
+
+
 def ppo_losses(
     model: VLAPolicy, batch: dict, actions: torch.Tensor, old_log_probs: torch.Tensor, old_values: torch.Tensor,
     advantages: torch.Tensor, returns: torch.Tensor, clip_coef: float, value_clip_coef: float,
@@ -207,19 +226,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
         log.info("resumed from %s: iteration %d, %d env steps", resume_from, iteration, env_steps)
 
-    def act(observations):
-        batch = make_batch(stack_observations(observations), tokenizer, policy_config)
-        with torch.no_grad():
-            model.eval()
-            actions, log_probs, values = model.sample(batch, deterministic=False, generator=sample_gen)
-        executed = np.clip(model.unnormalize_actions(actions).numpy(), -1.0, 1.0)
-        return actions.numpy(), executed, log_probs.numpy(), values.numpy()
-
-    def value(observations):
-        with torch.no_grad():
-            model.eval()
-            return model(make_batch(stack_observations(observations), tokenizer, policy_config)).value.numpy()
-
+    act, value = rollout_functions(model, tokenizer, sample_gen)
     env_config = env_config_for_policy(policy_config, reward=config.reward)
     slots = [SlotSpec(t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
     from torch.utils.tensorboard import SummaryWriter
@@ -304,7 +311,7 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
     flat = {
         "image": batch.images.reshape(n, *batch.images.shape[2:]),
         "proprio": batch.proprio.reshape(n, -1),
-        "instruction": [_instruction(t) for _ in range(T) for t in batch.tasks],
+        "instruction": [instruction_for(t) for _ in range(T) for t in batch.tasks],
     }
     actions = torch.from_numpy(batch.actions.reshape(n, *batch.actions.shape[2:]))
     old_logp = torch.from_numpy(batch.log_probs.reshape(n))
@@ -367,12 +374,6 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
 def _explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
     var = np.var(target)
     return float("nan") if var == 0 else float(1 - np.var(target - pred) / var)
-
-
-def _instruction(task: str) -> str:
-    from vlapt.envs.tasks import instruction_for
-
-    return instruction_for(task)
 
 
 def _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history):
