@@ -96,6 +96,8 @@ def test_default_config_matches_default_preset():
         (dict(proprio_mean=[0.0] * 4, proprio_std=[1.0, 1.0, 0.0, 1.0]), "proprio_std"),
         (dict(init_log_std=3.0), "init_log_std"),
         (dict(d_model="big"), "must be int"),
+        (dict(image_keypoints=-1), "image_keypoints must be >= 0"),
+        (dict(image_keypoints=8, vision_backbone="hf"), "'conv' vision backbone only"),
     ],
 )
 def test_validate_rejects_bad_configs(overrides, message):
@@ -160,6 +162,52 @@ def test_gradients_reach_all_parameters(tokenizer):
     (-log_prob.mean() - 0.01 * entropy.mean() + value.square().mean()).backward()
     without_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert without_grad == []
+
+
+def test_keypoint_tokens_train_and_survive_a_checkpoint(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = VLAPolicy(tiny_config(tokenizer, image_keypoints=4)).train()
+    assert model.vision.num_tokens == model.config.image_grid**2 + 4
+    batch = make_batch(observations(2), tokenizer, model.config)
+    log_prob, _, value = model.evaluate_actions(batch, torch.zeros(2, model.chunk_len, model.action_dim))
+    (-log_prob.mean() + value.square().mean()).backward()
+    for name in ("keypoint_features.weight", "keypoint_log_temperature", "keypoint_embed.weight"):
+        assert getattr(model.vision, name.split(".")[0]) is not None
+        grad = dict(model.vision.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+    save_pretrained(model.eval(), tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert loaded.config.image_keypoints == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).mean, model(batch).mean)
+
+
+def test_spatial_softmax_returns_the_peak_position(tokenizer):
+    encoder = VLAPolicy(tiny_config(tokenizer, image_keypoints=2)).vision
+    channels = encoder.keypoint_features.in_channels
+    with torch.no_grad():
+        encoder.keypoint_features.weight.zero_()
+        encoder.keypoint_features.bias.zero_()
+        encoder.keypoint_features.weight[0, 0] = 1.0  # keypoint 0 follows channel 0
+        encoder.keypoint_features.weight[1, 1] = 1.0  # keypoint 1 follows channel 1
+        encoder.keypoint_log_temperature.fill_(-4.0)  # near-hard argmax
+    features = torch.zeros(1, channels, 8, 8)
+    features[0, 0, 1, 6] = 5.0  # row 1, column 6
+    features[0, 1, 7, 0] = 5.0  # bottom-left corner
+    with torch.no_grad():
+        xy = encoder.spatial_softmax(features)[0]
+    step = 2.0 / 7
+    torch.testing.assert_close(xy[0], torch.tensor([-1 + 6 * step, -1 + 1 * step]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(xy[1], torch.tensor([-1.0, 1.0]), atol=1e-4, rtol=0)
+
+
+def test_checkpoints_without_keypoint_field_load_as_before(model, tmp_path):
+    save_pretrained(model, tmp_path / "old")
+    document = json.loads((tmp_path / "old" / "config.json").read_text())
+    del document["policy"]["image_keypoints"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(document))
+    assert load_pretrained(tmp_path / "old").config.image_keypoints == 0
 
 
 # --------------------------------------------------------------------------- attention structure

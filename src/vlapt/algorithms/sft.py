@@ -47,6 +47,7 @@ class ModelConfig:
     dropout: float = 0.0
     vision_backbone: str = "conv"  # "hf": a pretrained Hugging Face vision model from vision_backbone_path
     vision_backbone_path: str = ""
+    image_keypoints: int = 0  # spatial-softmax keypoint tokens on top of the pooled grid ("conv" only)
 
 
 @dataclasses.dataclass
@@ -93,6 +94,7 @@ def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats:
         dropout=model.dropout,
         vision_backbone=model.vision_backbone,
         vision_backbone_path=model.vision_backbone_path,
+        image_keypoints=model.image_keypoints,
         camera=camera,
         camera_fovy=camera_fovy,
         vocab=list(vocab),

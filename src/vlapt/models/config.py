@@ -68,6 +68,7 @@ class PolicyConfig:
     image_size: int = 96
     image_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     image_grid: int = 4
+    image_keypoints: int = 0  # "conv": extra spatial-softmax keypoint tokens; 0 disables
 
     chunk_len: int = 5
     action_dim: int = 4
@@ -118,6 +119,13 @@ class PolicyConfig:
             raise ValueError(
                 f"init_log_std ({self.init_log_std}) must lie in [min_log_std, max_log_std] "
                 f"= [{self.min_log_std}, {self.max_log_std}]"
+            )
+        if self.image_keypoints < 0:
+            raise ValueError(f"image_keypoints must be >= 0, got {self.image_keypoints}")
+        if self.image_keypoints and self.vision_backbone != "conv":
+            raise ValueError(
+                f"image_keypoints applies to the 'conv' vision backbone only, got vision_backbone="
+                f"{self.vision_backbone!r}; set image_keypoints=0"
             )
         if self.vocab:
             if self.vocab[:2] != ["[PAD]", "[UNK]"]:

@@ -107,7 +107,11 @@ class ConvVisionEncoder(nn.Module):
     """Stride-2 conv stack pooled to an ``image_grid x image_grid`` grid of tokens.
 
     Cheap on CPU: every stage halves the resolution, so almost all compute is
-    in the first two small convolutions.
+    in the first two small convolutions. Pooled grid cells are coarse (24 px at
+    96 px input), too coarse to place a 1-2 px goal marker; ``image_keypoints > 0``
+    adds that many spatial-softmax keypoint tokens (the expected image position of
+    a learned feature, computed on the finer penultimate feature map), which carry
+    sub-cell positions as numbers.
     """
 
     def __init__(self, config: PolicyConfig):
@@ -131,13 +135,39 @@ class ConvVisionEncoder(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.project = nn.Conv2d(in_channels, config.d_model, kernel_size=1)
         self.grid = config.image_grid
-        self.num_tokens = config.image_grid**2
+        self.keypoints = config.image_keypoints
+        if self.keypoints:
+            # Penultimate stage (or the only one): stride 8 for the default 4-stage stack.
+            self._keypoint_layer = 3 * max(len(config.image_channels) - 1, 1) - 1
+            keypoint_channels = config.image_channels[max(len(config.image_channels) - 2, 0)]
+            self.keypoint_features = nn.Conv2d(keypoint_channels, self.keypoints, kernel_size=1)
+            self.keypoint_log_temperature = nn.Parameter(torch.zeros(()))
+            self.keypoint_embed = nn.Linear(2, config.d_model)
+        self.num_tokens = config.image_grid**2 + self.keypoints
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        x = self.project(self.convs(x))
+        keypoint_input = None
+        for index, layer in enumerate(self.convs):
+            x = layer(x)
+            if self.keypoints and index == self._keypoint_layer:
+                keypoint_input = x
+        x = self.project(x)
         x = F.adaptive_avg_pool2d(x, self.grid)
-        return x.flatten(2).transpose(1, 2)
+        tokens = x.flatten(2).transpose(1, 2)
+        if keypoint_input is None:
+            return tokens
+        return torch.cat([tokens, self.keypoint_embed(self.spatial_softmax(keypoint_input))], dim=1)
+
+    def spatial_softmax(self, features: torch.Tensor) -> torch.Tensor:
+        """Expected (x, y) in [-1, 1] of each keypoint channel's softmax over the map: ``(B, K, 2)``."""
+        logits = self.keypoint_features(features)
+        batch, keypoints, height, width = logits.shape
+        weights = torch.softmax(logits.flatten(2) / self.keypoint_log_temperature.exp(), dim=-1)
+        ys = torch.linspace(-1.0, 1.0, height, device=logits.device, dtype=logits.dtype)
+        xs = torch.linspace(-1.0, 1.0, width, device=logits.device, dtype=logits.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(height * width, 2)
+        return weights @ grid
 
 
 VisionBackboneBuilder = Callable[[PolicyConfig], nn.Module]
