@@ -49,6 +49,30 @@ def test_pipeline_runs_every_stage_and_reports_three_rows(tmp_path, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
+def _fake_run(path, rows, evals):
+    (path / "evals").mkdir(parents=True)
+    (path / "history.json").write_text(json.dumps(rows))
+    for iteration, rate, steps in evals:
+        average = {"success_rate": rate, "steps_to_success": steps}
+        (path / "evals" / f"iteration_{iteration:06d}.json").write_text(json.dumps({"average": average}))
+
+
+def test_compare_runs_averages_within_the_budget(tmp_path):
+    from vlapt.evaluation.curves import compare_runs
+
+    def row(i, succ, steps, weight):
+        return {"iteration": i, "env_steps": 100 * i, "train_success": succ, "train_steps_to_success": steps,
+                "bc_weight": weight, "buffer_self_fraction": 0.25}
+
+    _fake_run(tmp_path / "a", [row(1, 0.5, 80.0, 0.1), row(2, 0.7, 60.0, 0.2), row(3, 1.0, 10.0, 9.0)],
+              [(0, 0.9, 50.0), (1, 0.4, 70.0), (2, 0.6, None), (3, 1.0, 5.0)])
+    table = compare_runs([tmp_path / "a"], ["A"], up_to_env_steps=200, last_iterations=2).splitlines()
+    # iteration 3 lies beyond the budget and the starting policy's evaluation (iteration 0) is not the run's
+    assert table[2] == "| A | 200 | 0.500 (0.40-0.60), 2 | 70.0 | 0.600 | 70.0 | 0.2 | 0.25 |"
+    with pytest.raises(ValueError, match="no iteration within 50"):
+        compare_runs([tmp_path / "a"], up_to_env_steps=50)
+
+
 def test_config_files_layer_and_overrides_win(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("lr: 0.001\nbc_weight_rule: fixed\noutput_dir: runs/a\n")

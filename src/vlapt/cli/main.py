@@ -135,10 +135,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 # -- plot --------------------------------------------------------------------------------------
 def cmd_plot(args: argparse.Namespace) -> int:
-    from vlapt.evaluation.curves import plot_runs
+    from vlapt.evaluation.curves import compare_runs, plot_runs
 
     labels = args.labels.split(",") if args.labels else None
+    table = compare_runs(args.runs, labels, args.up_to)
     path = plot_runs(args.runs, args.output, labels)
+    print(table)
     print(f"learning curves written to {path}")
     return 0
 
@@ -218,11 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("plot", help="plot learning curves of `vlapt train` runs to a PNG",
-                       description="Success and steps to success against env steps: training episodes (smoothed) "
+                       description="Prints a table comparing the runs, then plots success and steps to success against env steps: training episodes (smoothed) "
                                    "and the periodic held-out evaluations, one colour per run.")
     p.add_argument("runs", nargs="+", help="output_dir of each `vlapt train` run")
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--labels", help="comma-separated labels, one per run")
+    p.add_argument("--up-to", dest="up_to", type=int,
+                   help="compare the runs' tables within this many env steps (the shortest run's budget)")
     p.set_defaults(func=cmd_plot)
 
     for register in _extra_commands:

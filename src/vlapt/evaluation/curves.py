@@ -70,6 +70,50 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
     return output
 
 
+def compare_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None,
+                 up_to_env_steps: int | None = None, last_iterations: int = 20) -> str:
+    """Markdown table comparing runs over the same env-step budget (what an ablation reports).
+
+    Held-out: the mean and range of the periodic evaluations after the starting policy's, up to
+    the budget (each is only ``eval_episodes`` per task, so the mean over several is the steadier
+    figure). Training: the last ``last_iterations`` iterations within the budget.
+    """
+    labels = list(labels) if labels else [Path(r).name for r in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    lines = [
+        "| run | env steps | held-out success: mean (min-max), evaluations | held-out steps to success "
+        "| training success | training steps to success | BC weight | self-collected share of buffer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run_dir, label in zip(run_dirs, labels):
+        history = [row for row in load_history(run_dir)
+                   if up_to_env_steps is None or row["env_steps"] <= up_to_env_steps]
+        if not history:
+            raise ValueError(f"{run_dir} has no iteration within {up_to_env_steps} env steps")
+        evals = [m for s, m in load_evaluations(run_dir, history) if s > 0]
+        rates = [m["success_rate"] for m in evals]
+        eval_steps = [m["steps_to_success"] for m in evals if m["steps_to_success"] is not None]
+        recent = history[-last_iterations:]
+        held_out = (f"{_mean(rates):.3f} ({min(rates):.2f}-{max(rates):.2f}), {len(rates)}" if rates else "-")
+        lines.append(
+            f"| {label} | {history[-1]['env_steps']:,} | {held_out} | {_fmt(_mean(eval_steps), 1)} "
+            f"| {_fmt(_mean([r['train_success'] for r in recent]), 3)} "
+            f"| {_fmt(_mean([r['train_steps_to_success'] for r in recent]), 1)} "
+            f"| {history[-1]['bc_weight']:.3g} | {_fmt(history[-1].get('buffer_self_fraction', math.nan), 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     out = []
     for i in range(len(values)):
