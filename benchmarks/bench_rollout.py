@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--decisions", type=int, default=30, help="decisions per slot to time")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2],
+                        help="rollout slot groups to time (1: lockstep; 2: inference overlaps env steps)")
     parser.add_argument("--minibatch", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,10 +63,12 @@ def main() -> None:
                 pool.reset({i: {"split": "train", "index": 1000 + i} for i in ended})
         raw = steps / (time.perf_counter() - start)
 
-        rollout = ChunkedRollout(pool, [s.task for s in slots], 0.99, h)
-        start = time.perf_counter()
-        batch, _ = rollout.collect(act, value, args.decisions)
-        loop = batch.steps.sum() / (time.perf_counter() - start)
+        loops = {}
+        for groups in args.groups:
+            rollout = ChunkedRollout(pool, [s.task for s in slots], 0.99, h, groups=groups)
+            start = time.perf_counter()
+            batch, _ = rollout.collect(act, value, args.decisions)
+            loops[groups] = batch.steps.sum() / (time.perf_counter() - start)
 
 
     n = batch.actions.shape[0] * batch.actions.shape[1]
@@ -85,9 +89,10 @@ def main() -> None:
         seen += len(idx)
     learner = seen / (time.perf_counter() - start)
 
-    print("| slots | image | chunk | raw env steps/s | rollout loop steps/s | ratio | learner samples/s |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {len(slots)} | {config.image_size} | {h} | {raw:.0f} | {loop:.0f} | {loop / raw:.2f} | {learner:.0f} |")
+    print("| slots | image | chunk | rollout groups | raw env steps/s | rollout loop steps/s | ratio | learner samples/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for groups, loop in loops.items():
+        print(f"| {len(slots)} | {config.image_size} | {h} | {groups} | {raw:.0f} | {loop:.0f} | {loop / raw:.2f} | {learner:.0f} |")
 
 
 if __name__ == "__main__":

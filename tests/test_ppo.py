@@ -255,7 +255,7 @@ def test_rollout_stops_a_chunk_at_success_and_discounts_by_executed_steps(datase
         np.testing.assert_array_equal(batch.images[t, 0], demo.images[t * h])
         np.testing.assert_allclose(batch.proprio[t, 0], demo.proprio[t * h], atol=1e-6)
     np.testing.assert_array_equal(batch.images[n_dec, 0], demos[1].images[0])  # next episode: configuration 1
-    assert rollout.next_index[TASK] == 2
+    assert rollout.next_index[TASK] == 3  # 0 and 1 used, 2 held in reserve for the slot's next episode
     np.testing.assert_array_equal(batch.log_probs[:, 0], -np.arange(n_dec + 1))
     np.testing.assert_array_equal(batch.values[:, 0], 10.0 + np.arange(n_dec + 1))
     np.testing.assert_array_equal(batch.actions[0, 0], 2.0 * demo.actions[:h])
@@ -310,7 +310,56 @@ def test_time_limit_truncation_bootstraps_with_the_discounted_value():
     np.testing.assert_array_equal(batch.last_values, [c, c])
     assert len(finished) == 1
     assert not finished[0].success and finished[0].steps == 7 and finished[0].trajectory is None
-    assert rollout.next_index[TASK] == 3  # configurations 0 and 1 at the start, 2 after the time limit
+    # configurations 0 and 1 at the start with 2 and 3 in reserve; slot 0 took 2 at the time limit, reserving 4
+    assert rollout.next_index[TASK] == 5
+
+
+def test_overlapped_groups_collect_exactly_what_lockstep_collects():
+    """Stepping two slot groups in turn changes when the policy is asked, not what it sees or gets."""
+    tasks = ["reach-v3", "drawer-close-v3", "button-press-topdown-v3", "window-close-v3"]
+    h = 3
+    env = EnvConfig(image_size=IMAGE_SIZE, reward="dense", max_episode_steps=7)
+
+    def act(observations):  # a deterministic function of the observation
+        chunks = np.stack([np.tanh(o["proprio"][None] + np.arange(h)[:, None]) for o in observations])
+        chunks = chunks.astype(np.float32)
+        return chunks, chunks, np.zeros(len(observations), np.float32), np.array([o["proprio"][0] for o in observations])
+
+    def value(observations):
+        return np.array([o["proprio"][1] for o in observations], np.float32)
+
+    batches, starts = {}, {}
+    for groups, workers in ((1, 0), (2, 2)):
+        with EnvPool([SlotSpec(t, env, h) for t in tasks], num_workers=workers) as pool:
+            rollout = ChunkedRollout(pool, tasks, 0.9, h, groups=groups)
+            assert len(rollout.groups) == groups
+            batches[groups], finished = rollout.collect(act, value, 6)
+            starts[groups] = dict(rollout.next_index)
+            assert len(finished) == 4 * 2  # every 7-step episode ended twice (after chunks of 3, 3, 1)
+    for field in dataclasses.fields(RolloutBatch):
+        a, b = getattr(batches[1], field.name), getattr(batches[2], field.name)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=field.name)
+    assert starts[1] == starts[2]
+
+
+def test_pool_answers_overlapping_calls_to_their_own_waiters():
+    tasks = ["reach-v3", "drawer-close-v3", "reach-v3", "drawer-close-v3"]
+    specs = [SlotSpec(t, EnvConfig(image_size=IMAGE_SIZE), 2) for t in tasks]
+    chunk = np.full((2, 4), 0.5, np.float32)
+    with EnvPool(specs, num_workers=2) as pool:
+        assert pool.groups(2) == [[0, 1], [2, 3]]  # each group spans both workers
+        pool.reset({i: {"split": "train", "index": i} for i in range(4)})
+        first = pool.submit_step({0: chunk, 1: chunk}, {0: {}, 1: {}})
+        second = pool.submit_step({2: chunk, 3: chunk}, {2: {}, 3: {}})
+        later = second.wait()  # waiting out of order keeps the first call's answers for it
+        earlier = first.wait()
+        assert sorted(earlier) == [0, 1] and sorted(later) == [2, 3]
+        for results in (earlier, later):
+            assert all(r.info["steps"] == 2 and reset_obs is None for r, reset_obs in results.values())
+        assert first.wait() is earlier
+        with pytest.raises(ValueError, match="no reset options"):
+            pool.submit_step({0: chunk}, {})
+        pool.submit_step({0: chunk}, {0: {}})  # left unanswered: closing the pool must still work
 
 
 # =========================================================================== demo buffer
@@ -717,9 +766,9 @@ def resumed_run(dataset, sft_policy, tmp_path_factory):
     records, start_indices = [], []
 
     class RecordingRollout(ChunkedRollout):
-        def __init__(self, pool, tasks, gamma, chunk_len, start_index=None):
+        def __init__(self, pool, tasks, gamma, chunk_len, start_index=None, groups=2):
             start_indices.append(dict(start_index))
-            super().__init__(pool, tasks, gamma, chunk_len, start_index)
+            super().__init__(pool, tasks, gamma, chunk_len, start_index, groups)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ppo_module, "_evaluate_checkpoint", _fake_evaluation)

@@ -63,6 +63,7 @@ class PPOConfig:
     envs_per_task: int = 2
     horizon: int = 16  # decisions per env slot per iteration
     num_workers: int = 2
+    rollout_groups: int = 2  # slot groups stepped in turn, so inference for one overlaps env steps of another; 1: lockstep
     total_env_steps: int = 500_000
     # PPO
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n
@@ -102,7 +103,7 @@ class PPOConfig:
         resolve_tasks(self.suite, self.tasks)
         if self.bc_weight_rule not in ("lagrangian", "fixed", "none"):
             raise ValueError(f"bc_weight_rule must be lagrangian, fixed or none, got {self.bc_weight_rule!r}")
-        for name in ("envs_per_task", "horizon", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity"):
+        for name in ("envs_per_task", "horizon", "rollout_groups", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
@@ -240,7 +241,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
         atomic_write_json(out_dir / "evals" / "iteration_000000.json", result)
         writer.add_scalar("eval/success_rate", result["average"]["success_rate"], 0)
     with EnvPool(slots, num_workers=config.num_workers) as pool:
-        rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index)
+        rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index, config.rollout_groups)
         while env_steps < config.total_env_steps:
             iteration += 1
             t0 = time.perf_counter()

@@ -4,6 +4,10 @@ Each call sends one batched message per worker and the workers run their slots i
 parallel, so the policy sees one batch per decision across all tasks. Slots are addressed
 by index, and only the slots named in a call are touched: episodes of different lengths
 (chunks stop early at success) need no padding and no auto-reset surprises.
+
+Calls can also be submitted without waiting (`submit_step`): each worker answers its
+commands in order, so the caller can step one group of slots while it computes the next
+actions of another, which keeps the workers busy during policy inference.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import traceback
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -50,6 +55,17 @@ class _Slots:
     def step(self, actions: dict[int, np.ndarray]) -> dict[int, StepResult]:
         return {i: StepResult(*self.envs[i].step(a)) for i, a in actions.items()}
 
+    def step_and_reset(self, requests: dict[int, tuple[np.ndarray, dict]]) -> dict[int, tuple[StepResult, dict | None]]:
+        """Step each slot; a slot whose episode ended is reset at once with its given options."""
+        out = {}
+        for i, (action, reset_options) in requests.items():
+            result = StepResult(*self.envs[i].step(action))
+            reset_observation = None
+            if result.terminated or result.truncated:
+                reset_observation, _ = self.envs[i].reset(options=reset_options)
+            out[i] = (result, reset_observation)
+        return out
+
     def privileged_state(self, slots: list[int]) -> dict[int, np.ndarray]:
         return {i: self.envs[i].privileged_state() for i in slots}
 
@@ -86,6 +102,26 @@ class WorkerError(RuntimeError):
     """An env worker process failed; the message carries its traceback."""
 
 
+class PendingCall:
+    """A submitted pool call; `wait` returns its per-slot results (each worker answers in order)."""
+
+    def __init__(self, pool: "EnvPool", ticket: int, workers: list[int], slots: list[int], local_result=None):
+        self._pool, self._ticket, self._workers, self._slots = pool, ticket, workers, slots
+        self._local_result = local_result
+        self._result: dict[int, Any] | None = None
+
+    def wait(self) -> dict[int, Any]:
+        if self._result is None:
+            if self._local_result is not None:
+                merged = self._local_result
+            else:
+                merged = {}
+                for w in self._workers:
+                    merged.update(self._pool._receive_ticket(w, self._ticket))
+            self._result = {i: merged[i] for i in self._slots}
+        return self._result
+
+
 class EnvPool:
     """Env slots in ``num_workers`` processes (0: all in this process, for tests and debugging)."""
 
@@ -100,6 +136,9 @@ class EnvPool:
         self._conns: list = []
         self._procs: list = []
         self._owner: dict[int, int] = {}
+        self._next_ticket = 0
+        self._outstanding: list[deque] = []  # per worker: tickets sent and not yet received, in order
+        self._arrived: dict[tuple[int, int], Any] = {}  # (worker, ticket) -> its part of the result
         if self.num_workers == 0:
             self._local = _Slots(dict(enumerate(self.specs)))
             return
@@ -114,6 +153,7 @@ class EnvPool:
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
+            self._outstanding.append(deque())
         for conn in self._conns:
             self._receive(conn)
 
@@ -128,15 +168,34 @@ class EnvPool:
     def step(self, actions: dict[int, np.ndarray]) -> dict[int, StepResult]:
         return self._call("step", actions)
 
+    def submit_step(self, actions: dict[int, np.ndarray], reset_options: dict[int, dict]) -> PendingCall:
+        """Step slots without waiting; a slot whose episode ends is reset with ``reset_options[slot]``
+        and reports the new episode's first observation. ``wait()`` gives ``(StepResult, observation
+        or None)`` per slot."""
+        missing = [i for i in actions if i not in reset_options]
+        if missing:
+            raise ValueError(f"slots {missing} have no reset options")
+        return self._submit("step_and_reset", {i: (a, reset_options[i]) for i, a in actions.items()})
+
     def privileged_state(self, slots: list[int]) -> dict[int, np.ndarray]:
         return self._call("privileged_state", {i: None for i in slots})
+
+    def groups(self, count: int) -> list[list[int]]:
+        """Split the slots into ``count`` groups, each spread over every worker (empty groups dropped)."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        per_worker = max(self.num_workers, 1)
+        groups = [[i for i in range(len(self.specs)) if (i // per_worker) % count == g] for g in range(count)]
+        return [g for g in groups if g]
 
     def close(self) -> None:
         if self._local is not None:
             self._local.close()
             self._local = None
-        for conn, proc in zip(self._conns, self._procs):
+        for w, (conn, proc) in enumerate(zip(self._conns, self._procs)):
             try:
+                for _ in self._outstanding[w]:  # answers nobody waited for
+                    conn.recv()
                 conn.send(("close", None))
                 conn.recv()
             except (OSError, EOFError):
@@ -144,7 +203,7 @@ class EnvPool:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
-        self._conns, self._procs = [], []
+        self._conns, self._procs, self._outstanding, self._arrived = [], [], [], {}
 
     def __enter__(self) -> "EnvPool":
         return self
@@ -153,21 +212,31 @@ class EnvPool:
         self.close()
 
     def _call(self, command: str, payload: dict[int, Any]) -> dict[int, Any]:
+        return self._submit(command, payload).wait()
+
+    def _submit(self, command: str, payload: dict[int, Any]) -> PendingCall:
         unknown = [i for i in payload if not 0 <= i < len(self.specs)]
         if unknown:
             raise IndexError(f"no env slots {unknown}; the pool has {len(self.specs)}")
+        ticket = self._next_ticket
+        self._next_ticket += 1
         if self._local is not None:
             arg = list(payload) if command == "privileged_state" else payload
-            return getattr(self._local, command)(arg)
+            return PendingCall(self, ticket, [], list(payload), local_result=getattr(self._local, command)(arg))
         per_worker: dict[int, dict] = {}
         for i, value in payload.items():
             per_worker.setdefault(self._owner[i], {})[i] = value
         for w, part in per_worker.items():
             self._conns[w].send((command, list(part) if command == "privileged_state" else part))
-        merged: dict[int, Any] = {}
-        for w in per_worker:
-            merged.update(self._receive(self._conns[w]))
-        return {i: merged[i] for i in payload}
+            self._outstanding[w].append(ticket)
+        return PendingCall(self, ticket, list(per_worker), list(payload))
+
+    def _receive_ticket(self, worker: int, ticket: int) -> Any:
+        """Receive from ``worker`` until ``ticket``'s answer is in, keeping earlier answers for their waiters."""
+        while (worker, ticket) not in self._arrived:
+            oldest = self._outstanding[worker].popleft()
+            self._arrived[(worker, oldest)] = self._receive(self._conns[worker])
+        return self._arrived.pop((worker, ticket))
 
     @staticmethod
     def _receive(conn):

@@ -8,6 +8,11 @@ chunk-level PPO needs: the chunk's discounted reward over the steps actually exe
 discount ``gamma ** steps`` to the next decision, and episode ends (with the value of the
 last observation folded into the reward at a time-limit truncation, which is not a real
 end of the task).
+
+The slots are stepped in ``groups`` (two by default): while the workers execute one group's
+chunks, the policy computes the next chunks of the other, so neither waits for the other.
+Each slot holds its next training configuration in reserve and the worker resets to it as
+soon as an episode ends, so a reset never costs a separate round trip.
 """
 
 from __future__ import annotations
@@ -49,19 +54,25 @@ class FinishedEpisode:
 
 
 class ChunkedRollout:
-    def __init__(self, pool: EnvPool, tasks: Sequence[str], gamma: float, chunk_len: int, start_index: dict[str, int] | None = None):
+    def __init__(self, pool: EnvPool, tasks: Sequence[str], gamma: float, chunk_len: int,
+                 start_index: dict[str, int] | None = None, groups: int = 2):
         self.pool = pool
         self.tasks = list(tasks)
         self.gamma = gamma
         self.chunk_len = chunk_len
+        self.groups = pool.groups(groups)
+        # The next training configuration index not yet handed to any slot, per task.
         self.next_index = dict(start_index or {t: 0 for t in set(tasks)})
         self.observations: dict[int, dict] = {}
+        self._reserved: dict[int, dict] = {}  # slot -> reset options of its next episode
         self._trajectories: dict[int, list] = {}
         self.reset_all()
 
     def reset_all(self) -> None:
-        self.observations = {i: obs for i, (obs, _) in self.pool.reset(self._next_configs(range(len(self.tasks)))).items()}
-        self._trajectories = {i: [] for i in range(len(self.tasks))}
+        slots = range(len(self.tasks))
+        self.observations = {i: obs for i, (obs, _) in self.pool.reset(self._next_configs(slots)).items()}
+        self._reserved = self._next_configs(slots)
+        self._trajectories = {i: [] for i in slots}
 
     def _next_configs(self, slots) -> dict[int, dict]:
         requests = {}
@@ -86,35 +97,44 @@ class ChunkedRollout:
         dones = np.zeros((horizon, S), bool)
         steps = np.zeros((horizon, S), np.int32)
         finished: list[FinishedEpisode] = []
-        for t in range(horizon):
-            obs = [self.observations[i] for i in range(S)]
+        seen: dict[int, dict] = {}  # slot -> the observation its in-flight chunk was chosen on
+        executed_chunks: dict[int, np.ndarray] = {}
+
+        def decide(t: int, group: list[int]):
+            obs = [self.observations[i] for i in group]
             normalised, executed, logp, v = act(obs)
-            images[t] = np.stack([o["image"] for o in obs])
-            proprio[t] = np.stack([o["proprio"] for o in obs])
-            actions[t], log_probs[t], values[t] = normalised, logp, v
-            results = self.pool.step({i: executed[i] for i in range(S)})
-            truncated_slots, ended = [], []
-            for i in range(S):
-                r = results[i]
-                n = int(r.info["steps"])
-                steps[t, i] = n
-                rewards[t, i] = float(np.sum(r.info["rewards"] * self.gamma ** np.arange(n)))
-                discounts[t, i] = self.gamma**n
-                self._trajectories[i].append((obs[i]["image"], obs[i]["proprio"], executed[i][:n]))
-                self.observations[i] = r.observation
-                if r.terminated or r.truncated:
-                    dones[t, i] = True
-                    ended.append(i)
-                    if r.truncated and not r.terminated:
-                        truncated_slots.append(i)
-                    finished.append(self._finish(i, bool(r.terminated), int(r.info["episode_steps"])))
-            if truncated_slots:  # a time limit is not a task end: bootstrap from the last observation
-                boot = value([self.observations[i] for i in truncated_slots])
-                for i, b in zip(truncated_slots, boot):
-                    rewards[t, i] += discounts[t, i] * float(b)
-            if ended:
-                for i, (o, _) in self.pool.reset(self._next_configs(ended)).items():
-                    self.observations[i] = o
+            for k, i in enumerate(group):
+                images[t, i], proprio[t, i] = obs[k]["image"], obs[k]["proprio"]
+                actions[t, i], log_probs[t, i], values[t, i] = normalised[k], logp[k], v[k]
+                seen[i], executed_chunks[i] = obs[k], executed[k]
+            return self.pool.submit_step({i: executed_chunks[i] for i in group}, {i: self._reserved[i] for i in group})
+
+        pending = [decide(0, group) for group in self.groups]
+        for t in range(horizon):
+            for g, group in enumerate(self.groups):
+                results = pending[g].wait()
+                truncated_slots, terminal_obs = [], []
+                for i in group:
+                    r, reset_observation = results[i]
+                    n = int(r.info["steps"])
+                    steps[t, i] = n
+                    rewards[t, i] = float(np.sum(r.info["rewards"] * self.gamma ** np.arange(n)))
+                    discounts[t, i] = self.gamma**n
+                    self._trajectories[i].append((seen[i]["image"], seen[i]["proprio"], executed_chunks[i][:n]))
+                    self.observations[i] = r.observation
+                    if r.terminated or r.truncated:
+                        dones[t, i] = True
+                        if r.truncated and not r.terminated:
+                            truncated_slots.append(i)
+                            terminal_obs.append(r.observation)
+                        finished.append(self._finish(i, bool(r.terminated), int(r.info["episode_steps"])))
+                        self.observations[i] = reset_observation
+                        self._reserved.update(self._next_configs([i]))
+                if truncated_slots:  # a time limit is not a task end: bootstrap from the last observation
+                    for i, b in zip(truncated_slots, value(terminal_obs)):
+                        rewards[t, i] += discounts[t, i] * float(b)
+                if t + 1 < horizon:
+                    pending[g] = decide(t + 1, group)
         last_values = value([self.observations[i] for i in range(S)])
         batch = RolloutBatch(images, proprio, self.tasks, actions, log_probs, values, rewards, discounts, dones, steps, last_values)
         return batch, finished
