@@ -1,9 +1,10 @@
 """Rollout-loop throughput against the raw environment, and the PPO learner's samples/s.
 
 Prints env steps/s of (a) the raw env pool stepping random chunks on the same workers and
-image size (rendering once per chunk, as the policy sees it) and (b) the chunked rollout
-loop with batched policy inference, and their ratio (target >= 0.8); then the learner's
-PPO-update samples/s. Not a test: numbers depend on the machine and its load.
+image size (rendering once per chunk, as the policy sees it; the mean of a run before and
+one after the loops) and (b) the chunked rollout loop with batched policy inference, in
+lockstep (1 group) and overlapped (2 groups), and their ratio (target >= 0.8); then the
+learner's PPO-update samples/s. Not a test: numbers depend on the machine and its load.
 
     .venv/bin/python benchmarks/bench_rollout.py --policy runs/sft_large/policy --decisions 30
 """
@@ -30,7 +31,9 @@ def main() -> None:
     parser.add_argument("--envs-per-task", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--decisions", type=int, default=30, help="decisions per slot to time")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the learner")
+    parser.add_argument("--rollout-threads", type=int, default=1,
+                        help="torch threads for inference in the rollout loop (PPOConfig.rollout_threads)")
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2],
                         help="rollout slot groups to time (1: lockstep; 2: inference overlaps env steps)")
     parser.add_argument("--minibatch", type=int, default=128)
@@ -53,23 +56,30 @@ def main() -> None:
     act, value = rollout_functions(model, tokenizer, generator)
 
     with EnvPool(slots, num_workers=args.workers) as pool:
-        pool.reset({i: {"split": "train", "index": i} for i in range(len(slots))})
-        steps, start = 0, time.perf_counter()
-        for _ in range(args.decisions):
-            results = pool.step({i: rng.uniform(-1, 1, (h, 4)) for i in range(len(slots))})
-            steps += sum(r.info["steps"] for r in results.values())
-            ended = [i for i, r in results.items() if r.terminated or r.truncated]
-            if ended:
-                pool.reset({i: {"split": "train", "index": 1000 + i} for i in ended})
-        raw = steps / (time.perf_counter() - start)
 
+        def raw_steps_per_s() -> float:
+            """Random chunks on the same slots, no policy: what the workers alone can do."""
+            pool.reset({i: {"split": "train", "index": i} for i in range(len(slots))})
+            steps, start = 0, time.perf_counter()
+            for _ in range(args.decisions):
+                results = pool.step({i: rng.uniform(-1, 1, (h, 4)) for i in range(len(slots))})
+                steps += sum(r.info["steps"] for r in results.values())
+                ended = [i for i, r in results.items() if r.terminated or r.truncated]
+                if ended:
+                    pool.reset({i: {"split": "train", "index": 1000 + i} for i in ended})
+            return steps / (time.perf_counter() - start)
+
+        raw_runs = [raw_steps_per_s()]
         loops = {}
+        torch.set_num_threads(args.rollout_threads)
         for groups in args.groups:
             rollout = ChunkedRollout(pool, [s.task for s in slots], 0.99, h, groups=groups)
             start = time.perf_counter()
             batch, _ = rollout.collect(act, value, args.decisions)
             loops[groups] = batch.steps.sum() / (time.perf_counter() - start)
-
+        torch.set_num_threads(args.threads)
+        raw_runs.append(raw_steps_per_s())  # before and after: the machine's speed drifts
+        raw = float(np.mean(raw_runs))
 
     n = batch.actions.shape[0] * batch.actions.shape[1]
     flat_images = batch.images.reshape(n, *batch.images.shape[2:])

@@ -96,14 +96,15 @@ class PPOConfig:
     eval_episodes: int = 5  # per task, held-out configurations
     max_nonfinite_updates: int = 20  # abort (keeping the last good checkpoint) after this many skipped updates
     seed: int = 0
-    threads: int = 2
+    threads: int = 2  # torch threads for the learner
+    rollout_threads: int = 1  # torch threads for inference during rollouts: leave the cores to the env workers
     resume: bool = True
 
     def validate(self) -> "PPOConfig":
         resolve_tasks(self.suite, self.tasks)
         if self.bc_weight_rule not in ("lagrangian", "fixed", "none"):
             raise ValueError(f"bc_weight_rule must be lagrangian, fixed or none, got {self.bc_weight_rule!r}")
-        for name in ("envs_per_task", "horizon", "rollout_groups", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity"):
+        for name in ("envs_per_task", "horizon", "rollout_groups", "threads", "rollout_threads", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
@@ -245,7 +246,9 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
         while env_steps < config.total_env_steps:
             iteration += 1
             t0 = time.perf_counter()
+            torch.set_num_threads(config.rollout_threads)
             batch, finished = rollout.collect(act, value, config.horizon)
+            torch.set_num_threads(config.threads)
             rollout_time = time.perf_counter() - t0
             steps_now = int(batch.steps.sum())
             env_steps += steps_now
