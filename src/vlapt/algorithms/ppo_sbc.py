@@ -53,7 +53,7 @@ log = logging.getLogger("vlapt.ppo")
 class PPOConfig:
     # what to post-train, on what
     init_policy: str = "runs/sft/policy"  # SFT checkpoint directory
-    demos: str = "datasets/mt10_scripted.hdf5"  # seeds the self-BC buffer
+    demos: str = "datasets/mt10_scripted_fovy30.hdf5"  # seeds the self-BC buffer; rendered like the policy's images
     demos_per_task: int = 0  # 0: all the dataset has
     suite: str = "mt10"
     tasks: list[str] = dataclasses.field(default_factory=list)

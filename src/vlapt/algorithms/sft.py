@@ -47,12 +47,12 @@ class ModelConfig:
     dropout: float = 0.0
     vision_backbone: str = "conv"  # "hf": a pretrained Hugging Face vision model from vision_backbone_path
     vision_backbone_path: str = ""
-    image_keypoints: int = 0  # spatial-softmax keypoint tokens on top of the pooled grid ("conv" only)
+    image_keypoints: int = 16  # spatial-softmax keypoint tokens on top of the pooled grid ("conv" only; 0: none)
 
 
 @dataclasses.dataclass
 class SFTConfig:
-    dataset: str = "datasets/mt10_scripted.hdf5"
+    dataset: str = "datasets/mt10_scripted_fovy30.hdf5"
     tasks: list[str] = dataclasses.field(default_factory=list)  # default: every task in the dataset
     demos_per_task: int = 0  # 0: all; the paper's small set is 10, the large set 50
     output_dir: str = "runs/sft"
