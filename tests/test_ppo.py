@@ -577,12 +577,13 @@ def _fake_rollout(model, T=2, S=2, seed=0) -> RolloutBatch:
     )
 
 
-def _run_update(model, bc_weight=None, buffer=None):
+def _run_update(model, bc_weight=None, buffer=None, reference_model=None, lr=1e-3):
     config = PPOConfig(tasks=[TASK], epochs=2, minibatch_size=2, target_kl=0.0, bc_batch_size=4)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     stats = _update(
         model, optimizer, _fake_rollout(model), buffer, bc_weight or BCWeight("none", 0.1, 1.5, 0.1, 1e-3, 10.0),
         Tokenizer(model.config.vocab), model.config, config, np.random.default_rng(0), critic_only=False,
+        reference_model=reference_model,
     )
     return stats, optimizer
 
@@ -617,6 +618,26 @@ def test_update_adds_the_weighted_bc_loss_and_calibrates_the_weight(tiny_model):
     stats, _ = _run_update(tiny_model, w, _bc_buffer())
     bc = stats["bc_loss"]
     assert w.target == pytest.approx(bc + 0.5 * (abs(bc) + 1e-3)) and w.value == 0.1
+
+
+def test_update_holds_bc_to_the_reference_policy_on_the_same_samples(tiny_model):
+    # lr 0: the policy stays the reference, so the two losses agree and the constraint is slack
+    w = BCWeight("lagrangian", 0.1, 1.5, 0.1, 1e-3, 10.0)
+    stats, _ = _run_update(tiny_model, w, _bc_buffer(), reference_model=copy.deepcopy(tiny_model).eval(), lr=0.0)
+    assert stats["bc_reference_loss"] == pytest.approx(stats["bc_loss"], rel=1e-5)
+    ref = stats["bc_reference_loss"]
+    assert w.target == pytest.approx(ref + 0.5 * (abs(ref) + 1e-3))
+    assert w.value < 0.1, "a loss below its target relaxes the weight from the first update on"
+
+
+def test_bc_weight_reference_target_moves_with_the_reference():
+    w = BCWeight("lagrangian", 1.0, 1.5, 0.1, 1e-3, 10.0)
+    assert w.update(1.5, reference_loss=1.0) == pytest.approx(1.0, abs=1e-3)  # exactly on target 1.5
+    assert w.update(3.0, reference_loss=2.0) == pytest.approx(1.0, abs=1e-3)  # the target followed: 3.0
+    assert w.update(3.0, reference_loss=1.0) > 1.0  # above 1.5: tighten
+    before = w.value
+    assert w.update(float("nan"), reference_loss=1.0) == before
+    assert w.update(1.0, reference_loss=float("nan")) == before
 
 
 def test_update_with_every_minibatch_skipped_leaves_the_bc_weight_alone(tiny_model, monkeypatch):
@@ -909,7 +930,8 @@ def test_train_ppo_stops_after_too_many_nonfinite_updates(dataset, sft_policy, t
 def test_train_ppo_rejects_bad_config(dataset, sft_policy, tmp_path):
     cases = [
         (dict(bc_weight_rule="sometimes"), "bc_weight_rule"), (dict(horizon=0), "horizon"), (dict(gamma=0.0), "gamma"),
-        (dict(reward="shaped"), "reward"), (dict(tasks=["reach-v9"]), "reach-v9"),
+        (dict(reward="shaped"), "reward"), (dict(tasks=["reach-v9"]), "reach-v9"), (dict(bc_target="final"), "bc_target"),
+        (dict(rollout_groups=0), "rollout_groups"),
     ]
     for change, word in cases:
         with pytest.raises(ValueError, match=word):

@@ -83,7 +83,11 @@ class PPOConfig:
     # self behaviour cloning
     bc_weight_rule: str = "lagrangian"  # "lagrangian" | "fixed" | "none"
     bc_coef: float = 0.1  # fixed weight, and the lagrangian rule's starting weight
-    bc_target_ratio: float = 1.5  # lagrangian: keep buffer BC loss <= ratio x its starting level
+    bc_target_ratio: float = 1.5  # lagrangian: keep buffer BC loss <= ratio x its reference level
+    # lagrangian: what the BC loss is held to. "initial": its first measured value (on the SFT demos);
+    # "reference": the SFT policy's loss on the same minibatches, which rises with the buffer as it
+    # fills with the policy's own noisy-action successes (one extra no-grad forward per BC minibatch).
+    bc_target: str = "initial"
     bc_lr: float = 0.1  # lagrangian: step size of the dual update on log lambda
     bc_coef_min: float = 1e-3
     bc_coef_max: float = 10.0
@@ -102,6 +106,8 @@ class PPOConfig:
 
     def validate(self) -> "PPOConfig":
         resolve_tasks(self.suite, self.tasks)
+        if self.bc_target not in ("initial", "reference"):
+            raise ValueError(f"bc_target must be initial or reference, got {self.bc_target!r}")
         if self.bc_weight_rule not in ("lagrangian", "fixed", "none"):
             raise ValueError(f"bc_weight_rule must be lagrangian, fixed or none, got {self.bc_weight_rule!r}")
         for name in ("envs_per_task", "horizon", "rollout_groups", "threads", "rollout_threads", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity"):
@@ -129,6 +135,12 @@ class BCWeight:
     keeps it, lambda decays and RL is free to find shorter solutions, which then enter
     the buffer and become the behaviour the constraint protects.
     "fixed": lambda = bc_coef. "none": lambda = 0 (plain chunked PPO).
+
+    With a ``reference_loss`` (the SFT policy's BC loss on the same samples) the target moves
+    with the buffer: the policy must imitate the buffer nearly as well as the SFT policy does.
+    Without one, the target is fixed at the first measurement, which the buffer can outgrow:
+    the policy's own successes carry its exploration noise, so the BC loss of a buffer full of
+    them sits above a target calibrated on clean demonstrations, and lambda climbs to its cap.
     """
 
     def __init__(self, rule: str, init: float, target_ratio: float, lr: float, lo: float, hi: float):
@@ -138,10 +150,15 @@ class BCWeight:
         if rule == "none":
             self.value = 0.0
 
-    def update(self, bc_loss: float) -> float:
+    def update(self, bc_loss: float, reference_loss: float | None = None) -> float:
         if self.rule != "lagrangian" or not math.isfinite(bc_loss):
             return self.value
-        if self.target is None:  # calibrate on the first measurement; NLL can be negative, so offset by |L0|
+        if reference_loss is not None:
+            if not math.isfinite(reference_loss):
+                return self.value
+            self.scale = abs(reference_loss) + 1e-3
+            self.target = reference_loss + (self.target_ratio - 1.0) * self.scale
+        elif self.target is None:  # calibrate on the first measurement; NLL can be negative, so offset by |L0|
             self.scale = abs(bc_loss) + 1e-3
             self.target = bc_loss + (self.target_ratio - 1.0) * self.scale
             return self.value
@@ -212,6 +229,9 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     buffer = DemoBuffer(tasks, config.buffer_capacity, config.buffer_admit_self)
     buffer.seed(demos, h)
+    reference_model = None
+    if config.bc_weight_rule == "lagrangian" and config.bc_target == "reference":
+        reference_model = load_pretrained(config.init_policy).eval().requires_grad_(False)
     bc_weight = BCWeight(config.bc_weight_rule, config.bc_coef, config.bc_target_ratio, config.bc_lr,
                          config.bc_coef_min, config.bc_coef_max)
     rng = np.random.default_rng(config.seed)
@@ -258,7 +278,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
                     buffer.offer(ep.trajectory)
             t1 = time.perf_counter()
             stats = _update(model, optimizer, batch, buffer, bc_weight, tokenizer, policy_config, config, rng,
-                            critic_only=iteration <= config.value_warmup_iterations)
+                            critic_only=iteration <= config.value_warmup_iterations, reference_model=reference_model)
             nonfinite += stats.pop("nonfinite")
             if nonfinite > config.max_nonfinite_updates:
                 raise FloatingPointError(
@@ -308,7 +328,8 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     return final
 
 
-def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer, policy_config, config, rng, critic_only):
+def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer, policy_config, config, rng, critic_only,
+            reference_model=None):
     T, S = batch.rewards.shape
     advantages, returns = chunk_gae(batch.rewards, batch.values, batch.discounts, batch.dones, batch.last_values, config.gae_lambda)
     n = T * S
@@ -324,7 +345,7 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
     ret = torch.from_numpy(returns.reshape(n))
     model.train()
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
-    updates, nonfinite = 0, 0
+    updates, nonfinite, reference_bc = 0, 0, 0.0
     for _ in range(config.epochs):
         order = rng.permutation(n)
         epoch_kl = []
@@ -335,6 +356,7 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
             mb_adv = adv[idx]
             if config.normalize_advantages and len(idx) > 1:
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+            reference = 0.0
             pl, vl, ent, kl, cf = ppo_losses(model, mb, actions[idx], old_logp[idx], old_values[idx], mb_adv, ret[idx],
                                              config.clip_coef, config.value_clip_coef)
             if critic_only:
@@ -346,8 +368,12 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
                 if bc_weight.value > 0:
                     demo = buffer.sample(config.bc_batch_size, rng)
                     demo_batch = make_batch(demo, tokenizer, policy_config)
-                    bc, _ = chunk_bc_loss(model, demo_batch, model.normalize_actions(demo["actions"]), demo["action_pad"])
+                    demo_actions = model.normalize_actions(demo["actions"])
+                    bc, _ = chunk_bc_loss(model, demo_batch, demo_actions, demo["action_pad"])
                     loss = loss + bc_weight.value * bc
+                    if reference_model is not None:
+                        with torch.no_grad():
+                            reference = float(chunk_bc_loss(reference_model, demo_batch, demo_actions, demo["action_pad"])[0])
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 nonfinite += 1
@@ -362,14 +388,17 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
                 continue
             optimizer.step()
             updates += 1
+            reference_bc += reference
             for k, v in zip(sums, (pl, vl, ent, kl, cf, bc)):
                 sums[k] += float(v.detach())
             epoch_kl.append(float(kl))
         if not critic_only and config.target_kl and epoch_kl and np.mean(epoch_kl) > config.target_kl:
             break
     stats = {k: (v / updates if updates else float("nan")) for k, v in sums.items()}
+    if reference_model is not None:
+        stats["bc_reference_loss"] = reference_bc / updates if updates and not critic_only else float("nan")
     if not critic_only and bc_weight.value > 0 and updates:  # only a measured BC loss moves the weight
-        bc_weight.update(stats["bc_loss"])
+        bc_weight.update(stats["bc_loss"], stats.get("bc_reference_loss"))
     stats.update({"updates": updates, "nonfinite": nonfinite, "action_std": float(model.clamped_log_std().detach().exp().mean()),
                   "explained_variance": _explained_variance(batch.values.reshape(-1), returns.reshape(-1))})
     return stats
