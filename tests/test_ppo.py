@@ -233,7 +233,8 @@ def test_rollout_stops_a_chunk_at_success_and_discounts_by_executed_steps(datase
         value_calls.append(len(observations))
         return np.full(len(observations), 7.0, np.float32)
 
-    slot = SlotSpec(TASK, EnvConfig(image_size=IMAGE_SIZE, privileged_state=True), h)
+    env = EnvConfig(image_size=IMAGE_SIZE, camera_fovy=CollectConfig().camera_fovy, privileged_state=True)  # as collected
+    slot = SlotSpec(TASK, env, h)
     with EnvPool([slot], num_workers=0) as pool:
         rollout = ChunkedRollout(pool, [TASK], gamma, h, {TASK: 0})
         batch, finished = rollout.collect(act, value, n_dec + 1)
