@@ -622,9 +622,13 @@ def test_update_adds_the_weighted_bc_loss_and_calibrates_the_weight(tiny_model):
 
 
 def test_update_holds_bc_to_the_reference_policy_on_the_same_samples(tiny_model):
-    # lr 0: the policy stays the reference, so the two losses agree and the constraint is slack
+    # lr 0: the policy keeps the reference's means, so the two losses agree and the constraint is
+    # slack; the reference's own std (here an SFT-like narrow one) does not count, the policy's does
+    reference = copy.deepcopy(tiny_model).eval()
+    with torch.no_grad():
+        reference.log_std.fill_(-3.0)
     w = BCWeight("lagrangian", 0.1, 1.5, 0.1, 1e-3, 10.0)
-    stats, _ = _run_update(tiny_model, w, _bc_buffer(), reference_model=copy.deepcopy(tiny_model).eval(), lr=0.0)
+    stats, _ = _run_update(tiny_model, w, _bc_buffer(), reference_model=reference, lr=0.0)
     assert stats["bc_reference_loss"] == pytest.approx(stats["bc_loss"], rel=1e-5)
     ref = stats["bc_reference_loss"]
     assert w.target == pytest.approx(ref + 0.5 * (abs(ref) + 1e-3))

@@ -85,8 +85,9 @@ class PPOConfig:
     bc_coef: float = 0.1  # fixed weight, and the lagrangian rule's starting weight
     bc_target_ratio: float = 1.5  # lagrangian: keep buffer BC loss <= ratio x its reference level
     # lagrangian: what the BC loss is held to. "initial": its first measured value (on the SFT demos);
-    # "reference": the SFT policy's loss on the same minibatches, which rises with the buffer as it
-    # fills with the policy's own noisy-action successes (one extra no-grad forward per BC minibatch).
+    # "reference": the SFT policy's loss on the same minibatches (its means, the current policy's std),
+    # which rises with the buffer as it fills with the policy's own noisy-action successes (one extra
+    # no-grad forward per BC minibatch).
     bc_target: str = "initial"
     bc_lr: float = 0.1  # lagrangian: step size of the dual update on log lambda
     bc_coef_min: float = 1e-3
@@ -372,7 +373,8 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
                     bc, _ = chunk_bc_loss(model, demo_batch, demo_actions, demo["action_pad"])
                     loss = loss + bc_weight.value * bc
                     if reference_model is not None:
-                        with torch.no_grad():
+                        with torch.no_grad():  # the SFT policy's means under the current exploration std
+                            reference_model.log_std.copy_(model.log_std)
                             reference = float(chunk_bc_loss(reference_model, demo_batch, demo_actions, demo["action_pad"])[0])
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
