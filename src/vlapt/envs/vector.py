@@ -105,19 +105,16 @@ class WorkerError(RuntimeError):
 class PendingCall:
     """A submitted pool call; `wait` returns its per-slot results (each worker answers in order)."""
 
-    def __init__(self, pool: "EnvPool", ticket: int, workers: list[int], slots: list[int], local_result=None):
+    def __init__(self, pool: "EnvPool", ticket: int, workers: list[int], slots: list[int],
+                 result: dict[int, Any] | None = None):
         self._pool, self._ticket, self._workers, self._slots = pool, ticket, workers, slots
-        self._local_result = local_result
-        self._result: dict[int, Any] | None = None
+        self._result = None if result is None else {i: result[i] for i in slots}  # in-process pools answer at once
 
     def wait(self) -> dict[int, Any]:
         if self._result is None:
-            if self._local_result is not None:
-                merged = self._local_result
-            else:
-                merged = {}
-                for w in self._workers:
-                    merged.update(self._pool._receive_ticket(w, self._ticket))
+            merged = {}
+            for w in self._workers:
+                merged.update(self._pool._receive_ticket(w, self._ticket))
             self._result = {i: merged[i] for i in self._slots}
         return self._result
 
@@ -184,8 +181,12 @@ class EnvPool:
         """Split the slots into ``count`` groups, each spread over every worker (empty groups dropped)."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
-        per_worker = max(self.num_workers, 1)
-        groups = [[i for i in range(len(self.specs)) if (i // per_worker) % count == g] for g in range(count)]
+        groups: list[list[int]] = [[] for _ in range(count)]
+        placed: dict[int, int] = {}  # worker -> its slots placed so far
+        for i in range(len(self.specs)):
+            worker = self._owner.get(i, 0)  # an in-process pool is one "worker"
+            groups[placed.get(worker, 0) % count].append(i)
+            placed[worker] = placed.get(worker, 0) + 1
         return [g for g in groups if g]
 
     def close(self) -> None:
@@ -222,7 +223,7 @@ class EnvPool:
         self._next_ticket += 1
         if self._local is not None:
             arg = list(payload) if command == "privileged_state" else payload
-            return PendingCall(self, ticket, [], list(payload), local_result=getattr(self._local, command)(arg))
+            return PendingCall(self, ticket, [], list(payload), result=getattr(self._local, command)(arg))
         per_worker: dict[int, dict] = {}
         for i, value in payload.items():
             per_worker.setdefault(self._owner[i], {})[i] = value

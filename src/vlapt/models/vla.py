@@ -138,9 +138,9 @@ class ConvVisionEncoder(nn.Module):
         self.keypoints = config.image_keypoints
         if self.keypoints:
             # Penultimate stage (or the only one): stride 8 for the default 4-stage stack.
-            self._keypoint_layer = 3 * max(len(config.image_channels) - 1, 1) - 1
-            keypoint_channels = config.image_channels[max(len(config.image_channels) - 2, 0)]
-            self.keypoint_features = nn.Conv2d(keypoint_channels, self.keypoints, kernel_size=1)
+            stage = max(len(config.image_channels) - 2, 0)
+            self._keypoint_layer = 3 * stage + 2  # that stage's ReLU (conv, norm, ReLU per stage)
+            self.keypoint_features = nn.Conv2d(config.image_channels[stage], self.keypoints, kernel_size=1)
             self.keypoint_log_temperature = nn.Parameter(torch.zeros(()))
             self.keypoint_embed = nn.Linear(2, config.d_model)
         self.num_tokens = config.image_grid**2 + self.keypoints
