@@ -98,6 +98,7 @@ def test_default_config_matches_default_preset():
         (dict(d_model="big"), "must be int"),
         (dict(image_keypoints=-1), "image_keypoints must be >= 0"),
         (dict(image_keypoints=8, vision_backbone="hf"), "'conv' vision backbone only"),
+        (dict(image_film=True, vision_backbone="hf"), "image_film applies to the 'conv'"),
     ],
 )
 def test_validate_rejects_bad_configs(overrides, message):
@@ -200,6 +201,43 @@ def test_spatial_softmax_returns_the_peak_position(tokenizer):
     step = 2.0 / 7
     torch.testing.assert_close(xy[0], torch.tensor([-1 + 6 * step, -1 + 1 * step]), atol=1e-4, rtol=0)
     torch.testing.assert_close(xy[1], torch.tensor([-1.0, 1.0]), atol=1e-4, rtol=0)
+
+
+def test_film_starts_as_the_unconditioned_encoder_and_then_follows_the_instruction(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    plain = VLAPolicy(tiny_config(tokenizer)).eval()
+    filmed = VLAPolicy(tiny_config(tokenizer, image_film=True)).eval()
+    missing, unexpected = filmed.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(name.startswith("vision.film.") for name in missing)
+    same_image = observations(2)
+    same_image["image"][1] = same_image["image"][0]
+    same_image["proprio"][1] = same_image["proprio"][0]
+    batch = make_batch(same_image, tokenizer, plain.config)
+    assert batch["instruction_ids"][0].tolist() != batch["instruction_ids"][1].tolist()
+    with torch.no_grad():  # zero-initialised FiLM: exactly the plain encoder
+        torch.testing.assert_close(filmed.vision(batch["image"], condition=torch.randn(2, plain.config.d_model)),
+                                   plain.vision(batch["image"]))
+
+    filmed.train()
+    log_prob, _, value = filmed.evaluate_actions(batch, torch.zeros(2, filmed.chunk_len, filmed.action_dim))
+    (-log_prob.mean() + value.square().mean()).backward()
+    assert all(film.weight.grad.abs().sum() > 0 for film in filmed.vision.film)
+    with torch.no_grad():
+        for film in filmed.vision.film:
+            film.weight.normal_(std=0.5)
+    filmed.eval()
+    with torch.no_grad():  # same pixels, different instructions: different image tokens
+        summary = filmed.token_embed(batch["instruction_ids"]).mean(1)
+        tokens = filmed.vision(batch["image"], condition=summary)
+    assert not torch.allclose(tokens[0], tokens[1], atol=1e-4)
+    with pytest.raises(ValueError, match="pass the instruction summary"):
+        filmed.vision(batch["image"])
+
+    save_pretrained(filmed, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert loaded.config.image_film
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).mean, filmed(batch).mean)
 
 
 def test_checkpoints_without_keypoint_field_load_as_before(model, tmp_path):

@@ -48,6 +48,7 @@ class ModelConfig:
     vision_backbone: str = "conv"  # "hf": a pretrained Hugging Face vision model from vision_backbone_path
     vision_backbone_path: str = ""
     image_keypoints: int = 16  # spatial-softmax keypoint tokens on top of the pooled grid ("conv" only; 0: none)
+    image_film: bool = False  # condition the conv stages on the instruction (FiLM; "conv" only)
 
 
 @dataclasses.dataclass
@@ -95,6 +96,7 @@ def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats:
         vision_backbone=model.vision_backbone,
         vision_backbone_path=model.vision_backbone_path,
         image_keypoints=model.image_keypoints,
+        image_film=model.image_film,
         camera=camera,
         camera_fovy=camera_fovy,
         vocab=list(vocab),

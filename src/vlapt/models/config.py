@@ -69,6 +69,7 @@ class PolicyConfig:
     image_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     image_grid: int = 4
     image_keypoints: int = 0  # "conv": extra spatial-softmax keypoint tokens; 0 disables
+    image_film: bool = False  # "conv": condition every conv stage on the instruction (FiLM)
 
     chunk_len: int = 5
     action_dim: int = 4
@@ -126,6 +127,11 @@ class PolicyConfig:
             raise ValueError(
                 f"image_keypoints applies to the 'conv' vision backbone only, got vision_backbone="
                 f"{self.vision_backbone!r}; set image_keypoints=0"
+            )
+        if self.image_film and self.vision_backbone != "conv":
+            raise ValueError(
+                f"image_film applies to the 'conv' vision backbone only, got vision_backbone="
+                f"{self.vision_backbone!r}; set image_film=false"
             )
         if self.vocab:
             if self.vocab[:2] != ["[PAD]", "[UNK]"]:

@@ -143,13 +143,28 @@ class ConvVisionEncoder(nn.Module):
             self.keypoint_features = nn.Conv2d(config.image_channels[stage], self.keypoints, kernel_size=1)
             self.keypoint_log_temperature = nn.Parameter(torch.zeros(()))
             self.keypoint_embed = nn.Linear(2, config.d_model)
+        # FiLM: the instruction scales and shifts every stage's normalised features, so one
+        # multi-task encoder can pick out what this task needs (the goal marker for reach, the
+        # handle for a drawer). Zero-initialised: training starts from the unconditioned stack.
+        self.conditioned = config.image_film
+        if self.conditioned:
+            self.film = nn.ModuleList(nn.Linear(config.d_model, 2 * channels) for channels in config.image_channels)
+            for film in self.film:
+                nn.init.zeros_(film.weight)
+                nn.init.zeros_(film.bias)
         self.num_tokens = config.image_grid**2 + self.keypoints
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``condition``: ``(B, d_model)`` instruction summary, required when ``image_film`` is on."""
+        if self.conditioned and condition is None:
+            raise ValueError("this encoder is FiLM-conditioned (image_film=True): pass the instruction summary")
         x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         keypoint_input = None
         for index, layer in enumerate(self.convs):
             x = layer(x)
+            if self.conditioned and index % 3 == 1:  # after the stage's GroupNorm, before its ReLU
+                scale, shift = self.film[index // 3](condition)[:, :, None, None].chunk(2, dim=1)
+                x = x * (1.0 + scale) + shift
             if self.keypoints and index == self._keypoint_layer:
                 keypoint_input = x
         x = self.project(x)
@@ -308,7 +323,13 @@ class VLAPolicy(nn.Module):
         word_allowed = mask[:, None, None, :] | torch.eye(n_words, dtype=torch.bool, device=ids.device)
         words = self.language_encoder(words, word_allowed)
 
-        patches = self.vision(image) + self.image_pos
+        if getattr(self.vision, "conditioned", False):
+            valid = mask.unsqueeze(-1).to(words.dtype)
+            summary = (words * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+            patches = self.vision(image, condition=summary)
+        else:
+            patches = self.vision(image)
+        patches = patches + self.image_pos
         proprio = (proprio.float() - self.proprio_mean) / self.proprio_std
         state = self.proprio_embed(proprio)[:, None]
         readouts = self.readouts.expand(batch_size, -1, -1)
