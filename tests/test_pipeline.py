@@ -62,13 +62,13 @@ def test_compare_runs_averages_within_the_budget(tmp_path):
 
     def row(i, succ, steps, weight):
         return {"iteration": i, "env_steps": 100 * i, "train_success": succ, "train_steps_to_success": steps,
-                "bc_weight": weight, "buffer_self_fraction": 0.25}
+                "bc_weight": weight, "buffer_self_fraction": 0.25, "wall_time_s": 90.0 * i}
 
     _fake_run(tmp_path / "a", [row(1, 0.5, 80.0, 0.1), row(2, 0.7, 60.0, 0.2), row(3, 1.0, 10.0, 9.0)],
               [(0, 0.9, 50.0), (1, 0.4, 70.0), (2, 0.6, None), (3, 1.0, 5.0)])
     table = compare_runs([tmp_path / "a"], ["A"], up_to_env_steps=200, last_iterations=2).splitlines()
-    # iteration 3 lies beyond the budget and the starting policy's evaluation (iteration 0) is not the run's
-    assert table[2] == "| A | 200 | 0.500 (0.40-0.60), 2 | 70.0 | 0.600 | 70.0 | 0.2 | 0.25 |"
+    # iteration 3 lies beyond the budget; the starting policy's evaluation (iteration 0) has its own column
+    assert table[2] == "| A | 200 | 0.90 | 0.500 (0.40-0.60), 2 | 70.0 | 0.600 | 70.0 | 0.2 | 0.25 | 3.0 |"
     with pytest.raises(ValueError, match="no iteration within 50"):
         compare_runs([tmp_path / "a"], up_to_env_steps=50)
 

@@ -74,33 +74,40 @@ def compare_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = 
                  up_to_env_steps: int | None = None, last_iterations: int = 20) -> str:
     """Markdown table comparing runs over the same env-step budget (what an ablation reports).
 
-    Held-out: the mean and range of the periodic evaluations after the starting policy's, up to
-    the budget (each is only ``eval_episodes`` per task, so the mean over several is the steadier
-    figure). Training: the last ``last_iterations`` iterations within the budget.
+    Held-out: the starting policy's evaluation (runs from different SFT policies start apart),
+    then the mean and range of the periodic evaluations after it, up to the budget (each is only
+    ``eval_episodes`` per task, so the mean over several is the steadier figure). Training: the
+    last ``last_iterations`` iterations within the budget. Wall time: the run's own clock at the
+    budget, periodic evaluations included.
     """
     labels = list(labels) if labels else [Path(r).name for r in run_dirs]
     if len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
     lines = [
-        "| run | env steps | held-out success: mean (min-max), evaluations | held-out steps to success "
-        "| training success | training steps to success | BC weight | self-collected share of buffer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | env steps | held-out success at start | held-out success: mean (min-max), evaluations "
+        "| held-out steps to success | training success | training steps to success | BC weight "
+        "| self-collected share of buffer | wall time (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run_dir, label in zip(run_dirs, labels):
         history = [row for row in load_history(run_dir)
                    if up_to_env_steps is None or row["env_steps"] <= up_to_env_steps]
         if not history:
             raise ValueError(f"{run_dir} has no iteration within {up_to_env_steps} env steps")
-        evals = [m for s, m in load_evaluations(run_dir, history) if s > 0]
+        all_evals = load_evaluations(run_dir, history)
+        start = [m["success_rate"] for s, m in all_evals if s == 0]
+        evals = [m for s, m in all_evals if s > 0]
         rates = [m["success_rate"] for m in evals]
         eval_steps = [m["steps_to_success"] for m in evals if m["steps_to_success"] is not None]
         recent = history[-last_iterations:]
         held_out = (f"{_mean(rates):.3f} ({min(rates):.2f}-{max(rates):.2f}), {len(rates)}" if rates else "-")
         lines.append(
-            f"| {label} | {history[-1]['env_steps']:,} | {held_out} | {_fmt(_mean(eval_steps), 1)} "
+            f"| {label} | {history[-1]['env_steps']:,} | {_fmt(start[0] if start else math.nan, 2)} "
+            f"| {held_out} | {_fmt(_mean(eval_steps), 1)} "
             f"| {_fmt(_mean([r['train_success'] for r in recent]), 3)} "
             f"| {_fmt(_mean([r['train_steps_to_success'] for r in recent]), 1)} "
-            f"| {history[-1]['bc_weight']:.3g} | {_fmt(history[-1].get('buffer_self_fraction', math.nan), 2)} |"
+            f"| {history[-1]['bc_weight']:.3g} | {_fmt(history[-1].get('buffer_self_fraction', math.nan), 2)} "
+            f"| {_fmt(history[-1].get('wall_time_s', math.nan) / 60, 1)} |"
         )
     return "\n".join(lines)
 
