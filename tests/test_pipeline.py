@@ -73,6 +73,22 @@ def test_compare_runs_averages_within_the_budget(tmp_path):
         compare_runs([tmp_path / "a"], up_to_env_steps=50)
 
 
+def test_plot_cut_at_the_budget_draws_nothing_beyond_it(tmp_path, monkeypatch):
+    from vlapt.evaluation import curves
+
+    row = {"train_success": 0.5, "train_steps_to_success": 80.0, "bc_weight": 0.1}
+    _fake_run(tmp_path / "a", [{**row, "iteration": i, "env_steps": 100 * i} for i in (1, 2, 3)],
+              [(0, 0.5, 80.0), (2, 0.6, 70.0), (3, 0.7, 60.0)])
+    drawn = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, *a, **k: drawn.append(list(x)) or original(ax, x, *a, **k))
+    curves.plot_runs([tmp_path / "a"], tmp_path / "c.png", up_to_env_steps=200)
+    assert drawn and max(max(xs) for xs in drawn) == 200
+    assert (tmp_path / "c.png").is_file()
+
+
 def test_config_files_layer_and_overrides_win(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("lr: 0.001\nbc_weight_rule: fixed\noutput_dir: runs/a\n")

@@ -139,7 +139,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     labels = args.labels.split(",") if args.labels else None
     table = compare_runs(args.runs, labels, args.up_to)
-    path = plot_runs(args.runs, args.output, labels)
+    path = plot_runs(args.runs, args.output, labels, up_to_env_steps=args.plot_up_to)
     print(table)
     print(f"learning curves written to {path}")
     return 0
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="comma-separated labels, one per run")
     p.add_argument("--up-to", dest="up_to", type=int,
                    help="compare the runs' tables within this many env steps (the shortest run's budget)")
+    p.add_argument("--plot-up-to", dest="plot_up_to", type=int,
+                   help="cut the curves at this many env steps (default: each run's whole length)")
     p.set_defaults(func=cmd_plot)
 
     for register in _extra_commands:

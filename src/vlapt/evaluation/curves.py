@@ -36,7 +36,9 @@ def load_evaluations(run_dir: str | Path, history: list[dict]) -> list[tuple[int
     return out
 
 
-def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequence[str] | None = None, smooth: int = 5) -> Path:
+def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequence[str] | None = None, smooth: int = 5,
+              up_to_env_steps: int | None = None) -> Path:
+    """Training (smoothed) and held-out curves of each run, cut at ``up_to_env_steps`` if given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +49,8 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir, label in zip(run_dirs, labels):
-        history = load_history(run_dir)
+        history = [row for row in load_history(run_dir)
+                   if up_to_env_steps is None or row["env_steps"] <= up_to_env_steps]
         x = [row["env_steps"] for row in history]
         line = axes[0].plot(x, _smooth([row["train_success"] for row in history], smooth), alpha=0.5, label=f"{label} (train)")[0]
         axes[1].plot(x, _smooth([row["train_steps_to_success"] for row in history], smooth), alpha=0.5, color=line.get_color())
