@@ -19,6 +19,7 @@ the same pose, so only the image can tell where the goal is: read the first-fram
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import h5py
 import numpy as np
@@ -29,16 +30,23 @@ from vlapt.envs.metaworld_env import MetaWorldVLAEnv
 from vlapt.evaluation.agents import env_config_for_policy
 
 
-def readout_features(policy, observations: dict) -> np.ndarray:
-    """The action readout token's trunk features, what the action head reads: ``(B, d_model)``."""
+@contextlib.contextmanager
+def captured_readout(policy):
+    """Inside, every forward of the policy leaves the action readout's trunk features, what the
+    action head reads, ``(B, d_model)``, in the yielded dict under "features"."""
     captured = {}
-    hook = policy.model.trunk.register_forward_hook(lambda module, inputs, output: captured.update(out=output))
+    hook = policy.model.trunk.register_forward_hook(
+        lambda module, inputs, output: captured.update(features=output[:, -2].detach().numpy()))
     try:
-        with torch.no_grad():
-            policy.model.eval()(policy.make_batch(observations))
+        yield captured
     finally:
         hook.remove()
-    return captured["out"][:, -2].numpy()
+
+
+def readout_features(policy, observations: dict) -> np.ndarray:
+    with captured_readout(policy) as captured, torch.no_grad():
+        policy.model.eval()(policy.make_batch(observations))
+    return captured["features"]
 
 
 def split_by_sight(error: np.ndarray, goal: np.ndarray, camera_position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,11 +119,11 @@ def main() -> None:
             goal = np.array(mw._target_pos, dtype=float)
             closest, done, terminated, probe_errors = np.inf, False, False, []
             while not done:
+                with captured_readout(policy) as captured:  # the probe reads the forward that acts
+                    chunk = policy.predict(observation)
                 if probe:
-                    frame = {key: observation[key] for key in ("image", "proprio", "instruction")}
-                    guess = probe(readout_features(policy, frame))[0]
-                    probe_errors.append(float(np.linalg.norm(guess - goal)))
-                observation, _, terminated, truncated, _ = env.step(policy.predict(observation))
+                    probe_errors.append(float(np.linalg.norm(probe(captured["features"])[0] - goal)))
+                observation, _, terminated, truncated, _ = env.step(chunk)
                 done = terminated or truncated
                 closest = min(closest, float(np.linalg.norm(mw.tcp_center - goal)))
             along, across = (float(v[0]) for v in split_by_sight((mw.tcp_center - goal)[None], goal[None], mw.data.cam_xpos[camera]))

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Sequence
 
 
-def load_history(run_dir: str | Path) -> list[dict]:
-    run_dir = Path(run_dir)
+def load_history(run_dir: str | Path, up_to_env_steps: int | None = None) -> list[dict]:
+    """The run's per-iteration rows, only those within ``up_to_env_steps`` if given."""
+    rows = _read_history(Path(run_dir))
+    return [row for row in rows if up_to_env_steps is None or row["env_steps"] <= up_to_env_steps]
+
+
+def _read_history(run_dir: Path) -> list[dict]:
     if (run_dir / "history.json").is_file():
         return json.loads((run_dir / "history.json").read_text())
     pointer = run_dir / "checkpoints" / "latest"
@@ -44,13 +49,10 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(labels) if labels else [Path(r).name for r in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    labels = _labels(run_dirs, labels)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir, label in zip(run_dirs, labels):
-        history = [row for row in load_history(run_dir)
-                   if up_to_env_steps is None or row["env_steps"] <= up_to_env_steps]
+        history = load_history(run_dir, up_to_env_steps)
         x = [row["env_steps"] for row in history]
         line = axes[0].plot(x, _smooth([row["train_success"] for row in history], smooth), alpha=0.5, label=f"{label} (train)")[0]
         axes[1].plot(x, _smooth([row["train_steps_to_success"] for row in history], smooth), alpha=0.5, color=line.get_color())
@@ -83,9 +85,7 @@ def compare_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = 
     last ``last_iterations`` iterations within the budget. Wall time: the run's own clock at the
     budget, periodic evaluations included.
     """
-    labels = list(labels) if labels else [Path(r).name for r in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    labels = _labels(run_dirs, labels)
     lines = [
         "| run | env steps | held-out success at start | held-out success: mean (min-max), evaluations "
         "| held-out steps to success | training success | training steps to success | BC weight "
@@ -93,8 +93,7 @@ def compare_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = 
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run_dir, label in zip(run_dirs, labels):
-        history = [row for row in load_history(run_dir)
-                   if up_to_env_steps is None or row["env_steps"] <= up_to_env_steps]
+        history = load_history(run_dir, up_to_env_steps)
         if not history:
             raise ValueError(f"{run_dir} has no iteration within {up_to_env_steps} env steps")
         all_evals = load_evaluations(run_dir, history)
@@ -113,6 +112,13 @@ def compare_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = 
             f"| {_fmt(history[-1].get('wall_time_s', math.nan) / 60, 1)} |"
         )
     return "\n".join(lines)
+
+
+def _labels(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> list[str]:
+    labels = list(labels) if labels else [Path(r).name for r in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    return labels
 
 
 def _mean(values: Sequence[float]) -> float:
