@@ -75,6 +75,9 @@ def test_forward_shapes_for_every_size(tokenizer, size, image_size):
     assert out.value.shape == (2,)
     assert torch.isfinite(out.mean).all() and torch.isfinite(out.value).all()
     assert out.mean.abs().max() < 0.1, "initial actions should sit near zero"
+    # features are exactly what the action head reads (auxiliary heads and probes use them)
+    assert out.features.shape == (2, config.d_model)
+    torch.testing.assert_close(model.action_head(out.features).view_as(out.mean), out.mean)
     params = model.num_parameters()
     expected_range = {"tiny": (5e3, 2e5), "default": (5e5, 3e6), "large": (2e7, 3.5e7)}[size]
     assert expected_range[0] < params < expected_range[1]

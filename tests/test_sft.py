@@ -123,10 +123,54 @@ def test_training_lowers_the_bc_loss_on_the_demonstrations(dataset, tmp_path):
     assert mse1 < 0.8 * mse0, (mse0, mse1)
 
 
+# -- auxiliary state prediction --------------------------------------------------------------------------
+def _aux_loss_on_all_samples(dataset, run_dir) -> float:
+    model, tensors, _ = load_training_checkpoint(latest_checkpoint(run_dir))
+    aux = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
+    head = sft_module.StatePredictionHead(model.config.d_model, aux["dims"].tolist(), aux["mean"], aux["std"])
+    head.load_state_dict(aux)
+    data = ChunkDataset(read_episodes(dataset), model.chunk_len)
+    sample = data.batch(np.arange(len(data)))
+    batch = make_batch(
+        {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(), "instruction": sample["instruction"]},
+        Tokenizer(model.config.vocab), model.config,
+    )
+    with torch.no_grad():
+        return head.loss(model.eval()(batch).features, sample["state"]).item()
+
+
+def test_aux_state_head_learns_the_goal_and_stays_out_of_the_policy(dataset, tmp_path):
+    quick = dict(batch_size=16, lr=3e-3, augment_shift=0, log_every=60, aux_state_coef=1.0)
+    untrained = train_sft(_config(dataset, tmp_path / "one", steps=1, checkpoint_every=1, **quick), progress=False)
+    trained = train_sft(_config(dataset, tmp_path / "many", steps=60, checkpoint_every=60, **quick), progress=False)
+    before = _aux_loss_on_all_samples(dataset, tmp_path / "one")
+    after = _aux_loss_on_all_samples(dataset, tmp_path / "many")
+    # targets are normalised, so predicting their mean scores ~1; training must do much better
+    assert before > 0.5 and after < 0.3 * before, (before, after)
+    assert "aux_state" in (tmp_path / "many" / "train.log").read_text()
+    # the saved policy has exactly the weights of one trained without the head
+    plain = train_sft(_config(dataset, tmp_path / "plain", steps=1, checkpoint_every=1), progress=False)
+    assert _state(untrained).keys() == _state(plain).keys()
+
+
+def test_aux_state_needs_states_in_the_dataset(dataset, tmp_path):
+    from vlapt.data.format import DemoWriter, env_args
+
+    stateless = tmp_path / "stateless.hdf5"
+    with DemoWriter(stateless, env_args(dataset)) as writer:
+        for episode in read_episodes(dataset):
+            episode.states = None
+            writer.add(episode)
+    with pytest.raises(ValueError, match="obs/state"):
+        train_sft(_config(stateless, tmp_path / "run", aux_state_coef=1.0), progress=False)
+    assert not (tmp_path / "run" / "policy").exists()
+
+
 # -- resume ---------------------------------------------------------------------------------------------
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("aux_state_coef", [0.0, 1.0], ids=["plain", "aux_state"])
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path, monkeypatch, aux_state_coef):
     # dropout and augmentation make the global torch RNG and the augmentation generator matter too
-    kwargs = dict(model=ModelConfig(size="tiny", dropout=0.1), augment_shift=2)
+    kwargs = dict(model=ModelConfig(size="tiny", dropout=0.1), augment_shift=2, aux_state_coef=aux_state_coef)
     straight = train_sft(_config(dataset, tmp_path / "straight", **kwargs), progress=False)
 
     crashed = tmp_path / "crashed"
@@ -154,6 +198,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path
     _, b, meta_b = load_training_checkpoint(latest_checkpoint(crashed))
     _assert_same_tensors(a, b)
     assert meta_a == meta_b
+    assert any(k.startswith("aux.") for k in a) == (aux_state_coef > 0)
 
 
 def test_resume_false_starts_over(dataset, tmp_path):
@@ -314,8 +359,10 @@ def test_missing_dataset_is_a_helpful_error(tmp_path):
         (dict(batch_size=0), ["batch_size"]),
         (dict(augment_shift=-1), ["augment_shift"]),
         (dict(model=ModelConfig(size="tiny", chunk_len=0)), ["chunk_len"]),
+        (dict(aux_state_coef=-1.0), ["aux_state_coef"]),
+        (dict(aux_state_coef=1.0, aux_state_dims=[36, 39]), ["aux_state_dims", "39"]),
     ],
-    ids=["loss", "steps", "batch", "shift", "chunk"],
+    ids=["loss", "steps", "batch", "shift", "chunk", "aux_coef", "aux_dims"],
 )
 def test_invalid_config_is_rejected_before_work(tmp_path, change, words):
     with pytest.raises(ValueError) as info:

@@ -5,6 +5,12 @@ and the expert's actions t..t+h-1; the loss is the chunk's Gaussian negative
 log-likelihood (padding past the episode end masked out), which trains the mean and a
 calibrated exploration std in one go. Random-shift image augmentation (pad + random
 crop, as in DrQ) matters with few demonstrations from pixels.
+
+Optionally (``aux_state_coef > 0``) an auxiliary head regresses privileged simulator state
+(by default the object and goal positions) from the features the action head reads. Cloning
+actions alone gives a weak, indirect signal for where a small goal marker is; the auxiliary
+target says it directly, during training only: the head is not part of the saved policy, and
+the policy never sees the state.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from vlapt.data.dataset import ChunkDataset
@@ -71,6 +78,9 @@ class SFTConfig:
     seed: int = 0
     threads: int = 2
     resume: bool = True
+    # auxiliary state prediction (training only; the policy never sees the state)
+    aux_state_coef: float = 0.0  # weight of the auxiliary loss; 0 disables it
+    aux_state_dims: list[int] = dataclasses.field(default_factory=lambda: [4, 5, 6, 36, 37, 38])  # MetaWorld state: object xyz, goal xyz
 
     def validate(self) -> "SFTConfig":
         if self.steps < 1 or self.batch_size < 1:
@@ -81,7 +91,33 @@ class SFTConfig:
             raise ValueError("demos_per_task and augment_shift must be >= 0")
         if self.model.chunk_len < 1:
             raise ValueError(f"model.chunk_len must be >= 1, got {self.model.chunk_len}")
+        if self.aux_state_coef < 0:
+            raise ValueError(f"aux_state_coef must be >= 0, got {self.aux_state_coef}")
+        if self.aux_state_coef > 0 and (not self.aux_state_dims or not all(0 <= d < STATE_DIM for d in self.aux_state_dims)):
+            raise ValueError(f"aux_state_dims must be a non-empty list of indices into the {STATE_DIM}-d MetaWorld state, "
+                             f"got {self.aux_state_dims}")
         return self
+
+
+STATE_DIM = 39  # MetaWorld's observation vector, stored as obs/state in vlapt datasets
+
+
+class StatePredictionHead(nn.Module):
+    """Auxiliary regressor: action readout features -> chosen privileged state entries, normalised.
+
+    Lives only in SFT training checkpoints (under ``aux.``), so the saved policy is unchanged.
+    """
+
+    def __init__(self, d_model: int, dims: list[int], mean: np.ndarray, std: np.ndarray):
+        super().__init__()
+        self.register_buffer("dims", torch.tensor(dims, dtype=torch.long))
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.net = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, len(dims)))
+
+    def loss(self, features: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        target = (state[:, self.dims] - self.mean) / self.std
+        return (self.net(features) - target).square().mean()
 
 
 def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats: dict, camera_fovy: float = 0.0) -> PolicyConfig:
@@ -119,9 +155,12 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     return out.to(torch.uint8)
 
 
-def chunk_bc_loss(model: VLAPolicy, batch: dict, actions: torch.Tensor, pad: torch.Tensor, kind: str = "nll"):
-    """Masked behaviour-cloning loss on normalised chunks; returns (loss, mse of the mean)."""
-    out = model(batch)
+def chunk_bc_loss(model: VLAPolicy, batch: dict, actions: torch.Tensor, pad: torch.Tensor, kind: str = "nll", out=None):
+    """Masked behaviour-cloning loss on normalised chunks; returns (loss, mse of the mean).
+
+    ``out``: the model's output on ``batch``, when the caller already has it.
+    """
+    out = model(batch) if out is None else out
     valid = (~pad).unsqueeze(-1).float().expand_as(actions)
     count = valid.sum().clamp_min(1.0)
     sq = (out.mean - actions).square()
@@ -151,7 +190,15 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
 
     torch.manual_seed(config.seed)
     model = VLAPolicy(policy_config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    aux_head = None
+    if config.aux_state_coef > 0:
+        if dataset.states is None:
+            raise ValueError(f"aux_state_coef > 0 needs obs/state in every demo of {config.dataset}; "
+                             "collect the dataset with `vlapt collect` (it stores the state), or set aux_state_coef=0")
+        targets = dataset.states[:, config.aux_state_dims]
+        aux_head = StatePredictionHead(policy_config.d_model, config.aux_state_dims, targets.mean(0), np.maximum(targets.std(0), 1e-3))
+    parameters = list(model.parameters()) + (list(aux_head.parameters()) if aux_head is not None else [])
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     aug_gen = torch.Generator().manual_seed(config.seed + 1)
     step = 0
@@ -160,6 +207,12 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
         loaded, tensors, state = load_training_checkpoint(resume_from)
         model.load_state_dict(loaded.state_dict())
         restore_state(optimizer, rng, {"augment": aug_gen}, tensors, state)
+        if aux_head is not None:
+            aux_state = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
+            if not aux_state:
+                raise ValueError(f"checkpoint {resume_from} has no auxiliary head, but aux_state_coef > 0; "
+                                 "resume with the run's own config, or start a new output_dir")
+            aux_head.load_state_dict(aux_state)
         step = int(state["step"])
         log.info("resumed from %s at step %d", resume_from, step)
 
@@ -183,12 +236,16 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
             policy_config,
         )
         actions = model.normalize_actions(sample["actions"])
-        loss, mse = chunk_bc_loss(model, batch, actions, sample["action_pad"], config.loss)
+        out = model(batch)
+        loss, mse = chunk_bc_loss(model, batch, actions, sample["action_pad"], config.loss, out=out)
+        aux_loss = aux_head.loss(out.features, sample["state"]) if aux_head is not None else None
+        if aux_loss is not None:
+            loss = loss + config.aux_state_coef * aux_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower lr or check the dataset")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()
         step += 1
         bar.update(1)
@@ -199,10 +256,13 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
             writer.add_scalar("sft/action_std", std, step)
             writer.add_scalar("sft/grad_norm", float(grad_norm), step)
             writer.add_scalar("sft/lr", lr, step)
+            if aux_loss is not None:
+                writer.add_scalar("sft/aux_state_loss", aux_loss.item(), step)
             bar.set_postfix(loss=f"{loss.item():.3f}", mse=f"{mse.item():.4f}", std=f"{std:.3f}")
-            log.info("step %d loss %.4f mse %.5f std %.4f", step, loss.item(), mse.item(), std)
+            log.info("step %d loss %.4f mse %.5f std %.4f%s", step, loss.item(), mse.item(), std,
+                     f" aux_state {aux_loss.item():.4f}" if aux_loss is not None else "")
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _checkpoint(out_dir, step, model, optimizer, rng, aug_gen)
+            _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, aux_head)
     bar.close()
     writer.close()
     final = out_dir / "policy"
@@ -217,6 +277,8 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     return final
 
 
-def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen):
+def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, aux_head=None):
     tensors, state = capture_state(optimizer, rng, {"augment": aug_gen})
+    if aux_head is not None:
+        tensors.update({f"aux.{k}": v for k, v in aux_head.state_dict().items()})
     save_training_checkpoint(out_dir, step, model, tensors, state)

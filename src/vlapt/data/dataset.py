@@ -32,6 +32,10 @@ class ChunkDataset(Dataset):
         lengths = np.array([len(e) for e in episodes])
         self.episode_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
         self.episode_end = np.repeat(np.cumsum(lengths), lengths)  # exclusive
+        # MetaWorld's privileged state, where every episode has it: never a policy input, only a
+        # training target (SFT's auxiliary state prediction).
+        self.states = (np.concatenate([e.states for e in episodes]).astype(np.float32)
+                       if all(e.states is not None for e in episodes) else None)
         self.instructions = [e.instruction for e in episodes]
         self.episode_of = np.repeat(np.arange(len(episodes)), lengths)
         offsets = np.arange(chunk_len)
@@ -59,13 +63,16 @@ class ChunkDataset(Dataset):
 
     def batch(self, indices: np.ndarray) -> dict:
         """A whole batch by fancy indexing: much faster than collating single samples."""
-        return {
+        batch = {
             "image": torch.from_numpy(self.images[indices]),
             "proprio": torch.from_numpy(self.proprio[indices]),
             "instruction": [self.instructions[e] for e in self.episode_of[indices]],
             "actions": torch.from_numpy(self.actions[self.chunk_index[indices]]),
             "action_pad": torch.from_numpy(self.action_pad[indices]),
         }
+        if self.states is not None:
+            batch["state"] = torch.from_numpy(self.states[indices])
+        return batch
 
     def statistics(self) -> dict[str, list[float]]:
         """Per-dimension mean/std of proprioception and actions, for the policy's normalisation."""

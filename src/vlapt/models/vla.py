@@ -36,6 +36,7 @@ class PolicyOutput(NamedTuple):
     mean: torch.Tensor  # (B, h, A), normalised action space
     log_std: torch.Tensor  # (B, h, A), already clamped
     value: torch.Tensor  # (B,)
+    features: torch.Tensor | None = None  # (B, d_model) the action readout's trunk features, what the action head reads
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -345,7 +346,7 @@ class VLAPolicy(nn.Module):
         mean = self.action_head(action_readout).view(batch_size, self.config.chunk_len, self.config.action_dim)
         value = self.value_head(value_readout).squeeze(-1)
         log_std = self.clamped_log_std().expand_as(mean)
-        return PolicyOutput(mean=mean, log_std=log_std, value=value)
+        return PolicyOutput(mean=mean, log_std=log_std, value=value, features=action_readout)
 
     def _check_batch(self, batch: dict[str, torch.Tensor]):
         missing = [k for k in BATCH_KEYS if k not in batch]
