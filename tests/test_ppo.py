@@ -712,7 +712,7 @@ def test_update_skips_a_nonfinite_gradient_with_a_finite_loss(tiny_model, monkey
 def sft_policy(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo_sft")
     config = SFTConfig(
-        dataset=str(dataset), output_dir=str(out), model=ModelConfig(size="tiny"), steps=4, batch_size=8,
+        dataset=str(dataset), output_dir=str(out), model=ModelConfig(size="tiny", chunk_len=5), steps=4, batch_size=8,
         warmup_steps=1, checkpoint_every=4, log_every=4, threads=1,
     )
     return train_sft(config, progress=False)

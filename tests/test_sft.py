@@ -64,15 +64,15 @@ def test_train_sft_writes_policy_config_checkpoints_and_tensorboard(dataset, tmp
     assert final == out / "policy"
     policy = vlapt.load_policy(final)
     cfg = policy.config
-    assert cfg.size == "tiny" and cfg.image_size == IMAGE_SIZE and cfg.chunk_len == 5 and cfg.camera == "corner"
+    assert cfg.size == "tiny" and cfg.image_size == IMAGE_SIZE and cfg.chunk_len == 10 and cfg.camera == "corner"
     # normalisation statistics come from the dataset
-    stats = ChunkDataset(read_episodes(dataset), 5).statistics()
+    stats = ChunkDataset(read_episodes(dataset), 10).statistics()
     np.testing.assert_allclose(cfg.action_mean, stats["action_mean"], rtol=1e-6)
     np.testing.assert_allclose(cfg.proprio_std, stats["proprio_std"], rtol=1e-6)
     # the policy acts on an observation of the dataset's format
     demo = read_episodes(dataset)[0]
     chunk = policy.predict({"image": demo.images[0], "proprio": demo.proprio[0], "instruction": instruction_for(TASK)})
-    assert chunk.shape == (5, 4) and np.all(np.abs(chunk) <= 1.0)
+    assert chunk.shape == (10, 4) and np.all(np.abs(chunk) <= 1.0)
 
     saved = load_config(SFTConfig, out / "config.yaml")
     assert saved.steps == 6 and saved.model.size == "tiny" and saved.dataset == str(dataset)
@@ -96,15 +96,16 @@ def test_train_sft_writes_policy_config_checkpoints_and_tensorboard(dataset, tmp
 
 
 def test_training_lowers_the_bc_loss_on_the_demonstrations(dataset, tmp_path):
-    config = _config(
-        dataset, tmp_path / "run", steps=60, batch_size=16, lr=3e-3, augment_shift=0, log_every=60, checkpoint_every=60
+    config = _config(  # BC alone, on chunks short enough for 60 steps to fit well
+        dataset, tmp_path / "run", steps=60, batch_size=16, lr=3e-3, augment_shift=0, log_every=60, checkpoint_every=60,
+        model=ModelConfig(size="tiny", chunk_len=5), aux_state_coef=0.0,
     )
     final = load_pretrained(train_sft(config, progress=False))
 
     torch.manual_seed(config.seed)  # train_sft builds its initial model right after seeding like this
     initial = VLAPolicy(final.config)
 
-    data = ChunkDataset(read_episodes(dataset), 5)
+    data = ChunkDataset(read_episodes(dataset), final.chunk_len)
     sample = data.batch(np.arange(len(data)))
     batch = make_batch(
         {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(), "instruction": sample["instruction"]},
@@ -149,7 +150,7 @@ def test_aux_state_head_learns_the_goal_and_stays_out_of_the_policy(dataset, tmp
     assert before > 0.5 and after < 0.3 * before, (before, after)
     assert "aux_state" in (tmp_path / "many" / "train.log").read_text()
     # the saved policy has exactly the weights of one trained without the head
-    plain = train_sft(_config(dataset, tmp_path / "plain", steps=1, checkpoint_every=1), progress=False)
+    plain = train_sft(_config(dataset, tmp_path / "plain", steps=1, checkpoint_every=1, aux_state_coef=0.0), progress=False)
     assert _state(untrained).keys() == _state(plain).keys()
 
 

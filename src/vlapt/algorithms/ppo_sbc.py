@@ -61,7 +61,7 @@ class PPOConfig:
     reward: str = "sparse"  # "sparse" (1 at first success) or "dense" (MetaWorld's shaped reward)
     # rollout
     envs_per_task: int = 2
-    horizon: int = 16  # decisions per env slot per iteration
+    horizon: int = 8  # decisions per env slot per iteration: 80 env steps with the default chunk length 10 (use 80 / h)
     num_workers: int = 2
     rollout_groups: int = 2  # slot groups stepped in turn, so inference for one overlaps env steps of another; 1: lockstep
     total_env_steps: int = 500_000
