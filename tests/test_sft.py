@@ -202,6 +202,13 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path
     assert any(k.startswith("aux.") for k in a) == (aux_state_coef > 0)
 
 
+def test_resuming_with_the_auxiliary_loss_switched_is_a_clear_error(dataset, tmp_path):
+    out = tmp_path / "run"
+    train_sft(_config(dataset, out, steps=3, checkpoint_every=3, aux_state_coef=1.0), progress=False)
+    with pytest.raises(ValueError, match="aux_state_coef"):
+        train_sft(_config(dataset, out, steps=6, checkpoint_every=3, aux_state_coef=0.0), progress=False)
+
+
 def test_resume_false_starts_over(dataset, tmp_path):
     out = tmp_path / "run"
     other = train_sft(_config(dataset, out, steps=3, checkpoint_every=3, seed=1), progress=False)

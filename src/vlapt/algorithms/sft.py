@@ -206,12 +206,13 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     if resume_from is not None:
         loaded, tensors, state = load_training_checkpoint(resume_from)
         model.load_state_dict(loaded.state_dict())
+        aux_state = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
+        if bool(aux_state) != (aux_head is not None):
+            raise ValueError(f"checkpoint {resume_from} was trained with aux_state_coef "
+                             f"{'> 0' if aux_state else '= 0'}, this config has {config.aux_state_coef}; "
+                             "resume with the run's own config (its config.yaml), or start a new output_dir")
         restore_state(optimizer, rng, {"augment": aug_gen}, tensors, state)
         if aux_head is not None:
-            aux_state = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
-            if not aux_state:
-                raise ValueError(f"checkpoint {resume_from} has no auxiliary head, but aux_state_coef > 0; "
-                                 "resume with the run's own config, or start a new output_dir")
             aux_head.load_state_dict(aux_state)
         step = int(state["step"])
         log.info("resumed from %s at step %d", resume_from, step)
