@@ -30,7 +30,11 @@ def test_pipeline_runs_every_stage_and_reports_three_rows(tmp_path, capsys):
     report = (run / "results.md").read_text()
     for name in out["rows"]:
         assert f"| {name} |" in report
-    assert json.loads((run / "eval_scripted.json").read_text())["protocol"]["split"] == "eval"
+    # one evaluation file per row, each holding its own policy's episodes
+    for file_key, agent in [("scripted", "scripted"), ("sft", str(run / "sft" / "policy")),
+                            ("post_trained", str(run / "ppo" / "policy"))]:
+        saved = json.loads((run / f"eval_{file_key}.json").read_text())
+        assert saved["protocol"]["split"] == "eval" and agent in saved["agent"], (file_key, saved["agent"])
     assert set(json.loads((run / "timings.json").read_text())) == {"collect_s", "sft_s", "post_train_s", "eval_s"}
     # the stages are wired to each other and to the suite
     assert config.ppo.init_policy == str(run / "sft" / "policy") and config.sft.dataset == str(run / "demos.hdf5")

@@ -73,12 +73,12 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
 
     t = time.perf_counter()
     rows = {}
-    agents = [("scripted expert", ScriptedExpert())] if config.evaluate_scripted else []
-    agents += [("SFT", CheckpointAgent(str(sft_policy), seed=config.eval.seed)),
-               ("SFT + chunked PPO + self-BC", CheckpointAgent(str(ppo_policy), seed=config.eval.seed))]
-    for name, agent in agents:
+    agents = [("scripted expert", "scripted", ScriptedExpert())] if config.evaluate_scripted else []
+    agents += [("SFT", "sft", CheckpointAgent(str(sft_policy), seed=config.eval.seed)),
+               ("SFT + chunked PPO + self-BC", "post_trained", CheckpointAgent(str(ppo_policy), seed=config.eval.seed))]
+    for name, file_key, agent in agents:
         rows[name] = evaluate(agent, config.eval, progress=progress)
-        atomic_write_json(out / f"eval_{name.split()[0].lower()}.json", rows[name])
+        atomic_write_json(out / f"eval_{file_key}.json", rows[name])
     timings["eval_s"] = time.perf_counter() - t
 
     report = results_markdown(rows, timings)
