@@ -35,8 +35,8 @@ def captured_readout(policy):
     """Inside, every forward of the policy leaves the action readout's trunk features, what the
     action head reads, ``(B, d_model)``, in the yielded dict under "features"."""
     captured = {}
-    hook = policy.model.trunk.register_forward_hook(
-        lambda module, inputs, output: captured.update(features=output[:, -2].detach().numpy()))
+    hook = policy.model.register_forward_hook(
+        lambda module, inputs, output: captured.update(features=output.features.detach().numpy()))
     try:
         yield captured
     finally:
@@ -44,9 +44,8 @@ def captured_readout(policy):
 
 
 def readout_features(policy, observations: dict) -> np.ndarray:
-    with captured_readout(policy) as captured, torch.no_grad():
-        policy.model.eval()(policy.make_batch(observations))
-    return captured["features"]
+    with torch.no_grad():
+        return policy.model.eval()(policy.make_batch(observations)).features.numpy()
 
 
 def split_by_sight(error: np.ndarray, goal: np.ndarray, camera_position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

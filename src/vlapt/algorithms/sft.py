@@ -239,8 +239,9 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
         actions = model.normalize_actions(sample["actions"])
         out = model(batch)
         loss, mse = chunk_bc_loss(model, batch, actions, sample["action_pad"], config.loss, out=out)
-        aux_loss = aux_head.loss(out.features, sample["state"]) if aux_head is not None else None
-        if aux_loss is not None:
+        aux_loss = None
+        if aux_head is not None:
+            aux_loss = aux_head.loss(out.features, sample["state"])
             loss = loss + config.aux_state_coef * aux_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower lr or check the dataset")
