@@ -4,6 +4,14 @@ Each task works through training configurations 0, 1, 2, ... and keeps the first
 ``demos_per_task`` successful episodes (the experts fail on a few configurations, e.g.
 door-open and peg-insert-side). Images are rendered at every step because every step is a
 training sample for chunked behaviour cloning.
+
+With ``action_noise > 0`` the env executes the expert's action plus Gaussian noise while the
+dataset keeps the expert's own action as the label (noise injection, as in DART, Laskey et
+al. 2017): the demonstrations then visit states off the expert's path together with the
+action that leads back, which is what a cloned policy needs once its own errors have put it
+there. ``action_noise_hold`` keeps each draw for that many steps, so the drift resembles a
+chunked policy's (a whole chunk aimed slightly wrong) rather than per-step jitter that the
+expert cancels at once.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from tqdm import tqdm
 from vlapt.data.format import DemoWriter, EpisodeData, check_writable
 from vlapt.envs.experts import ScriptedExpert
 from vlapt.envs.metaworld_env import CAMERAS, MAX_EPISODE_STEPS, PROPRIO_FIELDS, EnvConfig
-from vlapt.envs.tasks import instruction_for, resolve_tasks
+from vlapt.envs.tasks import instruction_for, resolve_tasks, task_index
 from vlapt.envs.vector import EnvPool, SlotSpec
 from vlapt.rollout.episodes import Episode, run_episodes
 
@@ -33,6 +41,9 @@ class CollectConfig:
     image_size: int = 96
     max_episode_steps: int = MAX_EPISODE_STEPS
     config_seed: int = 0
+    action_noise: float = 0.0  # std of the noise added to executed actions; labels stay the expert's (0: none)
+    action_noise_hold: int = 1  # env steps each noise draw is held
+    noise_seed: int = 0  # noise of episode (task, configuration) comes from its own stream under this seed
     max_attempts_factor: int = 3  # give up on a task after demos_per_task * this many episodes
     num_workers: int = 2
     envs_per_task: int = 1
@@ -45,6 +56,9 @@ class CollectConfig:
             raise ValueError(f"demos_per_task must be >= 1, got {self.demos_per_task}")
         if self.camera not in CAMERAS:
             raise ValueError(f"unknown camera {self.camera!r}; valid cameras: {', '.join(CAMERAS)}")
+        if not (self.action_noise >= 0 and np.isfinite(self.action_noise)) or self.action_noise_hold < 1:
+            raise ValueError(f"action_noise must be a finite number >= 0 and action_noise_hold >= 1, got "
+                             f"{self.action_noise} and {self.action_noise_hold}")
         if self.envs_per_task < 1 or self.num_workers < 0 or self.max_attempts_factor < 1:
             raise ValueError("envs_per_task and max_attempts_factor must be >= 1, num_workers >= 0")
         self.env_config()
@@ -88,14 +102,20 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         "config_split": "train",
         "config_seed": config.config_seed,
         "policy": "metaworld scripted expert, actions clipped to [-1, 1]",
+        "action_noise": {"std": config.action_noise, "hold_steps": config.action_noise_hold, "seed": config.noise_seed,
+                         "note": "executed = clip(expert action + noise, -1, 1); actions stores the expert action"},
         "success": "episode ends at the first info['success']; only successful episodes are kept",
     }
     start = time.perf_counter()
     bar = tqdm(total=n * len(tasks), desc="collect", unit="demo", disable=not progress, dynamic_ncols=True)
     writer = DemoWriter(config.output, env_args, overwrite=config.overwrite)
 
+    perturb = NoiseInjection(config.action_noise, config.action_noise_hold, config.noise_seed) if config.action_noise else None
+
     def finished(episode: Episode) -> None:
         task = episode.task
+        if perturb is not None:
+            perturb.forget(episode)
         tried[task] += 1
         outstanding[task] -= 1
         if episode.success and kept[task] < n:
@@ -115,7 +135,8 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 
     try:
         with EnvPool(slots, num_workers=config.num_workers) as pool:
-            env_steps = run_episodes(expert, pool, [s.task for s in slots], queues, "train", finished, record=True)
+            env_steps = run_episodes(expert, pool, [s.task for s in slots], queues, "train", finished, record=True,
+                                     perturb=perturb)
         missing = {t: n - k for t, k in kept.items() if k < n}
         if missing:
             raise CollectionError(f"not enough successful demonstrations: missing {missing}")
@@ -131,6 +152,32 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         "env_steps": env_steps,
         "wall_time_s": time.perf_counter() - start,
     }
+
+
+class NoiseInjection:
+    """Held Gaussian action noise, reproducible per episode (its task and configuration index)."""
+
+    def __init__(self, std: float, hold: int, seed: int):
+        self.std, self.hold, self.seed = std, hold, seed
+        self._state: dict[tuple[str, int], list] = {}  # (task, config index) -> [rng, steps done, current noise]
+
+    def __call__(self, episode: Episode, chunk: np.ndarray) -> np.ndarray:
+        key = (episode.task, episode.config_index)
+        if key not in self._state:
+            stream = np.random.SeedSequence([self.seed, task_index(episode.task), episode.config_index])
+            self._state[key] = [np.random.default_rng(stream), 0, None]
+        state = self._state[key]
+        chunk = np.asarray(chunk, dtype=np.float32)
+        noisy = np.empty_like(chunk)
+        for k in range(len(chunk)):
+            if state[1] % self.hold == 0:
+                state[2] = state[0].normal(0.0, self.std, chunk.shape[-1]).astype(np.float32)
+            noisy[k] = chunk[k] + state[2]
+            state[1] += 1
+        return np.clip(noisy, -1.0, 1.0)
+
+    def forget(self, episode: Episode) -> None:
+        self._state.pop((episode.task, episode.config_index), None)
 
 
 def _to_episode_data(episode: Episode, config_seed: int) -> EpisodeData:

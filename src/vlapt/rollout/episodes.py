@@ -25,7 +25,8 @@ class Episode:
     config_index: int
     success: bool
     steps: int
-    # With record=True: one entry per decision (observation before it, executed actions, rewards).
+    # With record=True: one entry per decision (observation before it, the agent's actions, rewards).
+    # The agent's actions are what the env executed unless `run_episodes` was given a ``perturb``.
     observations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     actions: list[np.ndarray] = dataclasses.field(default_factory=list)
     rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -39,8 +40,13 @@ def run_episodes(
     split: str,
     on_episode: Callable[[Episode], None],
     record: bool = False,
+    perturb: Callable[[Episode, np.ndarray], np.ndarray] | None = None,
 ) -> int:
-    """Run until every slot's queue is empty; returns the env steps executed."""
+    """Run until every slot's queue is empty; returns the env steps executed.
+
+    ``perturb(episode, chunk)`` returns the chunk the env executes instead of the agent's (noise
+    injection for demonstrations); the recorded actions stay the agent's, i.e. the labels.
+    """
     current: dict[int, Episode] = {}
     observations: dict[int, dict] = {}
     env_steps = 0
@@ -61,7 +67,10 @@ def run_episodes(
     while current:
         active = sorted(current)
         chunks = agent.act([observations[i] for i in active], [slot_tasks[i] for i in active])
-        results = pool.step({i: np.asarray(c, dtype=np.float32) for i, c in zip(active, chunks)})
+        executed = {i: np.asarray(c, dtype=np.float32) for i, c in zip(active, chunks)}
+        if perturb is not None:
+            executed = {i: np.asarray(perturb(current[i], c), dtype=np.float32) for i, c in executed.items()}
+        results = pool.step(executed)
         finished = []
         for i, chunk in zip(active, chunks):
             result = results[i]
