@@ -1,12 +1,20 @@
 """Rollout-loop throughput against the raw environment, and the PPO learner's samples/s.
 
-Prints env steps/s of (a) the raw env pool stepping random chunks on the same workers and
-image size (rendering once per chunk, as the policy sees it; the mean of a run before and
-one after the loops) and (b) the chunked rollout loop with batched policy inference, in
-lockstep (1 group) and overlapped (2 groups), and their ratio (target >= 0.8); then the
-learner's PPO-update samples/s. Not a test: numbers depend on the machine and its load.
+For each rollout-group setting (1: lockstep; 2: inference for one group overlaps the env
+steps of the other) the chunked rollout loop with batched policy inference runs
+``--decisions`` decisions per slot, and every pool command it sends (the resets and the
+chunks it executed) is recorded. The **raw environment** then replays exactly that work on
+the same workers, with two commands in flight so the workers never wait: the same
+configurations, the same chunks, hence the same trajectories, successes and resets (MuJoCo
+is deterministic), and no policy. ``ratio`` is loop / replay: the share of the workers' own
+speed the loop keeps once a policy is choosing the actions (target >= 0.8).
 
-    .venv/bin/python benchmarks/bench_rollout.py --policy runs/sft_large/policy --decisions 30
+Random chunks, the older baseline, are also printed: they flail near the start pose, touch
+no object and almost never end an episode (no resets), so they are a cheaper workload than
+a policy's and their steps/s overstates what the env does under a policy.
+Not a test: numbers depend on the machine and its load.
+
+    .venv/bin/python benchmarks/bench_rollout.py --policy runs/pipeline/sft/policy --decisions 60
 """
 
 from __future__ import annotations
@@ -25,12 +33,47 @@ from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch, poli
 from vlapt.rollout.chunked import ChunkedRollout
 
 
+class RecordingPool:
+    """Passes a rollout's pool commands through and records them, so the same work can be replayed."""
+
+    def __init__(self, pool: EnvPool):
+        self.pool = pool
+        self.resets: list[dict] = []
+        self.steps: list[tuple[dict, dict]] = []
+
+    def groups(self, count: int) -> list[list[int]]:
+        return self.pool.groups(count)
+
+    def reset(self, requests: dict) -> dict:
+        self.resets.append(dict(requests))
+        return self.pool.reset(requests)
+
+    def submit_step(self, actions: dict, reset_options: dict):
+        self.steps.append(({i: np.array(a) for i, a in actions.items()}, dict(reset_options)))
+        return self.pool.submit_step(actions, reset_options)
+
+    def replay(self) -> tuple[float, int]:
+        """The recorded work again, without a policy: (env steps/s, env steps)."""
+        for requests in self.resets:
+            self.pool.reset(requests)
+        steps, in_flight = 0, []
+        start = time.perf_counter()
+        for actions, reset_options in self.steps:
+            in_flight.append(self.pool.submit_step(actions, reset_options))
+            if len(in_flight) > 2:
+                steps += sum(r.info["steps"] for r, _ in in_flight.pop(0).wait().values())
+        for call in in_flight:
+            steps += sum(r.info["steps"] for r, _ in call.wait().values())
+        return steps / (time.perf_counter() - start), steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", help="checkpoint dir (default: a fresh 'default'-size policy)")
     parser.add_argument("--envs-per-task", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--decisions", type=int, default=30, help="decisions per slot to time")
+    parser.add_argument("--decisions", type=int, default=60, help="decisions per slot to time")
+    parser.add_argument("--repeats", type=int, default=2, help="loop + replay measurements per group setting")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the learner")
     parser.add_argument("--rollout-threads", type=int, default=1,
                         help="torch threads for inference in the rollout loop (PPOConfig.rollout_threads)")
@@ -70,14 +113,20 @@ def main() -> None:
             return steps / (time.perf_counter() - start)
 
         raw_runs = [raw_steps_per_s()]
-        loops = {}
-        torch.set_num_threads(args.rollout_threads)
+        rows = []
         for groups in args.groups:
-            rollout = ChunkedRollout(pool, [s.task for s in slots], 0.99, h, groups=groups)
-            start = time.perf_counter()
-            batch, _ = rollout.collect(act, value, args.decisions)
-            loops[groups] = batch.steps.sum() / (time.perf_counter() - start)
-        torch.set_num_threads(args.threads)
+            for _ in range(args.repeats):
+                recorder = RecordingPool(pool)
+                torch.set_num_threads(args.rollout_threads)
+                rollout = ChunkedRollout(recorder, [s.task for s in slots], 0.99, h, groups=groups)
+                start = time.perf_counter()
+                batch, finished = rollout.collect(act, value, args.decisions)
+                loop = batch.steps.sum() / (time.perf_counter() - start)
+                torch.set_num_threads(args.threads)
+                replay, replay_steps = recorder.replay()
+                if replay_steps != batch.steps.sum():
+                    print(f"warning: the replay executed {replay_steps} env steps, the loop {batch.steps.sum()}")
+                rows.append((groups, loop, replay, len(finished)))
         raw_runs.append(raw_steps_per_s())  # before and after: the machine's speed drifts
         raw = float(np.mean(raw_runs))
 
@@ -99,10 +148,11 @@ def main() -> None:
         seen += len(idx)
     learner = seen / (time.perf_counter() - start)
 
-    print("| slots | image | chunk | rollout groups | raw env steps/s | rollout loop steps/s | ratio | learner samples/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for groups, loop in loops.items():
-        print(f"| {len(slots)} | {config.image_size} | {h} | {groups} | {raw:.0f} | {loop:.0f} | {loop / raw:.2f} | {learner:.0f} |")
+    print("| slots | image | chunk | rollout groups | episodes ended | rollout loop steps/s | raw env, same work replayed | ratio | raw env, random chunks | loop / random | learner samples/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for groups, loop, replay, ended in rows:
+        print(f"| {len(slots)} | {config.image_size} | {h} | {groups} | {ended} | {loop:.0f} | {replay:.0f} | {loop / replay:.2f} "
+              f"| {raw:.0f} | {loop / raw:.2f} | {learner:.0f} |")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,49 @@ def test_demo_writer_abort_leaves_nothing(tmp_path):
     assert list(path.parent.iterdir()) == []
 
 
+# -- noise injection -------------------------------------------------------------------------------
+def test_noise_injection_is_held_clipped_and_reproducible_per_episode():
+    from vlapt.data.collect import NoiseInjection
+    from vlapt.rollout.episodes import Episode
+
+    def run(seed, index, steps=12):
+        noise = NoiseInjection(std=0.5, hold=4, seed=seed)
+        episode = Episode(0, "push-v3", "train", index, False, 0)
+        zero = np.zeros((1, 4), np.float32)
+        return np.concatenate([noise(episode, zero) for _ in range(steps)])
+
+    a = run(0, 3)
+    assert np.array_equal(a, run(0, 3)), "same episode identity, same noise"
+    assert not np.array_equal(a, run(0, 4)) and not np.array_equal(a, run(1, 3))
+    for start in (0, 4, 8):  # each draw held for 4 steps, then a new one
+        assert np.all(a[start : start + 4] == a[start])
+    assert not np.array_equal(a[0], a[4])
+    big = NoiseInjection(std=10.0, hold=1, seed=0)(Episode(0, "push-v3", "train", 0, False, 0), np.ones((50, 4), np.float32))
+    assert big.min() >= -1.0 and big.max() <= 1.0 and big.min() < 0.9, "executed actions stay in the action space"
+
+
+def test_noisy_collection_stores_the_experts_labels_on_perturbed_states(tmp_path, dataset):
+    from vlapt.envs.experts import ScriptedExpert
+
+    path = tmp_path / "noisy.hdf5"
+    collect(_config(path, action_noise=0.3, action_noise_hold=5), progress=False)
+    noisy, clean = read_episodes(path), read_episodes(dataset[0])
+    assert [e.config_index for e in noisy] == [e.config_index for e in clean], "same configurations"
+    expert = ScriptedExpert()
+    for episode, reference in zip(noisy, clean):
+        # every stored action is the expert's own action at the stored state: the label, not what was executed
+        labels = np.stack([expert.act_one(state, episode.task) for state in episode.states])
+        np.testing.assert_allclose(episode.actions, labels, atol=1e-6)
+        n = min(len(episode.states), len(reference.states))
+        assert not np.allclose(episode.states[:n, :3], reference.states[:n, :3]), "the noise moved the hand"
+    with h5py.File(path) as f:
+        noise = json.loads(f["data"].attrs["env_args"])["action_noise"]
+    assert noise["std"] == 0.3 and noise["hold_steps"] == 5
+    with pytest.raises(ValueError, match="action_noise"):
+        collect(_config(tmp_path / "bad.hdf5", action_noise=-0.1), progress=False)
+    assert not (tmp_path / "bad.hdf5").exists()
+
+
 # -- replay ----------------------------------------------------------------------------------------
 def test_stored_actions_replay_to_success_at_the_last_step(dataset):
     path, _ = dataset
