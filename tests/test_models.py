@@ -158,6 +158,50 @@ def test_sample_log_prob_is_consistent_and_deterministic_is_mean(model, tokenize
     assert value.shape == (2,)
 
 
+def test_correlated_chunk_noise_matches_a_full_covariance_gaussian(model, tokenizer, tmp_path):
+    with torch.no_grad():
+        model.log_std.copy_(torch.linspace(-2.0, 0.5, model.log_std.numel()).view_as(model.log_std))
+    model.enable_correlated_noise(-0.7)
+    h, A = model.chunk_len, model.action_dim
+    batch = make_batch(observations(3), tokenizer, model.config)
+    actions = torch.randn(3, h, A, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(batch)
+        log_prob, entropy, _ = model.evaluate_actions(batch, actions)
+    # Reference: one multivariate normal over the flattened chunk; per action dimension the
+    # covariance is diag(s_t^2) + c^2 11^T, and dimensions are independent.
+    std = model.log_std.detach().double().exp()
+    c = math.exp(-0.7)
+    cov = torch.zeros(h * A, h * A, dtype=torch.float64)
+    for d in range(A):
+        idx = torch.arange(h) * A + d
+        cov[idx[:, None], idx[None, :]] = c**2
+        cov[idx, idx] += std[:, d] ** 2
+    reference = torch.distributions.MultivariateNormal(out.mean.double().reshape(3, -1), covariance_matrix=cov)
+    torch.testing.assert_close(log_prob.double(), reference.log_prob(actions.double().reshape(3, -1)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), reference.entropy(), rtol=1e-5, atol=1e-4)
+
+    # Samples have that covariance: steps of a chunk move together.
+    many = make_batch(observations(1), tokenizer, model.config)
+    many = {k: v.expand(4000, *v.shape[1:]) for k, v in many.items()}
+    with torch.no_grad():
+        samples, sample_log_prob, _ = model.sample(many, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(sample_log_prob, model.log_prob(many, samples), rtol=1e-4, atol=1e-3)
+    empirical = torch.cov(samples.double().reshape(4000, -1).T)
+    assert (empirical - cov).abs().max() < 0.12 * cov.diagonal().max()
+    assert empirical[0, A] > 0.5 * c**2, "consecutive steps of one dimension are correlated"
+
+    # The setting and the learned term survive a checkpoint.
+    with torch.no_grad():
+        model.correlated_log_std.copy_(torch.tensor([-0.5, -1.0, -1.5, -2.0]))
+    save_pretrained(model, tmp_path / "p")
+    loaded = load_pretrained(tmp_path / "p")
+    assert loaded.config.correlated_noise
+    torch.testing.assert_close(loaded.correlated_log_std, model.correlated_log_std)
+    with pytest.raises(ValueError, match="already has"):
+        loaded.enable_correlated_noise(-1.0)
+
+
 def test_gradients_reach_all_parameters(tokenizer):
     torch.manual_seed(0)
     model = VLAPolicy(tiny_config(tokenizer)).train()

@@ -949,3 +949,37 @@ def test_evaluations_start_at_the_initial_policy_and_are_kept_per_iteration(resu
     history = _history(resumed_run.out)
     assert evals[0] == "iteration_000000.json", "the starting (SFT) policy is evaluated once, before training"
     assert evals[1:] == [f"iteration_{row['iteration']:06d}.json" for row in history]
+
+
+def test_post_training_with_correlated_chunk_noise(dataset, sft_policy, tmp_path):
+    """The shared chunk-noise term is added to the SFT policy, trained, logged, saved and resumed."""
+    assert not load_pretrained(sft_policy).config.correlated_noise
+    config = _ppo_config(dataset, sft_policy, tmp_path / "run", correlated_noise_log_std=-1.2, bc_target="reference",
+                         lr=1e-3)
+    final = train_ppo(config, progress=False)
+    policy = load_pretrained(final)
+    assert policy.config.correlated_noise
+    assert not torch.allclose(policy.correlated_log_std, torch.full_like(policy.correlated_log_std, -1.2)), "it trained"
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert all(math.isfinite(row["correlated_std"]) for row in history)
+    # resuming keeps the trained term instead of resetting it to the initial value
+    more = train_ppo(dataclasses.replace(config, total_env_steps=120), progress=False)
+    resumed = load_pretrained(latest_checkpoint(tmp_path / "run"))
+    assert resumed.config.correlated_noise and load_pretrained(more).config.correlated_noise
+
+
+def test_bc_loss_with_correlated_noise_uses_each_entrys_marginal(tiny_model):
+    from vlapt.algorithms.sft import chunk_bc_loss
+
+    tiny_model.enable_correlated_noise(-0.8)
+    batch = _obs_batch(tiny_model, n=3)
+    actions = torch.randn(3, tiny_model.chunk_len, tiny_model.action_dim, generator=torch.Generator().manual_seed(2))
+    pad = torch.zeros(3, tiny_model.chunk_len, dtype=torch.bool)
+    pad[0, 2:] = True  # padded entries drop out
+    with torch.no_grad():
+        loss, _ = chunk_bc_loss(tiny_model, batch, actions, pad)
+        out = tiny_model(batch)
+    std = (out.log_std.exp().square() + math.exp(-1.6)).sqrt()
+    nll = -torch.distributions.Normal(out.mean, std).log_prob(actions)
+    valid = (~pad).unsqueeze(-1).expand_as(nll)
+    torch.testing.assert_close(loss, nll[valid].mean())

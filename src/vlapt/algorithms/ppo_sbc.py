@@ -79,6 +79,9 @@ class PPOConfig:
     target_kl: float = 0.05  # stop the epoch loop once approx KL per chunk exceeds this (0: never)
     normalize_advantages: bool = True
     init_log_std: float = -1.0  # reset the exploration std (normalised action units) at the start; 0 keeps SFT's
+    # != 0: add correlated chunk noise (PolicyConfig.correlated_noise) with this initial log-std at the start: a
+    # draw per chunk and action dimension shared by the chunk's steps, so exploration varies whole motions
+    correlated_noise_log_std: float = 0.0
     value_warmup_iterations: int = 2  # train only the critic first: SFT leaves the value head untrained
     # self behaviour cloning
     bc_weight_rule: str = "lagrangian"  # "lagrangian" | "fixed" | "none"
@@ -226,6 +229,12 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     if resume_from is None and config.init_log_std != 0:
         with torch.no_grad():
             model.log_std.fill_(config.init_log_std)
+    if resume_from is None and config.correlated_noise_log_std != 0:
+        if model.config.correlated_noise:
+            with torch.no_grad():
+                model.correlated_log_std.fill_(config.correlated_noise_log_std)
+        else:
+            model.enable_correlated_noise(config.correlated_noise_log_std)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=1e-5)
     demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     buffer = DemoBuffer(tasks, config.buffer_capacity, config.buffer_admit_self)
@@ -233,6 +242,9 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     reference_model = None
     if config.bc_weight_rule == "lagrangian" and config.bc_target == "reference":
         reference_model = load_pretrained(config.init_policy).eval().requires_grad_(False)
+        if model.config.correlated_noise and not reference_model.config.correlated_noise:
+            reference_model.enable_correlated_noise(model.config.init_correlated_log_std)
+            reference_model.requires_grad_(False)
     bc_weight = BCWeight(config.bc_weight_rule, config.bc_coef, config.bc_target_ratio, config.bc_lr,
                          config.bc_coef_min, config.bc_coef_max)
     rng = np.random.default_rng(config.seed)
@@ -375,6 +387,8 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
                     if reference_model is not None:
                         with torch.no_grad():  # the SFT policy's means under the current exploration std
                             reference_model.log_std.copy_(model.log_std)
+                            if model.config.correlated_noise:
+                                reference_model.correlated_log_std.copy_(model.correlated_log_std)
                             reference = float(chunk_bc_loss(reference_model, demo_batch, demo_actions, demo["action_pad"])[0])
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
@@ -401,6 +415,9 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
         stats["bc_reference_loss"] = reference_bc / updates if updates and not critic_only else float("nan")
     if not critic_only and bc_weight.value > 0 and updates:  # only a measured BC loss moves the weight
         bc_weight.update(stats["bc_loss"], stats.get("bc_reference_loss"))
+    correlated = model.clamped_correlated_log_std()
+    if correlated is not None:
+        stats["correlated_std"] = float(correlated.detach().exp().mean())
     stats.update({"updates": updates, "nonfinite": nonfinite, "action_std": float(model.clamped_log_std().detach().exp().mean()),
                   "explained_variance": _explained_variance(batch.values.reshape(-1), returns.reshape(-1))})
     return stats

@@ -80,6 +80,10 @@ class PolicyConfig:
     init_log_std: float = -1.0
     min_log_std: float = -5.0
     max_log_std: float = 1.0
+    # Correlated chunk noise: a second noise term per action dimension, shared by every step of
+    # a chunk, with its own learned log-std. Off: the chunk Gaussian is diagonal.
+    correlated_noise: bool = False
+    init_correlated_log_std: float = -1.5
 
     # Per-dimension normalisation statistics; empty means identity.
     proprio_mean: list[float] = field(default_factory=list)
@@ -119,6 +123,11 @@ class PolicyConfig:
         if not self.min_log_std <= self.init_log_std <= self.max_log_std:
             raise ValueError(
                 f"init_log_std ({self.init_log_std}) must lie in [min_log_std, max_log_std] "
+                f"= [{self.min_log_std}, {self.max_log_std}]"
+            )
+        if self.correlated_noise and not self.min_log_std <= self.init_correlated_log_std <= self.max_log_std:
+            raise ValueError(
+                f"init_correlated_log_std ({self.init_correlated_log_std}) must lie in [min_log_std, max_log_std] "
                 f"= [{self.min_log_std}, {self.max_log_std}]"
             )
         if self.image_keypoints < 0:

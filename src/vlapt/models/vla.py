@@ -5,10 +5,16 @@ by a transformer trunk; two learned readout tokens gather what the action and
 value heads need. Observation tokens never attend to readouts, so adding or
 changing a head cannot change the observation features another head sees.
 
-The action distribution is a diagonal Gaussian over the whole chunk of
-``chunk_len`` actions, in normalised action space, with a state-independent
-learned standard deviation: PPO needs exact log-likelihoods and entropies of
-chunks, which this gives in closed form.
+The action distribution is a Gaussian over the whole chunk of ``chunk_len``
+actions, in normalised action space, with a state-independent learned standard
+deviation: PPO needs exact log-likelihoods and entropies of chunks, which this
+gives in closed form. By default it is diagonal. With ``correlated_noise`` each
+action dimension also gets a noise term shared by all steps of the chunk
+(covariance ``diag(sigma_t^2) + sigma_c^2 11^T`` per dimension): independent
+per-step noise averages out over an open-loop chunk (its net displacement grows
+like sqrt(h)), so it barely explores faster or slower, further or shorter
+motions; the shared term moves the whole chunk (growing like h). Likelihoods stay
+exact through the Sherman-Morrison identity.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class PolicyOutput(NamedTuple):
     log_std: torch.Tensor  # (B, h, A), already clamped
     value: torch.Tensor  # (B,)
     features: torch.Tensor | None = None  # (B, d_model) the action readout's trunk features, what the action head reads
+    correlated_log_std: torch.Tensor | None = None  # (A,) clamped, with correlated_noise; else None
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -257,6 +264,8 @@ class VLAPolicy(nn.Module):
         self.action_head = _mlp_head(d, chunk_size)
         self.value_head = _mlp_head(d, 1)
         self.log_std = nn.Parameter(torch.full((config.chunk_len, config.action_dim), float(config.init_log_std)))
+        if config.correlated_noise:
+            self.correlated_log_std = nn.Parameter(torch.full((config.action_dim,), float(config.init_correlated_log_std)))
 
         # Statistics live in the config; buffers are non-persistent so weights files hold only learned state.
         self.register_buffer("proprio_mean", _stat(config.proprio_mean, config.proprio_dim, 0.0), persistent=False)
@@ -346,7 +355,8 @@ class VLAPolicy(nn.Module):
         mean = self.action_head(action_readout).view(batch_size, self.config.chunk_len, self.config.action_dim)
         value = self.value_head(value_readout).squeeze(-1)
         log_std = self.clamped_log_std().expand_as(mean)
-        return PolicyOutput(mean=mean, log_std=log_std, value=value, features=action_readout)
+        return PolicyOutput(mean=mean, log_std=log_std, value=value, features=action_readout,
+                            correlated_log_std=self.clamped_correlated_log_std())
 
     def _check_batch(self, batch: dict[str, torch.Tensor]):
         missing = [k for k in BATCH_KEYS if k not in batch]
@@ -378,32 +388,69 @@ class VLAPolicy(nn.Module):
     def clamped_log_std(self) -> torch.Tensor:
         return self.log_std.clamp(self.config.min_log_std, self.config.max_log_std)
 
-    @staticmethod
-    def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Exact Gaussian log-density of whole chunks, summed over the ``h * A`` entries."""
-        z = (actions - mean) * torch.exp(-log_std)
-        return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(dim=(-2, -1))
+    def clamped_correlated_log_std(self) -> torch.Tensor | None:
+        if not self.config.correlated_noise:
+            return None
+        return self.correlated_log_std.clamp(self.config.min_log_std, self.config.max_log_std)
+
+    def enable_correlated_noise(self, init_log_std: float) -> None:
+        """Add the shared chunk-noise term to a policy trained without it (e.g. an SFT checkpoint)."""
+        if self.config.correlated_noise:
+            raise ValueError("this policy already has correlated chunk noise")
+        self.config.correlated_noise = True
+        self.config.init_correlated_log_std = float(init_log_std)
+        self.config.validate()
+        self.correlated_log_std = nn.Parameter(
+            torch.full((self.config.action_dim,), float(init_log_std), device=self.log_std.device))
 
     @staticmethod
-    def chunk_entropy(log_std: torch.Tensor) -> torch.Tensor:
-        return (log_std + 0.5 + _LOG_SQRT_2PI).sum(dim=(-2, -1))
+    def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor,
+                       correlated_log_std: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact Gaussian log-density of whole chunks ``(B, h, A)`` -> ``(B,)``.
+
+        Diagonal: the sum over the ``h * A`` entries. With ``correlated_log_std`` (A,), per
+        dimension the covariance is D + c^2 11^T with D = diag(sigma_t^2); Sherman-Morrison gives
+        r^T S^-1 r = sum r^2/s^2 - c^2 (sum r/s^2)^2 / (1 + c^2 sum 1/s^2) and
+        log det S = sum log s^2 + log(1 + c^2 sum 1/s^2).
+        """
+        if correlated_log_std is None:
+            z = (actions - mean) * torch.exp(-log_std)
+            return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(dim=(-2, -1))
+        residual = actions - mean
+        precision = torch.exp(-2.0 * log_std).expand_as(residual)
+        c2 = torch.exp(2.0 * correlated_log_std)
+        total_precision = precision.sum(dim=-2)  # (B, A)
+        weighted = (residual * precision).sum(dim=-2)
+        denominator = 1.0 + c2 * total_precision
+        quadratic = (residual.square() * precision).sum(dim=-2) - c2 * weighted.square() / denominator
+        log_det = 2.0 * log_std.expand_as(residual).sum(dim=-2) + torch.log(denominator)
+        h = residual.shape[-2]
+        return (-0.5 * (quadratic + log_det) - h * _LOG_SQRT_2PI).sum(dim=-1)
+
+    @staticmethod
+    def chunk_entropy(log_std: torch.Tensor, correlated_log_std: torch.Tensor | None = None) -> torch.Tensor:
+        entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum(dim=(-2, -1))
+        if correlated_log_std is not None:  # + 0.5 log(1 + c^2 sum_t 1/s_t^2) per dimension
+            total_precision = torch.exp(-2.0 * log_std).sum(dim=-2)
+            entropy = entropy + 0.5 * torch.log1p(torch.exp(2.0 * correlated_log_std) * total_precision).sum(dim=-1)
+        return entropy
 
     def log_prob(self, batch: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
         """Log-likelihood ``(B,)`` of normalised action chunks ``(B, h, A)``."""
         out = self(batch)
-        return self.chunk_log_prob(out.mean, out.log_std, self._check_actions(actions, out.mean))
+        return self.chunk_log_prob(out.mean, out.log_std, self._check_actions(actions, out.mean), out.correlated_log_std)
 
     def evaluate_actions(
         self, batch: dict[str, torch.Tensor], actions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log_prob, entropy, value)``, each ``(B,)``, from one forward pass (what a PPO update needs)."""
         out = self(batch)
-        log_prob = self.chunk_log_prob(out.mean, out.log_std, self._check_actions(actions, out.mean))
-        return log_prob, self.chunk_entropy(out.log_std), out.value
+        log_prob = self.chunk_log_prob(out.mean, out.log_std, self._check_actions(actions, out.mean), out.correlated_log_std)
+        return log_prob, self.chunk_entropy(out.log_std, out.correlated_log_std), out.value
 
     def entropy(self, batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Chunk entropy ``(B,)``; the std is state-independent, so only the batch size is read."""
-        entropy = self.chunk_entropy(self.clamped_log_std())
+        entropy = self.chunk_entropy(self.clamped_log_std(), self.clamped_correlated_log_std())
         if batch is None:
             return entropy.reshape(1)
         return entropy.expand(batch["proprio"].shape[0])
@@ -425,7 +472,11 @@ class VLAPolicy(nn.Module):
         else:
             noise = torch.randn(out.mean.shape, generator=generator, device=out.mean.device, dtype=out.mean.dtype)
             actions = out.mean + noise * out.log_std.exp()
-        return actions, self.chunk_log_prob(out.mean, out.log_std, actions), out.value
+            if out.correlated_log_std is not None:  # one draw per chunk and dimension, shared by its steps
+                shared = torch.randn((out.mean.shape[0], 1, out.mean.shape[-1]), generator=generator,
+                                     device=out.mean.device, dtype=out.mean.dtype)
+                actions = actions + shared * out.correlated_log_std.exp()
+        return actions, self.chunk_log_prob(out.mean, out.log_std, actions, out.correlated_log_std), out.value
 
     def _check_actions(self, actions: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         if actions.shape != mean.shape:
