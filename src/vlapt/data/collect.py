@@ -11,7 +11,9 @@ al. 2017): the demonstrations then visit states off the expert's path together w
 action that leads back, which is what a cloned policy needs once its own errors have put it
 there. ``action_noise_hold`` keeps each draw for that many steps, so the drift resembles a
 chunked policy's (a whole chunk aimed slightly wrong) rather than per-step jitter that the
-expert cancels at once.
+expert cancels at once. Measured on MT10 with chunk-10 SFT it hurt (docs/results.md, "noise
+injection"): a chunk's label then holds the expert's reactions to noise that comes after the
+decision. Off by default.
 """
 
 from __future__ import annotations
