@@ -170,7 +170,7 @@ def chunk_bc_loss(model: VLAPolicy, batch: dict, actions: torch.Tensor, pad: tor
     # Per-entry Gaussian NLL. With correlated chunk noise each entry's marginal variance is
     # s_t^2 + c^2 (a composite likelihood: padded entries simply drop out).
     log_var = 2.0 * out.log_std
-    if getattr(out, "correlated_log_std", None) is not None:
+    if out.correlated_log_std is not None:
         log_var = torch.logaddexp(log_var, 2.0 * out.correlated_log_std)
     nll = 0.5 * sq * torch.exp(-log_var) + 0.5 * log_var + 0.5 * math.log(2 * math.pi)
     return (nll * valid).sum() / count, mse.detach()
