@@ -67,10 +67,8 @@ def run_episodes(
     while current:
         active = sorted(current)
         chunks = agent.act([observations[i] for i in active], [slot_tasks[i] for i in active])
-        executed = {i: np.asarray(c, dtype=np.float32) for i, c in zip(active, chunks)}
-        if perturb is not None:
-            executed = {i: np.asarray(perturb(current[i], c), dtype=np.float32) for i, c in executed.items()}
-        results = pool.step(executed)
+        results = pool.step({i: np.asarray(perturb(current[i], c) if perturb else c, dtype=np.float32)
+                             for i, c in zip(active, chunks)})
         finished = []
         for i, chunk in zip(active, chunks):
             result = results[i]
