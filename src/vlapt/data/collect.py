@@ -37,7 +37,7 @@ from vlapt.rollout.episodes import Episode, run_episodes
 class CollectConfig:
     suite: str = "mt10"
     tasks: list[str] = dataclasses.field(default_factory=list)  # overrides suite when given
-    demos_per_task: int = 50
+    demos_per_task: int = 150  # 150 rather than 50: SFT 0.818 -> 0.870 on MT10 held-out (docs/results.md)
     camera: str = "corner"
     camera_fovy: float = 30.0  # narrower than the corner camera's 45: small goals and pucks cover more pixels; 0: the camera's own
     image_size: int = 96
