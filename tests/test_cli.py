@@ -163,3 +163,12 @@ def test_override_without_equals(capsys, tmp_path):
     err = _bad(capsys, ["collect", "--output", "d.hdf5", "--quiet", "camera"])
     assert "key=value" in err
     assert _files(tmp_path) == []
+
+
+def test_relabel_without_a_policy_or_with_a_missing_one(capsys, tmp_path):
+    err = _bad(capsys, ["relabel", "--tasks", "reach-v3", "--output", str(tmp_path / "r.hdf5"), "--quiet"])
+    assert "policy=" in err
+    err = _bad(capsys, ["relabel", "--policy", str(tmp_path / "none"), "--tasks", "reach-v3",
+                        "--output", str(tmp_path / "r.hdf5"), "--quiet"])
+    assert "none" in err
+    assert _files(tmp_path) == []

@@ -162,7 +162,7 @@ def test_noise_injection_is_held_clipped_and_reproducible_per_episode():
         noise = NoiseInjection(std=0.5, hold=4, seed=seed)
         episode = Episode(0, "push-v3", "train", index, False, 0)
         zero = np.zeros((1, 4), np.float32)
-        return np.concatenate([noise(episode, zero) for _ in range(steps)])
+        return np.concatenate([noise.perturb(episode, zero) for _ in range(steps)])
 
     a = run(0, 3)
     assert np.array_equal(a, run(0, 3)), "same episode identity, same noise"
@@ -170,7 +170,7 @@ def test_noise_injection_is_held_clipped_and_reproducible_per_episode():
     for start in (0, 4, 8):  # each draw held for 4 steps, then a new one
         assert np.all(a[start : start + 4] == a[start])
     assert not np.array_equal(a[0], a[4])
-    big = NoiseInjection(std=10.0, hold=1, seed=0)(Episode(0, "push-v3", "train", 0, False, 0), np.ones((50, 4), np.float32))
+    big = NoiseInjection(std=10.0, hold=1, seed=0).perturb(Episode(0, "push-v3", "train", 0, False, 0), np.ones((50, 4), np.float32))
     assert big.min() >= -1.0 and big.max() <= 1.0 and big.min() < 0.9, "executed actions stay in the action space"
 
 

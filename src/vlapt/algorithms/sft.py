@@ -30,7 +30,7 @@ from tqdm import tqdm
 from vlapt.data.dataset import ChunkDataset
 from vlapt.data.format import env_args, read_episodes
 from vlapt.envs.tasks import MT50, instruction_for
-from vlapt.models import PolicyConfig, Tokenizer, VLAPolicy, make_batch, policy_config_for_size
+from vlapt.models import PolicyConfig, Tokenizer, VLAPolicy, load_pretrained, make_batch, policy_config_for_size
 from vlapt.algorithms.checkpointing import (
     capture_state,
     latest_checkpoint,
@@ -61,9 +61,11 @@ class ModelConfig:
 @dataclasses.dataclass
 class SFTConfig:
     dataset: str = "datasets/mt10_scripted_fovy30.hdf5"
+    extra_datasets: list[str] = dataclasses.field(default_factory=list)  # e.g. `vlapt relabel` output: one DAgger round
     tasks: list[str] = dataclasses.field(default_factory=list)  # default: every task in the dataset
     demos_per_task: int = 0  # 0: all; the paper's small set is 10, the large set 50
     output_dir: str = "runs/sft"
+    init_policy: str = ""  # continue from a saved policy (its architecture and normalisation; `model` is then unused)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     steps: int = 8000  # 3000 underfits the 50-demo MT10 set (docs/results.md)
     batch_size: int = 64
@@ -183,21 +185,38 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
 
     meta = env_args(config.dataset)
     episodes = read_episodes(config.dataset, config.tasks or None, config.demos_per_task or None)
-    dataset = ChunkDataset(episodes, config.model.chunk_len)
-    policy_config = build_policy_config(
-        config.model, meta["image_size"], meta["camera"], dataset.statistics(), meta.get("camera_fovy", 0.0)
-    )
+    for extra in config.extra_datasets:
+        _check_same_observations(config.dataset, meta, extra, env_args(extra))
+        episodes += read_episodes(extra, config.tasks or None)
+    init = load_pretrained(config.init_policy) if config.init_policy else None
+    chunk_len = init.config.chunk_len if init is not None else config.model.chunk_len
+    dataset = ChunkDataset(episodes, chunk_len)
+    if init is not None:
+        policy_config = init.config
+        seen = {"camera": meta["camera"], "camera_fovy": meta.get("camera_fovy", 0.0), "image_size": meta["image_size"]}
+        differ = {k: (getattr(policy_config, k), v) for k, v in seen.items() if getattr(policy_config, k) != v}
+        if differ:
+            raise ValueError(f"init_policy {config.init_policy} was trained on other observations than {config.dataset}: "
+                             + ", ".join(f"{k} {a} (policy) vs {b} (dataset)" for k, (a, b) in differ.items())
+                             + "; fine-tune on a dataset collected with the policy's camera settings")
+    else:
+        policy_config = build_policy_config(
+            config.model, meta["image_size"], meta["camera"], dataset.statistics(), meta.get("camera_fovy", 0.0)
+        )
     if policy_config.image_size != meta["image_size"]:
         raise ValueError(f"model.image_size {policy_config.image_size} differs from the dataset's {meta['image_size']}")
     tokenizer = Tokenizer(policy_config.vocab)
-    log.info("dataset %s: %d episodes, %d samples", config.dataset, len(episodes), len(dataset))
+    log.info("datasets %s: %d episodes, %d samples", [config.dataset, *config.extra_datasets], len(episodes), len(dataset))
 
     torch.manual_seed(config.seed)
     model = VLAPolicy(policy_config)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+        del init
     aux_head = None
     if config.aux_state_coef > 0:
         if dataset.states is None:
-            raise ValueError(f"aux_state_coef > 0 needs obs/state in every demo of {config.dataset}; "
+            raise ValueError(f"aux_state_coef > 0 needs obs/state in every demo of {[config.dataset, *config.extra_datasets]}; "
                              "collect the dataset with `vlapt collect` (it stores the state), or set aux_state_coef=0")
         targets = dataset.states[:, config.aux_state_dims]
         aux_head = StatePredictionHead(policy_config.d_model, config.aux_state_dims, targets.mean(0), np.maximum(targets.std(0), 1e-3))
@@ -276,11 +295,21 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
 
     save_pretrained(model, final, metadata={
         "trained_by": "vlapt sft", "steps": step, "dataset": str(config.dataset),
+        "extra_datasets": [str(d) for d in config.extra_datasets], "init_policy": config.init_policy,
         "demos_per_task": config.demos_per_task, "samples": len(dataset),
         "wall_time_s_this_session": time.perf_counter() - start,
     })
     log.info("final policy written to %s", final)
     return final
+
+
+def _check_same_observations(path: str, meta: dict, extra: str, extra_meta: dict) -> None:
+    """Every dataset of one SFT run must show the scene the same way."""
+    keys = ("camera", "camera_fovy", "image_size", "proprio_fields")
+    differ = [k for k in keys if meta.get(k) != extra_meta.get(k)]
+    if differ:
+        raise ValueError(f"extra dataset {extra} differs from {path} in " + ", ".join(
+            f"{k} ({extra_meta.get(k)} vs {meta.get(k)})" for k in differ) + "; collect both with the same camera settings")
 
 
 def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, aux_head=None):

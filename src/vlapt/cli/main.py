@@ -66,6 +66,22 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- relabel -----------------------------------------------------------------------------------
+def cmd_relabel(args: argparse.Namespace) -> int:
+    from vlapt.config import load_config, save_config
+    from vlapt.data.relabel import RelabelConfig, relabel
+
+    overrides = _shortcut(args, {"policy": "policy", "suite": "suite", "tasks": "tasks",
+                                 "episodes_per_task": "episodes_per_task", "output": "output",
+                                 "overwrite": "overwrite", "workers": "num_workers"})
+    config = load_config(RelabelConfig, args.config, overrides).validate()
+    summary = relabel(config, progress=not args.quiet)
+    save_config(config, Path(summary["output"]).with_suffix(".config.yaml"))
+    print(json.dumps(summary, indent=2))
+    print(f"train on it with: vlapt sft extra_datasets=[{summary['output']}] ...")
+    return 0
+
+
 # -- eval --------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlapt.config import atomic_write_json, check_output_file, load_config
@@ -171,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument("--workers", type=int, help="env worker processes")
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("relabel", help="label a policy's own rollouts with the scripted expert (DAgger)",
+                       description="Run a saved policy on fresh training configurations and store, at every step "
+                                   "it visits, the scripted expert's action as the label (HDF5, the format of "
+                                   "docs/dataset_format.md). Train on it with `vlapt sft extra_datasets=[...]`. "
+                                   "Options: vlapt.data.relabel.RelabelConfig.")
+    _common(p)
+    p.add_argument("--policy", help="saved policy directory whose rollouts get labelled")
+    p.add_argument("--suite", help="mt10 or mt50")
+    p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
+    p.add_argument("--episodes-per-task", dest="episodes_per_task", type=int)
+    p.add_argument("--output", help="dataset file to write (.hdf5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--workers", type=int, help="env worker processes")
+    p.set_defaults(func=cmd_relabel)
 
     p = sub.add_parser("eval", help="evaluate a policy on held-out configurations",
                        description="Evaluate under the published protocol (docs/evaluation.md): held-out "

@@ -138,7 +138,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     try:
         with EnvPool(slots, num_workers=config.num_workers) as pool:
             env_steps = run_episodes(expert, pool, [s.task for s in slots], queues, "train", finished, record=True,
-                                     perturb=perturb)
+                                     execute=perturb)
         missing = {t: n - k for t, k in kept.items() if k < n}
         if missing:
             raise CollectionError(f"not enough successful demonstrations: missing {missing}")
@@ -163,7 +163,10 @@ class NoiseInjection:
         self.std, self.hold, self.seed = std, hold, seed
         self._state: dict[tuple[str, int], list] = {}  # (task, config index) -> [rng, steps done, current noise]
 
-    def __call__(self, episode: Episode, chunk: np.ndarray) -> np.ndarray:
+    def __call__(self, episodes: list[Episode], observations: list[dict], chunks: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.perturb(episode, chunk) for episode, chunk in zip(episodes, chunks)]
+
+    def perturb(self, episode: Episode, chunk: np.ndarray) -> np.ndarray:
         key = (episode.task, episode.config_index)
         if key not in self._state:
             stream = np.random.SeedSequence([self.seed, task_index(episode.task), episode.config_index])
@@ -182,7 +185,7 @@ class NoiseInjection:
         self._state.pop((episode.task, episode.config_index), None)
 
 
-def _to_episode_data(episode: Episode, config_seed: int) -> EpisodeData:
+def _to_episode_data(episode: Episode, config_seed: int, source: str = "scripted") -> EpisodeData:
     obs = episode.observations
     return EpisodeData(
         task=episode.task,
@@ -196,5 +199,5 @@ def _to_episode_data(episode: Episode, config_seed: int) -> EpisodeData:
         config_split=episode.split,
         config_index=episode.config_index,
         config_seed=config_seed,
-        source="scripted",
+        source=source,
     )

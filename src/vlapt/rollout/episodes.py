@@ -26,7 +26,7 @@ class Episode:
     success: bool
     steps: int
     # With record=True: one entry per decision (observation before it, the agent's actions, rewards).
-    # The agent's actions are what the env executed unless `run_episodes` was given a ``perturb``.
+    # The agent's actions are what the env executed unless `run_episodes` was given an ``execute``.
     observations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     actions: list[np.ndarray] = dataclasses.field(default_factory=list)
     rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -40,12 +40,14 @@ def run_episodes(
     split: str,
     on_episode: Callable[[Episode], None],
     record: bool = False,
-    perturb: Callable[[Episode, np.ndarray], np.ndarray] | None = None,
+    execute: Callable[[list[Episode], list[dict], list[np.ndarray]], list[np.ndarray]] | None = None,
 ) -> int:
     """Run until every slot's queue is empty; returns the env steps executed.
 
-    ``perturb(episode, chunk)`` returns the chunk the env executes instead of the agent's (noise
-    injection for demonstrations); the recorded actions stay the agent's, i.e. the labels.
+    ``execute(episodes, observations, chunks)`` returns, for one decision of all active slots,
+    the chunks the env executes instead of the agent's: noise injection for demonstrations, or
+    another policy acting while the agent (an expert) only labels. The recorded actions stay
+    the agent's, i.e. the labels.
     """
     current: dict[int, Episode] = {}
     observations: dict[int, dict] = {}
@@ -67,8 +69,8 @@ def run_episodes(
     while current:
         active = sorted(current)
         chunks = agent.act([observations[i] for i in active], [slot_tasks[i] for i in active])
-        results = pool.step({i: np.asarray(perturb(current[i], c) if perturb else c, dtype=np.float32)
-                             for i, c in zip(active, chunks)})
+        executed = execute([current[i] for i in active], [observations[i] for i in active], chunks) if execute else chunks
+        results = pool.step({i: np.asarray(c, dtype=np.float32) for i, c in zip(active, executed)})
         finished = []
         for i, chunk in zip(active, chunks):
             result = results[i]

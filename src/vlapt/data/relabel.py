@@ -1,0 +1,141 @@
+"""Expert relabelling (DAgger): the policy acts, the scripted expert labels the states it visits.
+
+A policy cloned from demonstrations only ever saw the expert's states; once its own small
+errors carry it elsewhere it has no data for getting back (on MT10 the SFT policy fails on
+its own training configurations about as often as on held-out ones). MetaWorld's experts
+read the simulator state, so any state the policy reaches can be labelled for free: the
+env executes the policy's chunks one action per step (so every step is rendered and
+stored), and the dataset stores, at each step, the expert's action from that state.
+Training on these episodes together with the demonstrations is one DAgger round.
+
+The stored actions are labels, not what was executed: the file does not replay, its
+episodes are not successes of the stored actions (``source`` is ``"relabelled"``), and it
+must never seed the self-BC buffer, which `vlapt train` checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+
+import numpy as np
+from tqdm import tqdm
+
+from vlapt.data.collect import _to_episode_data
+from vlapt.data.format import DemoWriter, check_writable
+from vlapt.envs.experts import ScriptedExpert
+from vlapt.envs.metaworld_env import MAX_EPISODE_STEPS, PROPRIO_FIELDS
+from vlapt.envs.tasks import resolve_tasks
+from vlapt.envs.vector import EnvPool, SlotSpec
+from vlapt.rollout.episodes import Episode, run_episodes
+
+SOURCE = "relabelled"
+
+
+@dataclasses.dataclass
+class RelabelConfig:
+    policy: str = ""  # saved policy directory whose own rollouts get labelled
+    suite: str = "mt10"
+    tasks: list[str] = dataclasses.field(default_factory=list)  # overrides suite when given
+    episodes_per_task: int = 50
+    # Training configurations from this index on: past the ones demonstrations use (collect
+    # takes indices 0, 1, ... and a few more to replace the expert's failures).
+    first_config_index: int = 100_000
+    max_episode_steps: int = 200  # a stuck policy is labelled this long, not for all 500 steps
+    config_seed: int = 0
+    num_workers: int = 2
+    envs_per_task: int = 1
+    output: str = "datasets/mt10_relabelled.hdf5"
+    overwrite: bool = False
+
+    def validate(self) -> "RelabelConfig":
+        if not self.policy:
+            raise ValueError("relabel needs policy=<saved policy directory> (e.g. runs/pipeline/sft/policy)")
+        resolve_tasks(self.suite, self.tasks)
+        if self.episodes_per_task < 1 or self.envs_per_task < 1 or self.num_workers < 0 or self.first_config_index < 0:
+            raise ValueError("episodes_per_task and envs_per_task must be >= 1, num_workers and first_config_index >= 0")
+        if not 1 <= self.max_episode_steps <= MAX_EPISODE_STEPS:
+            raise ValueError(f"max_episode_steps must be in [1, {MAX_EPISODE_STEPS}], got {self.max_episode_steps}")
+        return self
+
+
+class PolicyExecution:
+    """The `execute` hook of `run_episodes`: the env runs the policy's chunks, one action per step.
+
+    The policy decides once per chunk, batched over the slots whose chunk is used up, exactly
+    as when it is evaluated; in between, its remaining actions are played open-loop.
+    """
+
+    def __init__(self, agent):
+        self.agent = agent
+        self._plans: dict[int, tuple[Episode, deque]] = {}  # slot -> (its episode, actions left)
+
+    def __call__(self, episodes: list[Episode], observations: list[dict], labels: list[np.ndarray]) -> list[np.ndarray]:
+        need = [k for k, e in enumerate(episodes) if not self._has_plan(e)]
+        if need:
+            chunks = self.agent.act([observations[k] for k in need], [episodes[k].task for k in need])
+            for k, chunk in zip(need, chunks):
+                self._plans[episodes[k].slot] = (episodes[k], deque(np.asarray(chunk, dtype=np.float32)))
+        return [self._plans[e.slot][1].popleft()[None] for e in episodes]
+
+    def _has_plan(self, episode: Episode) -> bool:
+        plan = self._plans.get(episode.slot)
+        return plan is not None and plan[0] is episode and len(plan[1]) > 0
+
+
+def relabel(config: RelabelConfig, progress: bool = True) -> dict:
+    """Write the relabelled dataset and return a summary (episodes, policy successes, steps per task)."""
+    from vlapt.evaluation.agents import CheckpointAgent, env_config_for_policy
+
+    config.validate()
+    check_writable(config.output, config.overwrite)
+    tasks = resolve_tasks(config.suite, config.tasks)
+    agent = CheckpointAgent(config.policy)
+    policy_config = agent.policy.config
+    env_config = env_config_for_policy(policy_config, privileged_state=True, max_episode_steps=config.max_episode_steps)
+    slots = [SlotSpec(t, env_config, 1, config.config_seed) for t in tasks for _ in range(config.envs_per_task)]
+    n, per, first = config.episodes_per_task, config.envs_per_task, config.first_config_index
+    queues = [deque(range(first + k, first + n, per)) for _ in tasks for k in range(per)]
+    env_args = {
+        "env_name": "metaworld",
+        "tasks": list(tasks),
+        "camera": policy_config.camera,
+        "camera_fovy": policy_config.camera_fovy,
+        "image_size": policy_config.image_size,
+        "image_orientation": "upright (corner cameras rotated 180 degrees)",
+        "proprio_fields": list(PROPRIO_FIELDS),
+        "max_episode_steps": config.max_episode_steps,
+        "config_split": "train",
+        "config_seed": config.config_seed,
+        "policy": "metaworld scripted expert, actions clipped to [-1, 1]",
+        "relabelled": {"executed_policy": str(config.policy), "deterministic": True,
+                       "first_config_index": first,
+                       "note": "the env executed the policy's chunks; actions stores the expert's action at each visited state"},
+        "success": "success of the executed policy; episodes end at its first success or at max_episode_steps",
+    }
+    stats = {t: {"episodes": 0, "policy_successes": 0, "steps": 0} for t in tasks}
+    behaviour = PolicyExecution(agent)
+    start = time.perf_counter()
+    bar = tqdm(total=n * len(tasks), desc="relabel", unit="episode", disable=not progress, dynamic_ncols=True)
+    writer = DemoWriter(config.output, env_args, overwrite=config.overwrite)
+
+    def finished(episode: Episode) -> None:
+        writer.add(_to_episode_data(episode, config.config_seed, source=SOURCE))
+        s = stats[episode.task]
+        s["episodes"] += 1
+        s["policy_successes"] += int(episode.success)
+        s["steps"] += episode.steps
+        bar.update(1)
+
+    try:
+        with EnvPool(slots, num_workers=config.num_workers) as pool:
+            env_steps = run_episodes(ScriptedExpert(), pool, [s.task for s in slots], queues, "train", finished,
+                                     record=True, execute=behaviour)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    path = writer.close()
+    return {"output": str(path), "tasks": stats, "env_steps": env_steps, "wall_time_s": time.perf_counter() - start}
