@@ -180,12 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "N successful episodes per task, and write them in the HDF5 format of "
                                    "docs/dataset_format.md. Options: vlapt.data.collect.CollectConfig.")
     _common(p)
-    p.add_argument("--suite", help="mt10 or mt50")
-    p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
+    _dataset_writer_args(p)
     p.add_argument("--demos-per-task", dest="demos_per_task", type=int)
-    p.add_argument("--output", help="dataset file to write (.hdf5)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    p.add_argument("--workers", type=int, help="env worker processes")
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("relabel", help="label a policy's own rollouts with the scripted expert (DAgger)",
@@ -194,13 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "docs/dataset_format.md). Train on it with `vlapt sft extra_datasets=[...]`. "
                                    "Options: vlapt.data.relabel.RelabelConfig.")
     _common(p)
+    _dataset_writer_args(p)
     p.add_argument("--policy", help="saved policy directory whose rollouts get labelled")
-    p.add_argument("--suite", help="mt10 or mt50")
-    p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
     p.add_argument("--episodes-per-task", dest="episodes_per_task", type=int)
-    p.add_argument("--output", help="dataset file to write (.hdf5)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    p.add_argument("--workers", type=int, help="env worker processes")
     p.set_defaults(func=cmd_relabel)
 
     p = sub.add_parser("eval", help="evaluate a policy on held-out configurations",
@@ -265,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     for register in _extra_commands:
         register(sub)
     return parser
+
+
+def _dataset_writer_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that run episodes and write a dataset."""
+    p.add_argument("--suite", help="mt10 or mt50")
+    p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
+    p.add_argument("--output", help="dataset file to write (.hdf5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--workers", type=int, help="env worker processes")
 
 
 _extra_commands: list[Callable] = []

@@ -73,6 +73,23 @@ class CollectConfig:
         ).validate()
 
 
+def dataset_env_args(tasks: list[str], env_config: EnvConfig, config_seed: int) -> dict:
+    """What every vlapt dataset records about how its episodes were observed and labelled."""
+    return {
+        "env_name": "metaworld",
+        "tasks": list(tasks),
+        "camera": env_config.camera,
+        "camera_fovy": env_config.camera_fovy,
+        "image_size": env_config.image_size,
+        "image_orientation": "upright (corner cameras rotated 180 degrees)",
+        "proprio_fields": list(PROPRIO_FIELDS),
+        "max_episode_steps": env_config.max_episode_steps,
+        "config_split": "train",
+        "config_seed": config_seed,
+        "policy": "metaworld scripted expert, actions clipped to [-1, 1]",
+    }
+
+
 class CollectionError(RuntimeError):
     pass
 
@@ -93,17 +110,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     tried = {t: 0 for t in tasks}
     outstanding = {t: n for t in tasks}  # episodes queued or running
     env_args = {
-        "env_name": "metaworld",
-        "tasks": list(tasks),
-        "camera": config.camera,
-        "camera_fovy": config.camera_fovy,
-        "image_size": config.image_size,
-        "image_orientation": "upright (corner cameras rotated 180 degrees)",
-        "proprio_fields": list(PROPRIO_FIELDS),
-        "max_episode_steps": config.max_episode_steps,
-        "config_split": "train",
-        "config_seed": config.config_seed,
-        "policy": "metaworld scripted expert, actions clipped to [-1, 1]",
+        **dataset_env_args(tasks, env_config, config.config_seed),
         "action_noise": {"std": config.action_noise, "hold_steps": config.action_noise_hold, "seed": config.noise_seed,
                          "note": "executed = clip(expert action + noise, -1, 1); actions stores the expert action"},
         "success": "episode ends at the first info['success']; only successful episodes are kept",

@@ -22,10 +22,10 @@ from collections import deque
 import numpy as np
 from tqdm import tqdm
 
-from vlapt.data.collect import _to_episode_data
+from vlapt.data.collect import _to_episode_data, dataset_env_args
 from vlapt.data.format import DemoWriter, check_writable
 from vlapt.envs.experts import ScriptedExpert
-from vlapt.envs.metaworld_env import MAX_EPISODE_STEPS, PROPRIO_FIELDS
+from vlapt.envs.metaworld_env import MAX_EPISODE_STEPS
 from vlapt.envs.tasks import resolve_tasks
 from vlapt.envs.vector import EnvPool, SlotSpec
 from vlapt.rollout.episodes import Episode, run_episodes
@@ -92,23 +92,12 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
     check_writable(config.output, config.overwrite)
     tasks = resolve_tasks(config.suite, config.tasks)
     agent = CheckpointAgent(config.policy)
-    policy_config = agent.policy.config
-    env_config = env_config_for_policy(policy_config, privileged_state=True, max_episode_steps=config.max_episode_steps)
+    env_config = env_config_for_policy(agent.policy.config, privileged_state=True, max_episode_steps=config.max_episode_steps)
     slots = [SlotSpec(t, env_config, 1, config.config_seed) for t in tasks for _ in range(config.envs_per_task)]
     n, per, first = config.episodes_per_task, config.envs_per_task, config.first_config_index
     queues = [deque(range(first + k, first + n, per)) for _ in tasks for k in range(per)]
     env_args = {
-        "env_name": "metaworld",
-        "tasks": list(tasks),
-        "camera": policy_config.camera,
-        "camera_fovy": policy_config.camera_fovy,
-        "image_size": policy_config.image_size,
-        "image_orientation": "upright (corner cameras rotated 180 degrees)",
-        "proprio_fields": list(PROPRIO_FIELDS),
-        "max_episode_steps": config.max_episode_steps,
-        "config_split": "train",
-        "config_seed": config.config_seed,
-        "policy": "metaworld scripted expert, actions clipped to [-1, 1]",
+        **dataset_env_args(tasks, env_config, config.config_seed),
         "relabelled": {"executed_policy": str(config.policy), "deterministic": True,
                        "first_config_index": first,
                        "note": "the env executed the policy's chunks; actions stores the expert's action at each visited state"},
