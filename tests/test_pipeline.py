@@ -6,18 +6,22 @@ import vlapt  # noqa: F401
 from vlapt.cli.main import main
 from vlapt.config import ConfigError, load_config
 from vlapt.algorithms.ppo_sbc import PPOConfig
+from vlapt.algorithms.sft import SFTConfig
+from vlapt.data import read_episodes
 from vlapt.pipeline import PipelineConfig, run_pipeline
 
 
+_TINY = [
+    "collect.tasks=[reach-v3]", "collect.demos_per_task=2", "collect.image_size=32", "collect.num_workers=0",
+    "sft.steps=4", "sft.batch_size=8", "sft.model.size=tiny", "sft.threads=1",
+    "ppo.envs_per_task=1", "ppo.horizon=4", "ppo.minibatch_size=8", "ppo.total_env_steps=30",
+    "ppo.num_workers=0", "ppo.eval_every=1", "ppo.eval_episodes=1", "ppo.threads=1",
+    "eval.episodes_per_task=1", "eval.num_workers=0", "eval.max_episode_steps=40",
+]
+
+
 def _tiny_pipeline(tmp_path) -> PipelineConfig:
-    return load_config(PipelineConfig, overrides=[
-        f"output_dir={tmp_path / 'run'}",
-        "collect.tasks=[reach-v3]", "collect.demos_per_task=2", "collect.image_size=32", "collect.num_workers=0",
-        "sft.steps=4", "sft.batch_size=8", "sft.model.size=tiny", "sft.threads=1",
-        "ppo.envs_per_task=1", "ppo.horizon=4", "ppo.minibatch_size=8", "ppo.total_env_steps=30",
-        "ppo.num_workers=0", "ppo.eval_every=1", "ppo.eval_episodes=1", "ppo.threads=1",
-        "eval.episodes_per_task=1", "eval.num_workers=0", "eval.max_episode_steps=40",
-    ])
+    return load_config(PipelineConfig, overrides=[f"output_dir={tmp_path / 'run'}", *_TINY])
 
 
 def test_pipeline_runs_every_stage_and_reports_three_rows(tmp_path, capsys):
@@ -51,6 +55,23 @@ def test_pipeline_runs_every_stage_and_reports_three_rows(tmp_path, capsys):
     capsys.readouterr()
     assert main(["plot", str(run / "ppo"), "--output", str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_pipeline_with_a_dagger_round_post_trains_the_relabelled_policy(tmp_path):
+    overrides = ["dagger_rounds=1", "relabel.episodes_per_task=1", "relabel.num_workers=0", "relabel.max_episode_steps=10",
+                 "dagger_sft.steps=2", "dagger_sft.batch_size=8", "dagger_sft.threads=1", "evaluate_scripted=false",
+                 "ppo.eval_every=0"]
+    config = load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'run'}", *overrides])
+    out = run_pipeline(config, progress=False)
+    run = tmp_path / "run"
+    assert list(out["rows"]) == ["SFT", "SFT + DAgger (1 round)", "SFT + DAgger + chunked PPO + self-BC"]
+    assert config.ppo.init_policy == str(run / "sft_dagger_1" / "policy")
+    assert read_episodes(run / "relabelled_1.hdf5")[0].source == "relabelled"
+    dagger_run = load_config(SFTConfig, run / "sft_dagger_1" / "config.yaml")
+    assert dagger_run.init_policy == str(run / "sft" / "policy")
+    assert dagger_run.extra_datasets == [str(run / "relabelled_1.hdf5")] and dagger_run.dataset == str(run / "demos.hdf5")
+    assert "dagger" in json.loads((run / "eval_dagger.json").read_text())["agent"]
+    assert "dagger_s" in out["timings"]
 
 
 def _fake_run(path, rows, evals):

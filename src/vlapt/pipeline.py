@@ -1,5 +1,9 @@
 """The main job: collect demonstrations -> SFT -> chunked PPO with self-BC -> evaluate.
 
+Optionally (``dagger_rounds > 0``) rounds of expert relabelling sit between SFT and
+post-training: the SFT policy's own rollouts are labelled by the scripted expert and SFT
+continues on demonstrations plus every relabelled set so far.
+
 Each stage writes under ``output_dir`` and is skipped or resumed when its output already
 exists, so an interrupted pipeline continues where it stopped. The evaluation rows are
 the ones every results table carries: the scripted expert, the SFT policy and the
@@ -17,6 +21,7 @@ from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
 from vlapt.algorithms.sft import SFTConfig, train_sft
 from vlapt.config import atomic_write_json, atomic_write_text, save_config
 from vlapt.data.collect import CollectConfig, collect
+from vlapt.data.relabel import RelabelConfig, relabel
 from vlapt.evaluation import CheckpointAgent, EvalConfig, ScriptedExpert, evaluate, format_table
 
 log = logging.getLogger("vlapt.pipeline")
@@ -31,6 +36,10 @@ class PipelineConfig:
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     evaluate_scripted: bool = True
+    dagger_rounds: int = 0  # expert-relabelling rounds between SFT and post-training (0: none)
+    relabel: RelabelConfig = dataclasses.field(default_factory=RelabelConfig)
+    dagger_sft: SFTConfig = dataclasses.field(  # continues from the previous round's policy
+        default_factory=lambda: SFTConfig(steps=3000, lr=1e-4, warmup_steps=100))
 
     def resolved(self) -> "PipelineConfig":
         """Wire the stages together: paths live under output_dir, every stage runs the same suite."""
@@ -40,13 +49,33 @@ class PipelineConfig:
         self.sft.dataset = self.collect.output
         self.sft.output_dir = str(out / "sft")
         self.ppo.suite = self.suite
-        self.ppo.init_policy = str(out / "sft" / "policy")
+        self.ppo.init_policy = str(self.dagger_policy(self.dagger_rounds))
         self.ppo.demos = self.collect.output
         self.ppo.output_dir = str(out / "ppo")
         self.eval.suite = self.suite
+        self.relabel.suite = self.suite
         if self.collect.tasks:
             self.sft.tasks = self.ppo.tasks = self.eval.tasks = list(self.collect.tasks)
+            self.relabel.tasks = self.dagger_sft.tasks = list(self.collect.tasks)
+        if self.dagger_rounds < 0:
+            raise ValueError(f"dagger_rounds must be >= 0, got {self.dagger_rounds}")
         return self
+
+    def dagger_policy(self, round_: int) -> Path:
+        """The policy after ``round_`` relabelling rounds (0: the SFT policy)."""
+        out = Path(self.output_dir)
+        return out / "sft" / "policy" if round_ == 0 else out / f"sft_dagger_{round_}" / "policy"
+
+    def dagger_round(self, round_: int) -> tuple[RelabelConfig, SFTConfig]:
+        """Round r labels the policy of round r-1 and trains on the demos plus relabelled sets 1..r."""
+        out = Path(self.output_dir)
+        relabel_config = dataclasses.replace(self.relabel, policy=str(self.dagger_policy(round_ - 1)),
+                                             output=str(out / f"relabelled_{round_}.hdf5"))
+        sft_config = dataclasses.replace(
+            self.dagger_sft, dataset=self.collect.output, init_policy=str(self.dagger_policy(round_ - 1)),
+            extra_datasets=[str(out / f"relabelled_{r}.hdf5") for r in range(1, round_ + 1)],
+            output_dir=str(self.dagger_policy(round_).parent))
+        return relabel_config, sft_config
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
@@ -67,6 +96,17 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
     sft_policy = train_sft(config.sft, progress=progress)
     timings["sft_s"] = time.perf_counter() - t
 
+    if config.dagger_rounds:
+        t = time.perf_counter()
+        for round_ in range(1, config.dagger_rounds + 1):
+            relabel_config, sft_config = config.dagger_round(round_)
+            if Path(relabel_config.output).exists():
+                log.info("relabelled episodes exist at %s: reusing them", relabel_config.output)
+            else:
+                relabel(relabel_config, progress=progress)
+            dagger_policy = train_sft(sft_config, progress=progress)
+        timings["dagger_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     ppo_policy = train_ppo(config.ppo, progress=progress)
     timings["post_train_s"] = time.perf_counter() - t
@@ -74,8 +114,13 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
     t = time.perf_counter()
     rows = {}
     agents = [("scripted expert", "scripted", ScriptedExpert())] if config.evaluate_scripted else []
-    agents += [("SFT", "sft", CheckpointAgent(str(sft_policy), seed=config.eval.seed)),
-               ("SFT + chunked PPO + self-BC", "post_trained", CheckpointAgent(str(ppo_policy), seed=config.eval.seed))]
+    agents.append(("SFT", "sft", CheckpointAgent(str(sft_policy), seed=config.eval.seed)))
+    if config.dagger_rounds:
+        rounds = f"{config.dagger_rounds} round" + ("s" if config.dagger_rounds > 1 else "")
+        agents.append((f"SFT + DAgger ({rounds})", "dagger",
+                       CheckpointAgent(str(dagger_policy), seed=config.eval.seed)))
+    agents.append(("SFT + chunked PPO + self-BC" if not config.dagger_rounds else "SFT + DAgger + chunked PPO + self-BC",
+                   "post_trained", CheckpointAgent(str(ppo_policy), seed=config.eval.seed)))
     for name, file_key, agent in agents:
         rows[name] = evaluate(agent, config.eval, progress=progress)
         atomic_write_json(out / f"eval_{file_key}.json", rows[name])

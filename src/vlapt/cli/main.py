@@ -144,6 +144,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     config.collect.validate()
     config.sft.validate()
     config.ppo.validate()
+    config.dagger_sft.validate()
     config.eval.validate()
     run_pipeline(config, progress=not args.quiet)
     return 0
