@@ -122,3 +122,16 @@ def test_relabel_needs_a_policy_and_leaves_nothing_behind(tmp_path):
     with pytest.raises(Exception, match="missing|not found|does not exist|no such"):
         relabel(RelabelConfig(policy=str(tmp_path / "nope"), tasks=[TASK], output=str(tmp_path / "r.hdf5")), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_relabelled_label_steps_masks_the_rest_of_relabelled_chunks_only(demos, relabelled):
+    from vlapt.data.dataset import ChunkDataset
+
+    episodes = read_episodes(demos) + read_episodes(relabelled[0])
+    full, first = ChunkDataset(episodes, 4), ChunkDataset(episodes, 4, relabelled_label_steps=1)
+    relabelled_rows = np.repeat([e.source == "relabelled" for e in episodes], [len(e) for e in episodes])
+    assert relabelled_rows.any() and (~relabelled_rows).any()
+    np.testing.assert_array_equal(first.action_pad[~relabelled_rows], full.action_pad[~relabelled_rows])
+    assert not first.action_pad[relabelled_rows, 0].any(), "the expert's action at the decision state stays a target"
+    assert first.action_pad[relabelled_rows, 1:].all()
+    assert not full.action_pad[relabelled_rows][0].any()

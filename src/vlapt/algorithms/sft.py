@@ -65,6 +65,8 @@ class SFTConfig:
     tasks: list[str] = dataclasses.field(default_factory=list)  # default: every task in the dataset
     demos_per_task: int = 0  # 0: all; the paper's small set is 10, the large set 50
     output_dir: str = "runs/sft"
+    # > 0: only the first k actions of a relabelled chunk are targets (vlapt.data.dataset.ChunkDataset)
+    relabelled_label_steps: int = 0
     init_policy: str = ""  # continue from a saved policy (its architecture and normalisation; `model` is then unused)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     steps: int = 8000  # 3000 underfits the 50-demo MT10 set (docs/results.md)
@@ -89,8 +91,8 @@ class SFTConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if self.loss not in ("nll", "mse"):
             raise ValueError(f"loss must be 'nll' or 'mse', got {self.loss!r}")
-        if self.demos_per_task < 0 or self.augment_shift < 0:
-            raise ValueError("demos_per_task and augment_shift must be >= 0")
+        if self.demos_per_task < 0 or self.augment_shift < 0 or self.relabelled_label_steps < 0:
+            raise ValueError("demos_per_task, augment_shift and relabelled_label_steps must be >= 0")
         if self.model.chunk_len < 1:
             raise ValueError(f"model.chunk_len must be >= 1, got {self.model.chunk_len}")
         if self.aux_state_coef < 0:
@@ -190,7 +192,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
         episodes += read_episodes(extra, config.tasks or None)
     init = load_pretrained(config.init_policy) if config.init_policy else None
     chunk_len = init.config.chunk_len if init is not None else config.model.chunk_len
-    dataset = ChunkDataset(episodes, chunk_len)
+    dataset = ChunkDataset(episodes, chunk_len, config.relabelled_label_steps)
     if init is not None:
         policy_config = init.config
         seen = {"camera": meta["camera"], "camera_fovy": meta.get("camera_fovy", 0.0), "image_size": meta["image_size"]}

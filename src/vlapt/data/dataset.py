@@ -19,7 +19,11 @@ from vlapt.data.format import EpisodeData, read_episodes
 
 
 class ChunkDataset(Dataset):
-    def __init__(self, episodes: Sequence[EpisodeData], chunk_len: int):
+    def __init__(self, episodes: Sequence[EpisodeData], chunk_len: int, relabelled_label_steps: int = 0):
+        """``relabelled_label_steps`` > 0: in relabelled episodes (`vlapt relabel`) only the first
+        that many actions of each chunk are targets. The first is the expert's choice at the state
+        the policy decided in; later ones react to the policy's own open-loop actions, which the
+        observation at the decision cannot show."""
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
         if not episodes:
@@ -41,6 +45,9 @@ class ChunkDataset(Dataset):
         offsets = np.arange(chunk_len)
         idx = np.arange(len(self.actions))[:, None] + offsets[None]
         self.action_pad = idx >= self.episode_end[:, None]
+        if relabelled_label_steps > 0:
+            relabelled = np.repeat([e.source == "relabelled" for e in episodes], lengths)
+            self.action_pad |= relabelled[:, None] & (offsets[None] >= relabelled_label_steps)
         self.chunk_index = np.minimum(idx, self.episode_end[:, None] - 1)
 
     @classmethod
