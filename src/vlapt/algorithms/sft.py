@@ -11,6 +11,9 @@ Optionally (``aux_state_coef > 0``) an auxiliary head regresses privileged simul
 actions alone gives a weak, indirect signal for where a small goal marker is; the auxiliary
 target says it directly, during training only: the head is not part of the saved policy, and
 the policy never sees the state.
+
+``init_policy`` continues from a saved policy and ``extra_datasets`` adds episodes such as
+`vlapt relabel`'s expert-labelled rollouts of the policy itself: together, one DAgger round.
 """
 
 from __future__ import annotations
