@@ -142,21 +142,15 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
             outstanding[task] += 1
         bar.set_postfix(tried=sum(tried.values()))
 
-    try:
+    with writer, bar:  # the writer publishes the file on success and removes it on any error
         with EnvPool(slots, num_workers=config.num_workers) as pool:
             env_steps = run_episodes(expert, pool, [s.task for s in slots], queues, "train", finished, record=True,
                                      execute=perturb)
         missing = {t: n - k for t, k in kept.items() if k < n}
         if missing:
             raise CollectionError(f"not enough successful demonstrations: missing {missing}")
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    path = writer.close()
     return {
-        "output": str(path),
+        "output": str(writer.path),
         "tasks": {t: {"kept": kept[t], "tried": tried[t]} for t in tasks},
         "env_steps": env_steps,
         "wall_time_s": time.perf_counter() - start,

@@ -117,14 +117,7 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
         s["steps"] += episode.steps
         bar.update(1)
 
-    try:
-        with EnvPool(slots, num_workers=config.num_workers) as pool:
-            env_steps = run_episodes(ScriptedExpert(), pool, [s.task for s in slots], queues, "train", finished,
-                                     record=True, execute=behaviour)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    path = writer.close()
-    return {"output": str(path), "tasks": stats, "env_steps": env_steps, "wall_time_s": time.perf_counter() - start}
+    with writer, bar, EnvPool(slots, num_workers=config.num_workers) as pool:
+        env_steps = run_episodes(ScriptedExpert(), pool, [s.task for s in slots], queues, "train", finished,
+                                 record=True, execute=behaviour)
+    return {"output": str(writer.path), "tasks": stats, "env_steps": env_steps, "wall_time_s": time.perf_counter() - start}
