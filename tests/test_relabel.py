@@ -98,13 +98,16 @@ def test_sft_continues_from_a_policy_on_demos_plus_relabelled_episodes(demos, po
     assert "4 episodes" in log, "both datasets were read"
 
 
-def test_extra_dataset_with_other_camera_settings_is_refused(demos, tmp_path):
+def test_extra_dataset_or_init_policy_with_other_camera_settings_is_refused(demos, policy, tmp_path):
     other = tmp_path / "wide.hdf5"
     collect(CollectConfig(tasks=[TASK], demos_per_task=1, image_size=IMAGE_SIZE, camera_fovy=0.0, num_workers=0,
                           output=str(other)), progress=False)
     config = SFTConfig(dataset=str(demos), extra_datasets=[str(other)], output_dir=str(tmp_path / "run"),
                        model=ModelConfig(size="tiny"), steps=1, threads=1)
     with pytest.raises(ValueError, match="camera_fovy"):
+        train_sft(config, progress=False)
+    config = SFTConfig(dataset=str(other), init_policy=str(policy), output_dir=str(tmp_path / "run2"), steps=1, threads=1)
+    with pytest.raises(ValueError, match=r"init_policy .* camera_fovy \(30.0 vs 0.0\)"):
         train_sft(config, progress=False)
 
 

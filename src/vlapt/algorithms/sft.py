@@ -192,7 +192,10 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     meta = env_args(config.dataset)
     episodes = read_episodes(config.dataset, config.tasks or None, config.demos_per_task or None)
     for extra in config.extra_datasets:
-        _check_same_observations(config.dataset, meta, extra, env_args(extra))
+        keys = ("camera", "camera_fovy", "image_size", "proprio_fields")
+        extra_meta = env_args(extra)
+        _check_same_observations(f"extra dataset {extra}", {k: extra_meta.get(k) for k in keys}, config.dataset,
+                                 {k: meta.get(k) for k in keys}, "collect both with the same camera settings")
         episodes += read_episodes(extra, config.tasks or None)
     init = load_pretrained(config.init_policy) if config.init_policy else None
     chunk_len = init.config.chunk_len if init is not None else config.model.chunk_len
@@ -200,11 +203,8 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     if init is not None:
         policy_config = init.config
         seen = {"camera": meta["camera"], "camera_fovy": meta.get("camera_fovy", 0.0), "image_size": meta["image_size"]}
-        differ = {k: (getattr(policy_config, k), v) for k, v in seen.items() if getattr(policy_config, k) != v}
-        if differ:
-            raise ValueError(f"init_policy {config.init_policy} was trained on other observations than {config.dataset}: "
-                             + ", ".join(f"{k} {a} (policy) vs {b} (dataset)" for k, (a, b) in differ.items())
-                             + "; fine-tune on a dataset collected with the policy's camera settings")
+        _check_same_observations(f"init_policy {config.init_policy}", {k: getattr(policy_config, k) for k in seen},
+                                 config.dataset, seen, "fine-tune on a dataset collected with the policy's camera settings")
     else:
         policy_config = build_policy_config(
             config.model, meta["image_size"], meta["camera"], dataset.statistics(), meta.get("camera_fovy", 0.0)
@@ -309,13 +309,12 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     return final
 
 
-def _check_same_observations(path: str, meta: dict, extra: str, extra_meta: dict) -> None:
-    """Every dataset of one SFT run must show the scene the same way."""
-    keys = ("camera", "camera_fovy", "image_size", "proprio_fields")
-    differ = [k for k in keys if meta.get(k) != extra_meta.get(k)]
+def _check_same_observations(what: str, observed: dict, dataset: str, expected: dict, fix: str) -> None:
+    """Every dataset of one SFT run, and the policy it continues, must see the scene the same way."""
+    differ = [k for k in observed if observed[k] != expected[k]]
     if differ:
-        raise ValueError(f"extra dataset {extra} differs from {path} in " + ", ".join(
-            f"{k} ({extra_meta.get(k)} vs {meta.get(k)})" for k in differ) + "; collect both with the same camera settings")
+        raise ValueError(f"{what} differs from {dataset} in " + ", ".join(
+            f"{k} ({observed[k]} vs {expected[k]})" for k in differ) + f"; {fix}")
 
 
 def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, aux_head=None):
