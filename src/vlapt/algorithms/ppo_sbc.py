@@ -37,7 +37,7 @@ from vlapt.algorithms.checkpointing import (
 from vlapt.algorithms.sft import chunk_bc_loss
 from vlapt.config import atomic_write_json, atomic_write_text
 from vlapt.data.demo_buffer import DemoBuffer
-from vlapt.data.format import env_args, read_episodes
+from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs.tasks import instruction_for, resolve_tasks
 from vlapt.envs.vector import EnvPool, SlotSpec
 from vlapt.evaluation.agents import env_config_for_policy, stack_observations
@@ -217,7 +217,7 @@ def ppo_losses(
 
 def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     config.validate()
-    if "relabelled" in env_args(config.demos):
+    if RELABELLED in env_args(config.demos):
         raise ValueError(f"demos {config.demos} is a `vlapt relabel` dataset: its actions are the expert's labels, not "
                          "trials that reached success; seed the self-BC buffer with a `vlapt collect` dataset")
     out_dir = start_run(config, config.output_dir, config.threads)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlapt.data.format import EpisodeData, read_episodes
+from vlapt.data.format import RELABELLED, EpisodeData, read_episodes
 
 
 class ChunkDataset(Dataset):
@@ -46,7 +46,7 @@ class ChunkDataset(Dataset):
         idx = np.arange(len(self.actions))[:, None] + offsets[None]
         self.action_pad = idx >= self.episode_end[:, None]
         if relabelled_label_steps > 0:
-            relabelled = np.repeat([e.source == "relabelled" for e in episodes], lengths)
+            relabelled = np.repeat([e.source == RELABELLED for e in episodes], lengths)
             self.action_pad |= relabelled[:, None] & (offsets[None] >= relabelled_label_steps)
         self.chunk_index = np.minimum(idx, self.episode_end[:, None] - 1)
 

@@ -21,6 +21,8 @@ from vlapt.config import check_output_file
 
 FORMAT = "vlapt-demos"
 FORMAT_VERSION = 1
+# `vlapt relabel`: the episodes' ``source`` and the env_args key that names the executed policy
+RELABELLED = "relabelled"
 
 
 class DatasetError(ValueError):

@@ -23,15 +23,12 @@ import numpy as np
 from tqdm import tqdm
 
 from vlapt.data.collect import _to_episode_data, dataset_env_args
-from vlapt.data.format import DemoWriter, check_writable
+from vlapt.data.format import RELABELLED, DemoWriter, check_writable
 from vlapt.envs.experts import ScriptedExpert
 from vlapt.envs.metaworld_env import MAX_EPISODE_STEPS
 from vlapt.envs.tasks import resolve_tasks
 from vlapt.envs.vector import EnvPool, SlotSpec
 from vlapt.rollout.episodes import Episode, run_episodes
-
-SOURCE = "relabelled"
-
 
 @dataclasses.dataclass
 class RelabelConfig:
@@ -98,7 +95,7 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
     queues = [deque(range(first + k, first + n, per)) for _ in tasks for k in range(per)]
     env_args = {
         **dataset_env_args(tasks, env_config, config.config_seed),
-        "relabelled": {"executed_policy": str(config.policy), "deterministic": True,
+        RELABELLED: {"executed_policy": str(config.policy), "deterministic": True,
                        "first_config_index": first,
                        "note": "the env executed the policy's chunks; actions stores the expert's action at each visited state"},
         "success": "success of the executed policy; episodes end at its first success or at max_episode_steps",
@@ -110,7 +107,7 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
     writer = DemoWriter(config.output, env_args, overwrite=config.overwrite)
 
     def finished(episode: Episode) -> None:
-        writer.add(_to_episode_data(episode, config.config_seed, source=SOURCE))
+        writer.add(_to_episode_data(episode, config.config_seed, source=RELABELLED))
         s = stats[episode.task]
         s["episodes"] += 1
         s["policy_successes"] += int(episode.success)
