@@ -215,3 +215,49 @@ def test_narrower_field_of_view_makes_objects_larger():
     assert pixels[30.0] > 1.5 * pixels[0.0]
     with pytest.raises(ValueError, match="camera_fovy"):
         EnvConfig(camera_fovy=200).validate()
+
+
+@pytest.mark.parametrize("task", ["pick-place-v3", "drawer-open-v3"])
+def test_lookahead_leaves_the_episode_exactly_as_it_was(task):
+    """The expert's simulated plan must not perturb the real episode: the same actions give the
+    same states and images, bit for bit, with and without lookaheads in between (pick-place makes
+    contacts, whose solver warmstart a sloppy restore changes; drawer-open's reward keeps state)."""
+    expert = ScriptedExpert()
+    config = EnvConfig(image_size=24, privileged_state=True)
+    planned, plain = MetaWorldVLAEnv(task, config), MetaWorldVLAEnv(task, config)
+    a, _ = planned.reset(options={"split": "eval", "index": 3})
+    b, _ = plain.reset(options={"split": "eval", "index": 3})
+    act = lambda state: expert.act_one(np.float32(state), task)  # noqa: E731
+    plans = []
+    for t in range(40):
+        if t % 6 == 0:
+            plans.append(planned.lookahead(act, 8))
+        action = expert.act_one(a["state"], task)[None]
+        a, *_, info_a = planned.step(action)
+        b, *_, info_b = plain.step(action)
+        np.testing.assert_array_equal(a["state"], b["state"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert (info_a["success"], info_a["episode_steps"]) == (info_b["success"], info_b["episode_steps"])
+    assert planned.episode_steps == plain.episode_steps == 40
+    assert all(p.shape == (8, 4) for p in plans)
+    # the plan is what the expert then does: the first plan's actions are the first 8 executed
+    c, _ = plain.reset(options={"split": "eval", "index": 3})
+    executed = []
+    for _ in range(8):
+        executed.append(expert.act_one(c["state"], task))
+        c, *_ = plain.step(executed[-1][None])
+    np.testing.assert_allclose(plans[0], np.stack(executed), atol=1e-6)
+    planned.close(), plain.close()
+
+
+def test_lookahead_stops_at_success_and_refuses_a_finished_episode():
+    expert = ScriptedExpert()
+    env = MetaWorldVLAEnv("reach-v3", EnvConfig(render=False, privileged_state=True))
+    obs, _ = env.reset(options={"split": "eval", "index": 0})
+    plan = env.lookahead(lambda s: expert.act_one(np.float32(s), "reach-v3"), 500)
+    assert 1 <= len(plan) < 200, "the expert reaches the goal and the plan ends there"
+    _, _, terminated, _, _ = env.step(plan)
+    assert terminated, "executing the plan open-loop reproduces the success"
+    with pytest.raises(RuntimeError, match="reset"):
+        env.lookahead(lambda s: expert.act_one(np.float32(s), "reach-v3"), 5)
+    env.close()

@@ -138,3 +138,54 @@ def test_relabelled_label_steps_masks_the_rest_of_relabelled_chunks_only(demos, 
     assert not first.action_pad[relabelled_rows, 0].any(), "the expert's action at the decision state stays a target"
     assert first.action_pad[relabelled_rows, 1:].all()
     assert not full.action_pad[relabelled_rows][0].any()
+
+
+def test_plan_labels_are_what_the_expert_does_when_it_takes_over_at_each_decision(policy, tmp_path):
+    from vlapt.data.dataset import ChunkDataset
+
+    path = tmp_path / "plans.hdf5"
+    relabel(RelabelConfig(policy=str(policy), tasks=[TASK], episodes_per_task=1, max_episode_steps=8, labels="plan",
+                          num_workers=1, output=str(path)), progress=False)
+    (episode,) = read_episodes(path)
+    assert episode.action_plans.shape == (8, CHUNK, 4)
+    assert np.flatnonzero(episode.plan_lengths).tolist() == [0, 3, 6], "a plan where the policy decided (chunk 3)"
+    assert episode.plan_lengths[[0, 3, 6]].tolist() == [CHUNK] * 3
+    np.testing.assert_allclose(episode.action_plans[[0, 3, 6], 0], episode.actions[[0, 3, 6]], atol=1e-6)
+    # Replay: the policy acts up to decision t, then the expert takes over; its actions are the plan.
+    expert, agent = ScriptedExpert(), vlapt.load_policy(policy)
+    for t in (3, 6):
+        env = MetaWorldVLAEnv(TASK, EnvConfig(image_size=IMAGE_SIZE, camera_fovy=30.0, privileged_state=True))
+        obs, _ = env.reset(options={"split": "train", "index": episode.config_index})
+        while env.episode_steps < t:
+            obs, *_ = env.step(agent.predict(obs))
+        taken = []
+        for _ in range(CHUNK):
+            taken.append(expert.act_one(obs["state"], TASK))
+            obs, *_ = env.step(taken[-1][None])
+        env.close()
+        np.testing.assert_allclose(episode.action_plans[t], np.stack(taken), atol=1e-5)
+        assert not np.allclose(episode.action_plans[t, 1:], episode.actions[t + 1 : t + CHUNK], atol=1e-3), (
+            "later plan steps are the expert's own continuation, not its labels at the policy's next states")
+    # SFT's samples: the whole plan is the target where there is one, else the first label only.
+    data = ChunkDataset([episode], CHUNK, relabelled_label_steps=1)
+    np.testing.assert_array_equal(data.targets[[0, 3, 6]], episode.action_plans[[0, 3, 6]])
+    assert not data.action_pad[[0, 3, 6]].any()
+    assert data.action_pad[[1, 2, 4, 5, 7], 1:].all() and not data.action_pad[[1, 2, 4, 5, 7], 0].any()
+    np.testing.assert_array_equal(data.batch(np.array([3]))["actions"][0].numpy(), episode.action_plans[3])
+
+
+def test_plan_shorter_than_the_chunk_is_padded_and_masked():
+    from vlapt.data.dataset import ChunkDataset
+    from vlapt.data.format import EpisodeData
+
+    T, h = 5, 4
+    plans = np.zeros((T, h, 4), np.float32)
+    plans[1, :2] = [[0.1] * 4, [0.2] * 4]  # the expert succeeded after two actions
+    episode = EpisodeData(task=TASK, instruction="x", images=np.zeros((T, 8, 8, 3), np.uint8),
+                          proprio=np.zeros((T, 4), np.float32), actions=np.ones((T, 4), np.float32),
+                          rewards=np.zeros(T, np.float32), source="relabelled", action_plans=plans,
+                          plan_lengths=np.array([0, 2, 0, 0, 0]))
+    data = ChunkDataset([episode], h, relabelled_label_steps=1)
+    np.testing.assert_allclose(data.targets[1], [[0.1] * 4, [0.2] * 4, [0.2] * 4, [0.2] * 4])
+    assert data.action_pad[1].tolist() == [False, False, True, True]
+    assert data.action_pad[0].tolist() == [False, True, True, True]

@@ -1,7 +1,7 @@
 """Demonstrations as a torch dataset of (observation, action chunk) samples.
 
 Every step t of every episode is a sample: the observation at t and the actions
-t..t+h-1. Chunks that run past the episode's end are padded with the last action and
+t..t+h-1 (or, in relabelled episodes that store one, the expert's plan from t). Chunks that run past the episode's end are padded with the last action and
 flagged in ``action_pad`` so losses can ignore the padding (the episode ended in success,
 so there is nothing to imitate after it).
 """
@@ -49,6 +49,23 @@ class ChunkDataset(Dataset):
             relabelled = np.repeat([e.source == RELABELLED for e in episodes], lengths)
             self.action_pad |= relabelled[:, None] & (offsets[None] >= relabelled_label_steps)
         self.chunk_index = np.minimum(idx, self.episode_end[:, None] - 1)
+        self.targets = self.actions[self.chunk_index]  # (N, h, 4) the chunk each sample imitates
+        self._use_plans(episodes, lengths)
+
+    def _use_plans(self, episodes: Sequence[EpisodeData], lengths: np.ndarray) -> None:
+        """Where an episode stores the expert's plan for a step (`vlapt relabel labels=plan`), that
+        plan is the whole target chunk: actions the expert chose itself from that very state, so
+        every step of the chunk is a consistent label; padding marks what the plan lacks."""
+        h, starts = self.chunk_len, np.cumsum(lengths) - lengths
+        for episode, start in zip(episodes, starts):
+            if episode.action_plans is None:
+                continue
+            for t in np.flatnonzero(episode.plan_lengths > 0):
+                n = min(int(episode.plan_lengths[t]), h, episode.action_plans.shape[1])
+                row = start + t
+                self.targets[row, :n] = episode.action_plans[t, :n]
+                self.targets[row, n:] = episode.action_plans[t, n - 1]
+                self.action_pad[row] = np.arange(h) >= n
 
     @classmethod
     def from_file(
@@ -64,7 +81,7 @@ class ChunkDataset(Dataset):
             "image": torch.from_numpy(self.images[i]),
             "proprio": torch.from_numpy(self.proprio[i]),
             "instruction": self.instructions[self.episode_of[i]],
-            "actions": torch.from_numpy(self.actions[self.chunk_index[i]]),
+            "actions": torch.from_numpy(self.targets[i]),
             "action_pad": torch.from_numpy(self.action_pad[i]),
         }
 
@@ -74,7 +91,7 @@ class ChunkDataset(Dataset):
             "image": torch.from_numpy(self.images[indices]),
             "proprio": torch.from_numpy(self.proprio[indices]),
             "instruction": [self.instructions[e] for e in self.episode_of[indices]],
-            "actions": torch.from_numpy(self.actions[self.chunk_index[indices]]),
+            "actions": torch.from_numpy(self.targets[indices]),
             "action_pad": torch.from_numpy(self.action_pad[indices]),
         }
         if self.states is not None:

@@ -45,6 +45,10 @@ class EpisodeData:
     config_index: int = -1
     config_seed: int = 0
     source: str = "scripted"
+    # `vlapt relabel labels=plan`: at the steps where the policy decided, the expert's own next
+    # actions from that state (simulated, then rewound): (T, h, 4), valid for plan_lengths[t] > 0
+    action_plans: np.ndarray | None = None
+    plan_lengths: np.ndarray | None = None  # (T,) int: actions in each step's plan, 0 = none
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -86,6 +90,9 @@ class DemoWriter:
             obs.create_dataset("state", data=episode.states.astype(np.float32))
         group.create_dataset("actions", data=episode.actions.astype(np.float32))
         group.create_dataset("rewards", data=episode.rewards.astype(np.float32))
+        if episode.action_plans is not None:
+            group.create_dataset("action_plans", data=episode.action_plans.astype(np.float32))
+            group.create_dataset("plan_lengths", data=episode.plan_lengths.astype(np.int32))
         dones = np.zeros(len(episode), dtype=np.uint8)
         dones[-1] = 1
         group.create_dataset("dones", data=dones)
@@ -177,6 +184,8 @@ def read_episodes(
                         config_index=int(a["config_index"]),
                         config_seed=int(a["config_seed"]),
                         source=str(a["source"]),
+                        action_plans=g["action_plans"][()] if "action_plans" in g else None,
+                        plan_lengths=g["plan_lengths"][()] if "plan_lengths" in g else None,
                     )
                 )
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -159,6 +159,43 @@ class MetaWorldVLAEnv(gym.Env):
         reward_array = np.asarray(rewards, dtype=np.float32)
         info = {"rewards": reward_array, "steps": len(rewards), "success": success, "episode_steps": self._steps}
         return self._observation(), float(reward_array.sum()), terminated, truncated, info
+
+    def lookahead(self, act: Callable[[np.ndarray], np.ndarray], steps: int) -> np.ndarray:
+        """Let a state-based policy act ``steps`` env steps from here, then put everything back.
+
+        ``act(state)`` maps MetaWorld's 39-d state to one action. Returns the actions it took
+        (clipped), fewer when it succeeded first or reached MetaWorld's 500 steps. Nothing is
+        rendered, and afterwards the simulator, MetaWorld's bookkeeping and this env are exactly
+        as before, so the episode goes on as if the call never happened: what an expert *would*
+        do from here, as a label for a chunk-level policy.
+        """
+        import mujoco
+
+        if self._done:
+            raise RuntimeError("episode is over (success or step limit): call reset() before lookahead()")
+        env, model, data = self._env, self._env.model, self._env.data
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = np.empty(mujoco.mj_stateSize(model, spec))
+        mujoco.mj_getState(model, data, physics, spec)
+        saved = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in vars(env).items()
+                 if isinstance(v, (np.ndarray, int, float, bool, str, type(None)))}
+        raw, actions = self._raw_obs, []
+        try:
+            for _ in range(min(steps, MAX_EPISODE_STEPS - self._steps)):  # this env's own step limit does not cut plans
+                action = np.clip(np.asarray(act(raw), dtype=np.float32), -1.0, 1.0)
+                raw, _, _, _, info = env.step(action)
+                actions.append(action)
+                if info["success"]:
+                    break
+        finally:
+            mujoco.mj_setState(model, data, physics, spec)
+            mujoco.mj_forward(model, data)  # positions for the sites below and for rendering
+            mujoco.mj_setState(model, data, physics, spec)  # the forward pass rewrote the solver's warmstart
+            for site in env._target_site_config:  # as MetaWorld's step does after the physics
+                env._set_pos_site(*site)
+            for k, v in saved.items():
+                setattr(env, k, v)
+        return np.asarray(actions, dtype=np.float32).reshape(-1, 4)
 
     def render(self) -> np.ndarray:
         return self._render(segmentation=False)

@@ -48,6 +48,7 @@ class _Slots:
 
     def __init__(self, specs: dict[int, SlotSpec]):
         self.envs = {i: spec.build() for i, spec in specs.items()}
+        self.expert = None  # built on the first expert_plans call
 
     def reset(self, requests: dict[int, dict]) -> dict[int, tuple[dict, dict]]:
         return {i: self.envs[i].reset(options=options) for i, options in requests.items()}
@@ -68,6 +69,18 @@ class _Slots:
 
     def privileged_state(self, slots: list[int]) -> dict[int, np.ndarray]:
         return {i: self.envs[i].privileged_state() for i in slots}
+
+    def expert_plans(self, requests: dict[int, int]) -> dict[int, np.ndarray]:
+        if self.expert is None:
+            from vlapt.envs.experts import ScriptedExpert
+
+            self.expert = ScriptedExpert()
+        out = {}
+        for i, steps in requests.items():
+            env = self.envs[i]
+            # float32 states, as the expert reads them when it acts or labels (observation["state"])
+            out[i] = env.lookahead(lambda state, task=env.task: self.expert.act_one(np.float32(state), task), steps)
+        return out
 
     def close(self) -> None:
         for env in self.envs.values():
@@ -176,6 +189,12 @@ class EnvPool:
 
     def privileged_state(self, slots: list[int]) -> dict[int, np.ndarray]:
         return self._call("privileged_state", {i: None for i in slots})
+
+    def expert_plans(self, requests: dict[int, int]) -> dict[int, np.ndarray]:
+        """The scripted expert's next actions from each slot's current state, up to ``requests[slot]``
+        of them (fewer if it succeeds first), simulated and rewound (`MetaWorldVLAEnv.lookahead`):
+        the slots' episodes go on unchanged."""
+        return self._call("expert_plans", requests)
 
     def groups(self, count: int) -> list[list[int]]:
         """Split the slots into ``count`` groups, each spread over every worker (empty groups dropped)."""
