@@ -1,9 +1,9 @@
 """Demonstrations as a torch dataset of (observation, action chunk) samples.
 
-Every step t of every episode is a sample: the observation at t and the actions
-t..t+h-1 (or, in relabelled episodes that store one, the expert's plan from t). Chunks that run past the episode's end are padded with the last action and
-flagged in ``action_pad`` so losses can ignore the padding (the episode ended in success,
-so there is nothing to imitate after it).
+Every step t of every episode is a sample: the observation at t and the actions t..t+h-1
+(or, in relabelled episodes that store one, the expert's plan from t). Chunks that run past
+the episode's end are padded with the last action and flagged in ``action_pad`` so losses
+can ignore the padding (the episode ended in success, so there is nothing to imitate after it).
 """
 
 from __future__ import annotations

@@ -76,9 +76,9 @@ class PolicyExecution:
     """The `execute` hook of `run_episodes`: the env runs the policy's chunks, one action per step.
 
     The policy decides once per chunk, batched over the slots whose chunk is used up, exactly
-    as when it is evaluated; in between, its remaining actions are played open-loop. With an
-    ``expert_plans`` pool and ``plan_steps``, each decision also asks the scripted expert for its
-    own plan from that state (`EnvPool.expert_plans`), kept per episode step (`take_plans`).
+    as when it is evaluated; in between, its remaining actions are played open-loop. With a
+    ``pool`` and ``plan_steps``, each decision also asks the scripted expert for its own plan
+    from that state (`EnvPool.expert_plans`), kept per episode step (`take_plans`).
     """
 
     def __init__(self, agent, pool=None, plan_steps: int = 0):
