@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 
 import numpy as np
 
@@ -32,9 +31,7 @@ class GainScaledExpert(ScriptedExpert):
         self.name = f"scripted x{gain:g}"
 
     def act_one(self, state: np.ndarray, task: str) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MetaWorld warns on every unclipped action
-            action = np.asarray(self.expert(task).get_action(state), dtype=np.float32)
+        action = self.raw_action(state, task)
         action[:3] *= self.gain
         return np.clip(action, -1.0, 1.0)
 

@@ -33,11 +33,14 @@ class ScriptedExpert:
             self._experts[task] = ENV_POLICY_MAP[task]()
         return self._experts[task]
 
-    def act_one(self, state: np.ndarray, task: str) -> np.ndarray:
+    def raw_action(self, state: np.ndarray, task: str) -> np.ndarray:
+        """The expert's action before clipping (its controllers' gains can exceed the bounds)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MetaWorld warns on every unclipped action
-            action = self.expert(task).get_action(state)
-        return np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+            return np.asarray(self.expert(task).get_action(state), dtype=np.float32)
+
+    def act_one(self, state: np.ndarray, task: str) -> np.ndarray:
+        return np.clip(self.raw_action(state, task), -1.0, 1.0)
 
     def act(self, observations, tasks):
         return [self.act_one(obs["state"], task)[None] for obs, task in zip(observations, tasks)]
