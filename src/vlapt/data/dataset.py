@@ -48,8 +48,8 @@ class ChunkDataset(Dataset):
         if relabelled_label_steps > 0:
             relabelled = np.repeat([e.source == RELABELLED for e in episodes], lengths)
             self.action_pad |= relabelled[:, None] & (offsets[None] >= relabelled_label_steps)
-        self.chunk_index = np.minimum(idx, self.episode_end[:, None] - 1)
-        self.targets = self.actions[self.chunk_index]  # (N, h, 4) the chunk each sample imitates
+        # (N, h, 4) the chunk each sample imitates; indices past the episode's end repeat its last action
+        self.targets = self.actions[np.minimum(idx, self.episode_end[:, None] - 1)]
         self._use_plans(episodes, lengths)
 
     def _use_plans(self, episodes: Sequence[EpisodeData], lengths: np.ndarray) -> None:

@@ -137,7 +137,6 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
     plan_steps = (config.plan_steps or agent.policy.config.chunk_len) if config.labels == "plan" else 0
     if plan_steps:
         env_args[RELABELLED]["plan_steps"] = plan_steps
-    behaviour = PolicyExecution(agent, plan_steps=plan_steps)
     start = time.perf_counter()
     bar = tqdm(total=n * len(tasks), desc="relabel", unit="episode", disable=not progress, dynamic_ncols=True)
     writer = DemoWriter(config.output, env_args, overwrite=config.overwrite)
@@ -154,7 +153,7 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
         bar.update(1)
 
     with writer, bar, EnvPool(slots, num_workers=config.num_workers) as pool:
-        behaviour.pool = pool
+        behaviour = PolicyExecution(agent, pool, plan_steps)
         env_steps = run_episodes(ScriptedExpert(), pool, [s.task for s in slots], queues, "train", finished,
                                  record=True, execute=behaviour)
     return {"output": str(writer.path), "tasks": stats, "env_steps": env_steps, "wall_time_s": time.perf_counter() - start}
