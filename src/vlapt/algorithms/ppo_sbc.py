@@ -64,7 +64,7 @@ class PPOConfig:
     horizon: int = 8  # decisions per env slot per iteration: 80 env steps with the default chunk length 10 (use 80 / h)
     num_workers: int = 2
     rollout_groups: int = 2  # slot groups stepped in turn, so inference for one overlaps env steps of another; 1: lockstep
-    total_env_steps: int = 1_000_000  # ~54 min on 2 cores; MT10 0.892 at 500k, 0.928 at 1M (docs/results.md)
+    total_env_steps: int = 1_000_000  # ~54 min on 2 cores; MT10 0.892 at 500k, 0.904 at 1M over three seeds (docs/results.md)
     # PPO
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n
     gae_lambda: float = 0.95  # per decision
