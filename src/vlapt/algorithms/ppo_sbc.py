@@ -69,6 +69,7 @@ class PPOConfig:
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n
     gae_lambda: float = 0.95  # per decision
     lr: float = 2e-5  # 1e-4 moved the policy too far per update (approx KL > 1 per chunk) and tasks collapsed
+    value_lr: float = 0.0  # learning rate of the value head (SFT leaves it untrained); 0: lr
     epochs: int = 4
     minibatch_size: int = 128
     clip_coef: float = 0.2
@@ -114,6 +115,8 @@ class PPOConfig:
             raise ValueError(f"bc_target must be initial or reference, got {self.bc_target!r}")
         if self.bc_weight_rule not in ("lagrangian", "fixed", "none"):
             raise ValueError(f"bc_weight_rule must be lagrangian, fixed or none, got {self.bc_weight_rule!r}")
+        if self.lr <= 0 or self.value_lr < 0:
+            raise ValueError(f"lr must be > 0 and value_lr >= 0 (0: lr), got lr={self.lr}, value_lr={self.value_lr}")
         for name in ("envs_per_task", "horizon", "rollout_groups", "threads", "rollout_threads", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -238,7 +241,12 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
                 model.correlated_log_std.fill_(config.correlated_noise_log_std)
         else:
             model.enable_correlated_noise(config.correlated_noise_log_std)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=1e-5)
+    value_params = list(model.value_head.parameters())
+    value_ids = {id(p) for p in value_params}
+    optimizer = torch.optim.Adam([
+        {"params": [p for p in model.parameters() if id(p) not in value_ids], "lr": config.lr},
+        {"params": value_params, "lr": config.value_lr or config.lr},
+    ], eps=1e-5)
     demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     buffer = DemoBuffer(tasks, config.buffer_capacity, config.buffer_admit_self)
     buffer.seed(demos, h)
