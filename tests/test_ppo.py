@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
 import vlapt.algorithms.ppo_sbc as ppo_module
 from vlapt.algorithms.checkpointing import latest_checkpoint, load_training_checkpoint
-from vlapt.algorithms.ppo_sbc import BCWeight, PPOConfig, _update, ppo_losses, train_ppo
+from vlapt.algorithms.ppo_sbc import BCWeight, PPOConfig, _update, make_optimizer, ppo_losses, train_ppo
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
 from vlapt.data import EpisodeData, read_episodes
 from vlapt.data.collect import CollectConfig, collect
@@ -605,6 +605,23 @@ def test_update_takes_every_minibatch_when_losses_are_finite(tiny_model):
     assert stats["updates"] == 4 and stats["nonfinite"] == 0  # 2 epochs x 2 minibatches of 2
     assert all(math.isfinite(stats[k]) for k in ("policy_loss", "value_loss", "entropy", "approx_kl"))
     assert any(not torch.equal(before[k], v) for k, v in tiny_model.named_parameters())
+
+
+def test_value_head_learns_at_its_own_rate(tiny_model):
+    config = PPOConfig(tasks=[TASK], lr=1e-9, value_lr=1e-2)
+    optimizer = make_optimizer(tiny_model, config)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-9, 1e-2]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(tiny_model.parameters()))
+    before = _params(tiny_model)
+    _update(tiny_model, optimizer, _fake_rollout(tiny_model), None, BCWeight("none", 0.1, 1.5, 0.1, 1e-3, 10.0),
+            Tokenizer(tiny_model.config.vocab), tiny_model.config, dataclasses.replace(config, epochs=2, minibatch_size=2),
+            np.random.default_rng(0), critic_only=False)
+    moved = {k: float((v - before[k]).abs().max()) for k, v in tiny_model.named_parameters()}
+    assert all(moved[k] > 1e-4 for k in moved if k.startswith("value_head"))
+    assert all(moved[k] < 1e-6 for k in moved if not k.startswith("value_head"))
+    assert make_optimizer(tiny_model, PPOConfig(tasks=[TASK], lr=3e-5)).param_groups[1]["lr"] == 3e-5  # 0: the actor's
+    with pytest.raises(ValueError, match="value_lr"):
+        PPOConfig(tasks=[TASK], value_lr=-1.0).validate()
 
 
 def test_update_adds_the_weighted_bc_loss_and_calibrates_the_weight(tiny_model):
