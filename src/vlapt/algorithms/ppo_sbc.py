@@ -69,7 +69,8 @@ class PPOConfig:
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n
     gae_lambda: float = 0.95  # per decision
     lr: float = 2e-5  # 1e-4 moved the policy too far per update (approx KL > 1 per chunk) and tasks collapsed
-    value_lr: float = 0.0  # learning rate of the value head (SFT leaves it untrained); 0: lr
+    value_lr: float = 0.0  # value head's learning rate; 0: lr. 1e-3 explains ~0.8 of the return variance at once (lr: ~0.05
+    # for 150k env steps), yet MT10 gave 0.864 / 71.1 and 0.898 / 72.3 for seeds 0, 1 against 0.928 / 72.6 and 0.872 / 73.7
     epochs: int = 4
     minibatch_size: int = 128
     clip_coef: float = 0.2
