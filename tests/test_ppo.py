@@ -624,6 +624,22 @@ def test_value_head_learns_at_its_own_rate(tiny_model):
         PPOConfig(tasks=[TASK], value_lr=-1.0).validate()
 
 
+def test_resuming_an_optimiser_with_other_parameter_groups_names_the_problem(tiny_model):
+    from vlapt.algorithms.checkpointing import optimizer_from_flat, optimizer_to_flat
+    from vlapt.models.checkpoint import CheckpointError
+
+    one_group = torch.optim.Adam(tiny_model.parameters(), lr=1e-3)
+    _update(tiny_model, one_group, _fake_rollout(tiny_model), None, BCWeight("none", 0.1, 1.5, 0.1, 1e-3, 10.0),
+            Tokenizer(tiny_model.config.vocab), tiny_model.config, PPOConfig(tasks=[TASK], epochs=1, minibatch_size=2),
+            np.random.default_rng(0), critic_only=False)
+    tensors, meta = optimizer_to_flat(one_group)
+    with pytest.raises(CheckpointError, match="parameter groups"):
+        optimizer_from_flat(make_optimizer(tiny_model, PPOConfig(tasks=[TASK])), tensors, meta)
+    two_groups = make_optimizer(tiny_model, PPOConfig(tasks=[TASK]))
+    optimizer_from_flat(two_groups, *optimizer_to_flat(make_optimizer(tiny_model, PPOConfig(tasks=[TASK], value_lr=1e-3))))
+    assert [g["lr"] for g in two_groups.param_groups] == [2e-5, 1e-3]  # the checkpoint's rates come back
+
+
 def test_update_adds_the_weighted_bc_loss_and_calibrates_the_weight(tiny_model):
     plain = copy.deepcopy(tiny_model)
     _run_update(plain)
