@@ -578,9 +578,9 @@ def _fake_rollout(model, T=2, S=2, seed=0) -> RolloutBatch:
     )
 
 
-def _run_update(model, bc_weight=None, buffer=None, reference_model=None, lr=1e-3):
+def _run_update(model, bc_weight=None, buffer=None, reference_model=None, lr=1e-3, optimizer=None):
     config = PPOConfig(tasks=[TASK], epochs=2, minibatch_size=2, target_kl=0.0, bc_batch_size=4)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     stats = _update(
         model, optimizer, _fake_rollout(model), buffer, bc_weight or BCWeight("none", 0.1, 1.5, 0.1, 1e-3, 10.0),
         Tokenizer(model.config.vocab), model.config, config, np.random.default_rng(0), critic_only=False,
@@ -613,9 +613,7 @@ def test_value_head_learns_at_its_own_rate(tiny_model):
     assert [g["lr"] for g in optimizer.param_groups] == [1e-9, 1e-2]
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(tiny_model.parameters()))
     before = _params(tiny_model)
-    _update(tiny_model, optimizer, _fake_rollout(tiny_model), None, BCWeight("none", 0.1, 1.5, 0.1, 1e-3, 10.0),
-            Tokenizer(tiny_model.config.vocab), tiny_model.config, dataclasses.replace(config, epochs=2, minibatch_size=2),
-            np.random.default_rng(0), critic_only=False)
+    _run_update(tiny_model, optimizer=optimizer)
     moved = {k: float((v - before[k]).abs().max()) for k, v in tiny_model.named_parameters()}
     assert all(moved[k] > 1e-4 for k in moved if k.startswith("value_head"))
     assert all(moved[k] < 1e-6 for k in moved if not k.startswith("value_head"))
@@ -628,10 +626,7 @@ def test_resuming_an_optimiser_with_other_parameter_groups_names_the_problem(tin
     from vlapt.algorithms.checkpointing import optimizer_from_flat, optimizer_to_flat
     from vlapt.models.checkpoint import CheckpointError
 
-    one_group = torch.optim.Adam(tiny_model.parameters(), lr=1e-3)
-    _update(tiny_model, one_group, _fake_rollout(tiny_model), None, BCWeight("none", 0.1, 1.5, 0.1, 1e-3, 10.0),
-            Tokenizer(tiny_model.config.vocab), tiny_model.config, PPOConfig(tasks=[TASK], epochs=1, minibatch_size=2),
-            np.random.default_rng(0), critic_only=False)
+    _, one_group = _run_update(tiny_model)  # a plain one-group Adam, as PPO used before value_lr
     tensors, meta = optimizer_to_flat(one_group)
     with pytest.raises(CheckpointError, match="parameter groups"):
         optimizer_from_flat(make_optimizer(tiny_model, PPOConfig(tasks=[TASK])), tensors, meta)

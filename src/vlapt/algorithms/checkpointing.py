@@ -61,6 +61,13 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    saved, current = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in optimizer.param_groups]
+    if saved != current:
+        raise CheckpointError(
+            f"the checkpoint's optimiser has parameter groups of sizes {saved}, this version's has {current} "
+            "(PPO checkpoints written before `value_lr` existed have one group); resume it with the vlapt version "
+            "that wrote it, or start a new run in another output_dir"
+        )
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -69,13 +76,6 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     for key, value in meta["scalars"].items():
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
-    saved, current = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in optimizer.param_groups]
-    if saved != current:
-        raise CheckpointError(
-            f"the checkpoint's optimiser has parameter groups of sizes {saved}, this version's has {current} "
-            "(PPO checkpoints written before `value_lr` existed have one group); resume it with the vlapt version "
-            "that wrote it, or start a new run in another output_dir"
-        )
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
