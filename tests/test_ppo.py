@@ -17,7 +17,15 @@ from safetensors.torch import load_file, save_file
 import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
 import vlapt.algorithms.ppo_sbc as ppo_module
 from vlapt.algorithms.checkpointing import latest_checkpoint, load_training_checkpoint
-from vlapt.algorithms.ppo_sbc import BCWeight, PPOConfig, _update, make_optimizer, ppo_losses, train_ppo
+from vlapt.algorithms.ppo_sbc import (
+    BCWeight,
+    PPOConfig,
+    TaskAdvantageScale,
+    _update,
+    make_optimizer,
+    ppo_losses,
+    train_ppo,
+)
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
 from vlapt.data import EpisodeData, read_episodes
 from vlapt.data.collect import CollectConfig, collect
@@ -557,6 +565,53 @@ def test_bc_weight_calibration_waits_for_a_finite_loss_and_state_round_trips():
     assert copy_.update(2.0) == w.update(2.0)
 
 
+# =========================================================================== per-task advantage normalisation
+def test_task_advantage_scale_gives_each_task_unit_scale_then_tracks_a_running_variance():
+    tasks = ["a", "b", "a"]  # slots 0 and 2 run task a
+    rng = np.random.default_rng(0)
+    first = np.stack([rng.normal(2.0, 0.5, 4), rng.normal(0.0, 0.01, 4), rng.normal(2.0, 0.5, 4)], axis=1)
+    scale = TaskAdvantageScale(decay=0.75)
+    out = scale.normalize(first, tasks)
+    a, b = out[:, [0, 2]], out[:, 1]
+    assert abs(a.mean()) < 1e-6 and abs(b.mean()) < 1e-6
+    assert a.std() == pytest.approx(1.0) and b.std() == pytest.approx(1.0)  # the quiet task is not drowned
+    # one mean/std over everything would have left task b ~50x smaller than task a
+    pooled = (first - first.mean()) / first.std()
+    assert pooled[:, 1].std() < 0.05 * pooled[:, [0, 2]].std()
+    second = first * 3.0
+    var_a = np.var(first[:, [0, 2]])
+    out2 = scale.normalize(second, tasks)
+    expected = 0.75 * var_a + 0.25 * 9 * var_a
+    assert scale.variance["a"] == pytest.approx(expected)
+    centred = second[:, [0, 2]] - second[:, [0, 2]].mean()
+    np.testing.assert_allclose(out2[:, [0, 2]], centred / np.sqrt(expected), rtol=1e-5)
+    copy_ = TaskAdvantageScale(decay=0.75)
+    copy_.load(json.loads(json.dumps(scale.state())))
+    np.testing.assert_array_equal(copy_.normalize(first, tasks), scale.normalize(first, tasks))
+    # a task whose advantages are all equal is centred to zero, not divided by zero
+    assert np.all(TaskAdvantageScale().normalize(np.ones((3, 1)), ["c"]) == 0.0)
+
+
+def test_update_normalises_per_task_only_when_asked_and_not_in_the_critic_warm_up(tiny_model):
+    rollout = _fake_rollout(tiny_model)
+    rollout.rewards[:, 1] *= 1e-3  # push-v3's advantages are ~1000x smaller than reach-v3's
+    scale = TaskAdvantageScale()
+    stats, _ = _run_update(copy.deepcopy(tiny_model), rollout=rollout, critic_only=True, advantage_scale=scale,
+                           advantage_norm="task")
+    assert scale.variance == {}, "the warm-up's advantages (an untrained critic) do not set the scale"
+    assert stats["advantage_std/push-v3"] < 1e-2 * stats["advantage_std/reach-v3"]
+    _run_update(copy.deepcopy(tiny_model), rollout=rollout, advantage_scale=scale, advantage_norm="task")
+    assert set(scale.variance) == {TASK, "push-v3"}
+    assert scale.variance["push-v3"] < 1e-4 * scale.variance[TASK]
+    untouched = TaskAdvantageScale()
+    _run_update(copy.deepcopy(tiny_model), rollout=rollout, advantage_scale=untouched)  # the default: per minibatch
+    assert untouched.variance == {}
+    with pytest.raises(ValueError, match="advantage_norm"):
+        PPOConfig(tasks=[TASK], advantage_norm="episode").validate()
+    with pytest.raises(ValueError, match="advantage_norm_decay"):
+        PPOConfig(tasks=[TASK], advantage_norm_decay=1.0).validate()
+
+
 # =========================================================================== non-finite updates
 def _fake_rollout(model, T=2, S=2, seed=0) -> RolloutBatch:
     rng = np.random.default_rng(seed)
@@ -578,13 +633,14 @@ def _fake_rollout(model, T=2, S=2, seed=0) -> RolloutBatch:
     )
 
 
-def _run_update(model, bc_weight=None, buffer=None, reference_model=None, lr=1e-3, optimizer=None):
-    config = PPOConfig(tasks=[TASK], epochs=2, minibatch_size=2, target_kl=0.0, bc_batch_size=4)
+def _run_update(model, bc_weight=None, buffer=None, reference_model=None, lr=1e-3, optimizer=None, rollout=None,
+                critic_only=False, advantage_scale=None, **config_changes):
+    config = PPOConfig(tasks=[TASK], epochs=2, minibatch_size=2, target_kl=0.0, bc_batch_size=4, **config_changes)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     stats = _update(
-        model, optimizer, _fake_rollout(model), buffer, bc_weight or BCWeight("none", 0.1, 1.5, 0.1, 1e-3, 10.0),
-        Tokenizer(model.config.vocab), model.config, config, np.random.default_rng(0), critic_only=False,
-        reference_model=reference_model,
+        model, optimizer, rollout or _fake_rollout(model), buffer, bc_weight or BCWeight("none", 0.1, 1.5, 0.1, 1e-3, 10.0),
+        Tokenizer(model.config.vocab), model.config, config, np.random.default_rng(0), critic_only=critic_only,
+        reference_model=reference_model, advantage_scale=advantage_scale,
     )
     return stats, optimizer
 
@@ -977,6 +1033,30 @@ def test_evaluations_start_at_the_initial_policy_and_are_kept_per_iteration(resu
     history = _history(resumed_run.out)
     assert evals[0] == "iteration_000000.json", "the starting (SFT) policy is evaluated once, before training"
     assert evals[1:] == [f"iteration_{row['iteration']:06d}.json" for row in history]
+
+
+def test_per_task_advantage_scale_is_checkpointed_and_resumed(dataset, sft_policy, tmp_path, monkeypatch):
+    """A resumed run's first update starts from the scale the uninterrupted run had at that iteration."""
+    seen = []
+    original = ppo_module._update
+
+    def spy(*args, **kwargs):
+        seen.append(copy.deepcopy(kwargs["advantage_scale"].state()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ppo_module, "_update", spy)
+    config = _ppo_config(dataset, sft_policy, tmp_path / "straight", advantage_norm="task", total_env_steps=45)
+    train_ppo(config, progress=False)
+    straight, seen[:] = list(seen), []
+    assert straight[0] == straight[1] == {"variance": {}} and set(straight[2]["variance"]) == {TASK}  # after the warm-up
+    half = dataclasses.replace(config, output_dir=str(tmp_path / "resumed"), total_env_steps=25)
+    train_ppo(half, progress=False)
+    done = len(seen)
+    _, _, state = load_training_checkpoint(latest_checkpoint(tmp_path / "resumed"))
+    assert state["advantage_scale"]["variance"] and state["iteration"] == done
+    seen[:] = []
+    train_ppo(dataclasses.replace(half, total_env_steps=45), progress=False)
+    assert seen[0] == state["advantage_scale"] == straight[done]
 
 
 def test_post_training_with_correlated_chunk_noise(dataset, sft_policy, tmp_path):

@@ -80,6 +80,11 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     target_kl: float = 0.05  # stop the epoch loop once approx KL per chunk exceeds this (0: never)
     normalize_advantages: bool = True
+    # "minibatch": one mean/std per minibatch (CleanRL's); "task": each task's advantages centred on their batch
+    # mean and divided by a running std of their own (TaskAdvantageScale), so a task that always succeeds, whose
+    # advantages differ only by how fast it succeeds, weighs as much in the surrogate as one that still fails
+    advantage_norm: str = "minibatch"
+    advantage_norm_decay: float = 0.9  # "task": EMA decay per iteration of each task's advantage variance
     init_log_std: float = -1.0  # reset the exploration std (normalised action units) at the start; 0 keeps SFT's
     # != 0: add correlated chunk noise (PolicyConfig.correlated_noise) with this initial log-std at the start: a
     # draw per chunk and action dimension shared by the chunk's steps, so exploration varies whole motions
@@ -128,6 +133,10 @@ class PPOConfig:
                              f"[{self.bc_coef_min}, {self.bc_coef_max}] with bc_coef_min > 0 (bc_weight_rule=none disables BC)")
         if self.reward not in ("sparse", "dense"):
             raise ValueError(f"reward must be sparse or dense, got {self.reward!r}")
+        if self.advantage_norm not in ("minibatch", "task"):
+            raise ValueError(f"advantage_norm must be minibatch or task, got {self.advantage_norm!r}")
+        if not 0 <= self.advantage_norm_decay < 1:
+            raise ValueError(f"advantage_norm_decay must be in [0, 1), got {self.advantage_norm_decay}")
         return self
 
 
@@ -180,6 +189,42 @@ class BCWeight:
 
     def load(self, state: dict) -> None:
         self.value, self.target, self.scale = state["value"], state["target"], state["scale"]
+
+
+class TaskAdvantageScale:
+    """Per-task advantage normalisation for multi-task PPO.
+
+    One mean/std over a minibatch that mixes tasks lets the tasks that still fail set the
+    scale: their advantages swing between ~0 and ~0.5 with success or failure, while those of
+    a task that always succeeds differ only by timing (gamma ** steps: ~0.5% of the return
+    per env step saved), so the signal to succeed *sooner* is drowned. Each task's advantages
+    are centred on their own batch mean and divided by their own std, so every task weighs the
+    same in the surrogate (the problem PopArt solves for reward scales). The variance is a
+    running EMA over iterations rather than the batch's own (~16 chunks per task): a quiet
+    iteration's critic noise is not blown up to unit scale.
+    """
+
+    def __init__(self, decay: float = 0.9, floor: float = 1e-4):
+        self.decay, self.floor = decay, floor
+        self.variance: dict[str, float] = {}
+
+    def normalize(self, advantages: np.ndarray, tasks: list[str]) -> np.ndarray:
+        """Advantages (T, S) of slots running ``tasks`` (S,) -> normalised per task; updates the running variances."""
+        out = np.empty_like(advantages)
+        for task in dict.fromkeys(tasks):
+            cols = [i for i, t in enumerate(tasks) if t == task]
+            centred = advantages[:, cols] - advantages[:, cols].mean()
+            var = float(np.mean(np.square(centred)))
+            old = self.variance.get(task)
+            self.variance[task] = var if old is None else self.decay * old + (1 - self.decay) * var
+            out[:, cols] = centred / max(math.sqrt(self.variance[task]), self.floor)
+        return out
+
+    def state(self) -> dict:
+        return {"variance": dict(self.variance)}
+
+    def load(self, state: dict) -> None:
+        self.variance = {t: float(v) for t, v in state["variance"].items()}
 
 
 def rollout_functions(model: VLAPolicy, tokenizer: Tokenizer, generator: torch.Generator):
@@ -266,6 +311,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
             reference_model.requires_grad_(False)
     bc_weight = BCWeight(config.bc_weight_rule, config.bc_coef, config.bc_target_ratio, config.bc_lr,
                          config.bc_coef_min, config.bc_coef_max)
+    advantage_scale = TaskAdvantageScale(config.advantage_norm_decay)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     sample_gen = torch.Generator().manual_seed(config.seed)
@@ -277,6 +323,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
         restore_state(optimizer, rng, {"sample": sample_gen}, tensors, state)
         buffer.load_state(tensors, state["buffer"], demos, h)
         bc_weight.load(state["bc_weight"])
+        advantage_scale.load(state.get("advantage_scale", {"variance": {}}))  # runs from before it have none
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
         log.info("resumed from %s: iteration %d, %d env steps", resume_from, iteration, env_steps)
 
@@ -310,7 +357,8 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
                     buffer.offer(ep.trajectory)
             t1 = time.perf_counter()
             stats = _update(model, optimizer, batch, buffer, bc_weight, tokenizer, policy_config, config, rng,
-                            critic_only=iteration <= config.value_warmup_iterations, reference_model=reference_model)
+                            critic_only=iteration <= config.value_warmup_iterations, reference_model=reference_model,
+                            advantage_scale=advantage_scale)
             nonfinite += stats.pop("nonfinite")
             if nonfinite > config.max_nonfinite_updates:
                 raise FloatingPointError(
@@ -338,7 +386,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
             done = env_steps >= config.total_env_steps
             if iteration % config.checkpoint_every == 0 or done:
                 ckpt = _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen, buffer, bc_weight,
-                                   rollout.next_index, history)
+                                   advantage_scale, rollout.next_index, history)
                 if config.eval_every and (iteration % config.eval_every == 0 or done):
                     result = _evaluate_checkpoint(ckpt, tasks, config)
                     atomic_write_json(out_dir / "evals" / f"iteration_{iteration:06d}.json", result)
@@ -361,9 +409,15 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
 
 
 def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer, policy_config, config, rng, critic_only,
-            reference_model=None):
+            reference_model=None, advantage_scale: TaskAdvantageScale | None = None):
     T, S = batch.rewards.shape
     advantages, returns = chunk_gae(batch.rewards, batch.values, batch.discounts, batch.dones, batch.last_values, config.gae_lambda)
+    advantage_std = {f"advantage_std/{t}": float(advantages[:, [i for i, u in enumerate(batch.tasks) if u == t]].std())
+                     for t in dict.fromkeys(batch.tasks)}
+    per_task = config.normalize_advantages and config.advantage_norm == "task"
+    per_minibatch = config.normalize_advantages and config.advantage_norm == "minibatch"
+    if per_task and not critic_only:  # the critic-only warm-up's advantages (an untrained critic) would skew the scale
+        advantages = (advantage_scale or TaskAdvantageScale(config.advantage_norm_decay)).normalize(advantages, batch.tasks)
     n = T * S
     flat = {
         "image": batch.images.reshape(n, *batch.images.shape[2:]),
@@ -386,7 +440,7 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
             mb = make_batch({k: (v[idx] if not isinstance(v, list) else [v[i] for i in idx]) for k, v in flat.items()},
                             tokenizer, policy_config)
             mb_adv = adv[idx]
-            if config.normalize_advantages and len(idx) > 1:
+            if per_minibatch and len(idx) > 1:
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
             reference = 0.0
             pl, vl, ent, kl, cf = ppo_losses(model, mb, actions[idx], old_logp[idx], old_values[idx], mb_adv, ret[idx],
@@ -438,7 +492,7 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
     if correlated is not None:
         stats["correlated_std"] = float(correlated.detach().exp().mean())
     stats.update({"updates": updates, "nonfinite": nonfinite, "action_std": float(model.clamped_log_std().detach().exp().mean()),
-                  "explained_variance": _explained_variance(batch.values.reshape(-1), returns.reshape(-1))})
+                  "explained_variance": _explained_variance(batch.values.reshape(-1), returns.reshape(-1)), **advantage_std})
     return stats
 
 
@@ -447,11 +501,12 @@ def _explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
     return float("nan") if var == 0 else float(1 - np.var(target - pred) / var)
 
 
-def _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history):
+def _checkpoint(out_dir, iteration, env_steps, model, optimizer, rng, sample_gen, buffer, bc_weight, advantage_scale,
+                next_index, history):
     tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
     buffer_tensors, buffer_meta = buffer.state()
     tensors.update(buffer_tensors)
-    meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration,
+    meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "advantage_scale": advantage_scale.state(), "iteration": iteration,
                  "env_steps": env_steps, "next_index": dict(next_index), "history": history})
     return save_training_checkpoint(out_dir, iteration, model, tensors, meta)
 
