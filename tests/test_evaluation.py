@@ -120,6 +120,40 @@ def test_evaluation_is_deterministic_and_independent_of_parallelism(serial_resul
     assert again["env_steps"] == serial_result["env_steps"]
 
 
+class HoldingExpert(ScriptedExpert):
+    """The scripted expert's action held for a chunk of 4 steps: open-loop, it slows the expert down."""
+
+    chunk_len = 4
+
+    def __init__(self):
+        super().__init__()
+        self.decisions = 0
+
+    def act(self, observations, tasks):
+        self.decisions += len(observations)
+        return [np.repeat(chunk, self.chunk_len, axis=0) for chunk in super().act(observations, tasks)]
+
+
+def test_receding_horizon_executes_the_first_steps_of_each_chunk_then_decides_again(serial_result):
+    config = EvalConfig(tasks=TASKS, episodes_per_task=EPISODES, num_workers=0)
+    open_loop = HoldingExpert()
+    held = evaluate(open_loop, config, progress=False)
+    assert held["protocol"]["chunk_len"] == 4 and held["protocol"]["execute_steps"] == 4
+    closed = HoldingExpert()
+    replanned = evaluate(closed, EvalConfig(tasks=TASKS, episodes_per_task=EPISODES, num_workers=0, execute_steps=1),
+                         progress=False)
+    # executing the first action of every chunk is the scripted expert itself, step for step
+    assert replanned["episodes"] == serial_result["episodes"]
+    assert replanned["protocol"]["chunk_len"] == 4 and replanned["protocol"]["execute_steps"] == 1
+    assert "first 1 of each 4-step chunk" in replanned["agent"]
+    assert closed.decisions == replanned["env_steps"] > open_loop.decisions
+    assert held["episodes"] != serial_result["episodes"]
+    with pytest.raises(ValueError, match="execute_steps"):
+        evaluate(HoldingExpert(), EvalConfig(tasks=TASKS, episodes_per_task=1, execute_steps=5), progress=False)
+    with pytest.raises(ValueError, match="execute_steps"):
+        EvalConfig(execute_steps=-1).validate()
+
+
 def test_invalid_eval_config():
     with pytest.raises(ValueError, match="episodes_per_task"):
         evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v3"], episodes_per_task=0), progress=False)

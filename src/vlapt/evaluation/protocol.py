@@ -14,6 +14,7 @@ import time
 from collections import deque
 from typing import Callable
 
+import numpy as np
 from tqdm import tqdm
 
 from vlapt.envs.metaworld_env import MAX_EPISODE_STEPS
@@ -36,6 +37,9 @@ class EvalConfig:
     deterministic: bool = True  # act with the policy's mean chunk
     num_workers: int = 2
     envs_per_task: int = 1  # parallel episodes per task (batch size = tasks x envs_per_task)
+    # execute only the first k actions of each chunk, then decide again (receding horizon, as LeRobot's
+    # n_action_steps or openpi's replan_steps); 0: the whole chunk, open-loop, as in post-training
+    execute_steps: int = 0
 
     def validate(self) -> "EvalConfig":
         resolve_tasks(self.suite, self.tasks)
@@ -49,6 +53,8 @@ class EvalConfig:
             raise ValueError(f"envs_per_task must be >= 1, got {self.envs_per_task}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.execute_steps < 0:
+            raise ValueError(f"execute_steps must be >= 0 (0: the whole chunk), got {self.execute_steps}")
         return self
 
     @property
@@ -64,10 +70,11 @@ def evaluate(
 ) -> dict:
     """Run the protocol and return a JSON-ready result (protocol, per-task and average metrics)."""
     config.validate()
+    actor = RecedingHorizon(agent, config.execute_steps) if config.execute_steps else agent
     tasks = config.task_names
-    env_config = with_episode_limit(agent.observation_config(), config.max_episode_steps)
+    env_config = with_episode_limit(actor.observation_config(), config.max_episode_steps)
     envs_per_task = min(config.envs_per_task, config.episodes_per_task)
-    slots = [SlotSpec(task, env_config, agent.chunk_len, config.config_seed) for task in tasks for _ in range(envs_per_task)]
+    slots = [SlotSpec(task, env_config, actor.chunk_len, config.config_seed) for task in tasks for _ in range(envs_per_task)]
     # slot k of a task runs that task's episodes k, k + E, k + 2E, ...
     queues = [deque(range(k, config.episodes_per_task, envs_per_task)) for _ in tasks for k in range(envs_per_task)]
 
@@ -84,13 +91,13 @@ def evaluate(
         bar.set_postfix(success=f"{sum(r.success for r in records) / len(records):.3f}")
 
     with EnvPool(slots, num_workers=config.num_workers) as pool:
-        env_steps = run_episodes(agent, pool, [s.task for s in slots], queues, config.split, finished)
+        env_steps = run_episodes(actor, pool, [s.task for s in slots], queues, config.split, finished)
     bar.close()
     wall = time.perf_counter() - start
     records.sort(key=lambda r: (tasks.index(r.task), r.config_index))
     summary = summarize(records, tasks, config.max_episode_steps)
     return {
-        "agent": agent.name,
+        "agent": actor.name,
         "protocol": {
             "tasks": list(tasks),
             "episodes_per_task": config.episodes_per_task,
@@ -100,6 +107,7 @@ def evaluate(
             "seed": config.seed,
             "deterministic": config.deterministic,
             "chunk_len": agent.chunk_len,
+            "execute_steps": config.execute_steps or agent.chunk_len,
             "camera": env_config.camera if env_config.render else None,
             "image_size": env_config.image_size if env_config.render else None,
             "success": "info['success'] at any step; the first success ends the episode",
@@ -110,6 +118,27 @@ def evaluate(
         "wall_time_s": wall,
         "machine": machine_description(),
     }
+
+
+class RecedingHorizon:
+    """An agent that executes only the first ``steps`` actions of each of its chunks, then decides again.
+
+    Open-loop chunks are cheap (one image and one forward pass per chunk) but cannot react to a
+    slipping grasp or a drifting object until the chunk is over; deciding more often trades
+    rendering and inference time for closed-loop control.
+    """
+
+    def __init__(self, agent: Agent, steps: int):
+        if not 1 <= steps <= agent.chunk_len:
+            raise ValueError(f"execute_steps must be in [1, {agent.chunk_len}] (the agent's chunk length), got {steps}")
+        self.agent, self.chunk_len = agent, steps
+        self.name = f"{agent.name} (first {steps} of each {agent.chunk_len}-step chunk)"
+
+    def observation_config(self):
+        return self.agent.observation_config()
+
+    def act(self, observations, tasks):
+        return [np.asarray(chunk)[: self.chunk_len] for chunk in self.agent.act(observations, tasks)]
 
 
 def machine_description() -> str:
