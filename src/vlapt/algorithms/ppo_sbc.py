@@ -191,6 +191,14 @@ class BCWeight:
         self.value, self.target, self.scale = state["value"], state["target"], state["scale"]
 
 
+def task_columns(tasks: list[str]) -> dict[str, list[int]]:
+    """Task -> the rollout slots (columns of a (T, S) batch) that run it, in first-seen order."""
+    columns: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        columns.setdefault(task, []).append(i)
+    return columns
+
+
 class TaskAdvantageScale:
     """Per-task advantage normalisation for multi-task PPO.
 
@@ -211,8 +219,7 @@ class TaskAdvantageScale:
     def normalize(self, advantages: np.ndarray, tasks: list[str]) -> np.ndarray:
         """Advantages (T, S) of slots running ``tasks`` (S,) -> normalised per task; updates the running variances."""
         out = np.empty_like(advantages)
-        for task in dict.fromkeys(tasks):
-            cols = [i for i, t in enumerate(tasks) if t == task]
+        for task, cols in task_columns(tasks).items():
             centred = advantages[:, cols] - advantages[:, cols].mean()
             var = float(np.mean(np.square(centred)))
             old = self.variance.get(task)
@@ -412,8 +419,7 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
             reference_model=None, advantage_scale: TaskAdvantageScale | None = None):
     T, S = batch.rewards.shape
     advantages, returns = chunk_gae(batch.rewards, batch.values, batch.discounts, batch.dones, batch.last_values, config.gae_lambda)
-    advantage_std = {f"advantage_std/{t}": float(advantages[:, [i for i, u in enumerate(batch.tasks) if u == t]].std())
-                     for t in dict.fromkeys(batch.tasks)}
+    advantage_std = {f"advantage_std/{t}": float(advantages[:, cols].std()) for t, cols in task_columns(batch.tasks).items()}
     per_task = config.normalize_advantages and config.advantage_norm == "task"
     per_minibatch = config.normalize_advantages and config.advantage_norm == "minibatch"
     if per_task and not critic_only:  # the critic-only warm-up's advantages (an untrained critic) would skew the scale
