@@ -81,8 +81,8 @@ class PPOConfig:
     target_kl: float = 0.05  # stop the epoch loop once approx KL per chunk exceeds this (0: never)
     normalize_advantages: bool = True
     # "minibatch": one mean/std per minibatch (CleanRL's); "task": each task's advantages centred on their batch
-    # mean and divided by a running std of their own (TaskAdvantageScale), so a task that always succeeds, whose
-    # advantages differ only by how fast it succeeds, weighs as much in the surrogate as one that still fails
+    # mean and divided by a running std of their own (TaskAdvantageScale), so every task weighs the same in the
+    # surrogate whatever the size of its advantages (with sparse reward, the tasks that fail most have the smallest)
     advantage_norm: str = "minibatch"
     advantage_norm_decay: float = 0.9  # "task": EMA decay per iteration of each task's advantage variance
     init_log_std: float = -1.0  # reset the exploration std (normalised action units) at the start; 0 keeps SFT's
@@ -202,13 +202,15 @@ def task_columns(tasks: list[str]) -> dict[str, list[int]]:
 class TaskAdvantageScale:
     """Per-task advantage normalisation for multi-task PPO.
 
-    One mean/std over a minibatch that mixes tasks lets the tasks that still fail set the
-    scale: their advantages swing between ~0 and ~0.5 with success or failure, while those of
-    a task that always succeeds differ only by timing (gamma ** steps: ~0.5% of the return
-    per env step saved), so the signal to succeed *sooner* is drowned. Each task's advantages
-    are centred on their own batch mean and divided by their own std, so every task weighs the
-    same in the surrogate (the problem PopArt solves for reward scales). The variance is a
-    running EMA over iterations rather than the batch's own (~16 chunks per task): a quiet
+    One mean/std over a minibatch that mixes tasks gives each task a share of the surrogate's
+    gradient in proportion to the size of its advantages, and with a sparse reward those sizes
+    differ by task for reasons that have nothing to do with how much there is to learn: a task
+    that succeeds in every episode collects a reward in many of its chunks, while a task that
+    mostly fails spends long stretches at low value with no reward at all (on MT10 the
+    advantages of door-open and window-close spread ~5x wider than peg-insert-side's). Each
+    task's advantages are centred on their own batch mean and divided by their own std, so
+    every task weighs the same (the problem PopArt solves for reward scales). The variance is
+    a running EMA over iterations rather than the batch's own (~16 chunks per task), so a quiet
     iteration's critic noise is not blown up to unit scale.
     """
 
