@@ -176,6 +176,31 @@ def test_ppo_ratio_is_the_joint_chunk_likelihood_ratio(tiny_model):
     assert kl.item() > 0
 
 
+def test_receding_horizon_ratio_and_entropy_score_only_the_executed_steps(tiny_model):
+    batch = _obs_batch(tiny_model)
+    k = 2
+    with torch.no_grad():
+        actions, old_logp, old_values = tiny_model.sample(batch, generator=torch.Generator().manual_seed(4), steps=k)
+        out = tiny_model(batch)
+        torch.testing.assert_close(old_logp.double(), _manual_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k]),
+                                   rtol=1e-5, atol=1e-4)
+        # the steps after k are never executed: changing them changes nothing
+        unexecuted = actions.clone()
+        unexecuted[:, k:] += 5.0
+        logp_k, entropy_k, _ = tiny_model.evaluate_actions(batch, unexecuted, steps=k)
+        torch.testing.assert_close(logp_k, old_logp)
+        logp_all, entropy_all, _ = tiny_model.evaluate_actions(batch, unexecuted)
+        assert (logp_all < logp_k - 1.0).all(), "scored over the whole chunk, the shifted steps count"
+    torch.testing.assert_close(entropy_k, entropy_all * k / tiny_model.chunk_len)  # one std for every step here
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.1, 0.7])
+    pl, _, ent, kl, cf = ppo_losses(tiny_model, batch, unexecuted, old_logp, old_values, adv, old_values, 0.2, 0.2,
+                                    execute_steps=k)
+    torch.testing.assert_close(pl, -adv.mean(), rtol=1e-5, atol=1e-6)
+    assert abs(kl.item()) < 1e-6 and cf.item() == 0.0
+    with pytest.raises(ValueError, match="steps must be in"):
+        tiny_model.evaluate_actions(batch, actions, steps=tiny_model.chunk_len + 1)
+
+
 def test_ppo_clipping_is_active_for_large_moves(tiny_model):
     batch = _obs_batch(tiny_model)
     with torch.no_grad():
@@ -283,6 +308,33 @@ def test_rollout_stops_a_chunk_at_success_and_discounts_by_executed_steps(datase
     np.testing.assert_array_equal(traj.pad, np.arange(h)[None] >= executed_per_chunk[:, None])
     np.testing.assert_array_equal(traj.actions[~traj.pad], demo.actions)  # executed actions, in order
     np.testing.assert_array_equal(traj.actions[-1, last_steps:], np.repeat(demo.actions[-1:], h - last_steps, 0))
+
+
+def test_receding_horizon_rollout_keeps_only_the_executed_steps_as_bc_targets(dataset):
+    """The policy proposes 5-step chunks and executes their first 2: a success's BC chunks hold those 2 steps."""
+    demo = read_episodes(dataset)[0]
+    h, k = 5, 2
+    T = len(demo)
+    calls = []
+
+    def act(observations):
+        start = k * len(calls)
+        calls.append(1)
+        chunk = np.zeros((1, h, 4), np.float32)
+        part = demo.actions[start : start + h]
+        chunk[0, : len(part)] = part
+        return chunk, chunk[:, :k], np.zeros(1, np.float32), np.zeros(1, np.float32)
+
+    env = EnvConfig(image_size=IMAGE_SIZE, camera_fovy=CollectConfig().camera_fovy, privileged_state=True)
+    with EnvPool([SlotSpec(TASK, env, h)], num_workers=0) as pool:
+        rollout = ChunkedRollout(pool, [TASK], 0.99, h, {TASK: 0})
+        batch, finished = rollout.collect(act, lambda obs: np.zeros(len(obs), np.float32), -(-T // k))
+    assert batch.steps.max() == k and batch.steps.sum() == T and batch.actions.shape[2] == h
+    (ep,) = finished
+    assert ep.success and ep.steps == T
+    traj = ep.trajectory
+    assert traj.actions.shape == (-(-T // k), h, 4) and traj.pad[:, k:].all()
+    np.testing.assert_array_equal(traj.actions[~traj.pad], demo.actions)  # the executed actions, in order
 
 
 def test_time_limit_truncation_bootstraps_with_the_discounted_value():
@@ -1074,6 +1126,38 @@ def test_post_training_with_correlated_chunk_noise(dataset, sft_policy, tmp_path
     more = train_ppo(dataclasses.replace(config, total_env_steps=120), progress=False)
     resumed = load_pretrained(latest_checkpoint(tmp_path / "run"))
     assert resumed.config.correlated_noise and load_pretrained(more).config.correlated_noise
+
+
+def test_post_training_with_a_receding_horizon(dataset, sft_policy, tmp_path, monkeypatch):
+    """execute_steps=2: every decision executes at most 2 env steps and the rollout's log-probs are those of the
+    executed steps; a bad value is refused before anything is written."""
+    batches = []
+    original = ppo_module._update
+
+    def spy(model, optimizer, batch, *args, **kwargs):
+        if not batches:  # the first batch was collected by the policy as it is now
+            with torch.no_grad():
+                T, S = batch.rewards.shape
+                flat = make_batch({"image": batch.images.reshape(T * S, *batch.images.shape[2:]),
+                                   "proprio": batch.proprio.reshape(T * S, -1),
+                                   "instruction": [instruction_for(t) for _ in range(T) for t in batch.tasks]},
+                                  Tokenizer(model.config.vocab), model.config)
+                expected = model.log_prob(flat, torch.from_numpy(batch.actions.reshape(T * S, *batch.actions.shape[2:])),
+                                          steps=2)
+            np.testing.assert_allclose(batch.log_probs.reshape(-1), expected.numpy(), rtol=1e-4, atol=1e-3)
+        batches.append(batch)
+        return original(model, optimizer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_module, "_update", spy)
+    config = _ppo_config(dataset, sft_policy, tmp_path / "run", execute_steps=2, horizon=40, total_env_steps=300)
+    train_ppo(config, progress=False)
+    steps = np.concatenate([b.steps.reshape(-1) for b in batches])
+    assert steps.max() == 2 and steps.min() >= 1
+    assert all(b.actions.shape[2] == load_pretrained(sft_policy).chunk_len for b in batches), "whole chunks are stored"
+
+    with pytest.raises(ValueError, match="exceeds the chunk length"):
+        train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "bad", execute_steps=99), progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bc_loss_with_correlated_noise_uses_each_entrys_marginal(tiny_model):

@@ -44,6 +44,7 @@ from vlapt.evaluation.agents import env_config_for_policy, stack_observations
 from vlapt.evaluation.metrics import format_table
 from vlapt.evaluation.protocol import EvalConfig
 from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch
+from vlapt.models.checkpoint import load_pretrained_config
 from vlapt.rollout.chunked import ChunkedRollout, RolloutBatch, chunk_gae
 
 log = logging.getLogger("vlapt.ppo")
@@ -64,6 +65,11 @@ class PPOConfig:
     horizon: int = 8  # decisions per env slot per iteration: 80 env steps with the default chunk length 10 (use 80 / h)
     num_workers: int = 2
     rollout_groups: int = 2  # slot groups stepped in turn, so inference for one overlaps env steps of another; 1: lockstep
+    # > 0: receding horizon. Execute only the first execute_steps actions of each chunk, then decide again; the PPO
+    # ratio and entropy score those actions only, and self-collected BC chunks hold only them (the rest is padding).
+    # The periodic evaluations execute the same way; evaluate the result with `vlapt eval ... execute_steps=k`.
+    # Keep horizon * execute_steps near 80 env steps per slot and iteration (e.g. 5 -> horizon=16). 0: the whole chunk
+    execute_steps: int = 0
     total_env_steps: int = 1_000_000  # ~54 min on 2 cores; MT10 0.892 at 500k, 0.904 at 1M over three seeds (docs/results.md)
     # PPO
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n
@@ -123,6 +129,8 @@ class PPOConfig:
             raise ValueError(f"bc_weight_rule must be lagrangian, fixed or none, got {self.bc_weight_rule!r}")
         if self.lr <= 0 or self.value_lr < 0:
             raise ValueError(f"lr must be > 0 and value_lr >= 0 (0: lr), got lr={self.lr}, value_lr={self.value_lr}")
+        if self.execute_steps < 0:
+            raise ValueError(f"execute_steps must be >= 0 (0: the whole chunk), got {self.execute_steps}")
         for name in ("envs_per_task", "horizon", "rollout_groups", "threads", "rollout_threads", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -236,15 +244,17 @@ class TaskAdvantageScale:
         self.variance = {t: float(v) for t, v in state["variance"].items()}
 
 
-def rollout_functions(model: VLAPolicy, tokenizer: Tokenizer, generator: torch.Generator):
-    """``act`` and ``value`` for `ChunkedRollout`: batched, sampled chunks; executed = unnormalised and clipped."""
+def rollout_functions(model: VLAPolicy, tokenizer: Tokenizer, generator: torch.Generator, execute_steps: int = 0):
+    """``act`` and ``value`` for `ChunkedRollout`: batched, sampled chunks; executed = unnormalised and clipped,
+    and only the first ``execute_steps`` actions of each chunk (with the log-prob of those) when it is > 0."""
+    k = execute_steps or model.chunk_len
 
     def act(observations):
         batch = make_batch(stack_observations(observations), tokenizer, model.config)
         with torch.no_grad():
             model.eval()
-            actions, log_probs, values = model.sample(batch, deterministic=False, generator=generator)
-        executed = np.clip(model.unnormalize_actions(actions).numpy(), -1.0, 1.0)
+            actions, log_probs, values = model.sample(batch, deterministic=False, generator=generator, steps=k)
+        executed = np.clip(model.unnormalize_actions(actions[:, :k]).numpy(), -1.0, 1.0)
         return actions.numpy(), executed, log_probs.numpy(), values.numpy()
 
     def value(observations):
@@ -269,10 +279,12 @@ def make_optimizer(model: VLAPolicy, config: PPOConfig) -> torch.optim.Adam:
 
 def ppo_losses(
     model: VLAPolicy, batch: dict, actions: torch.Tensor, old_log_probs: torch.Tensor, old_values: torch.Tensor,
-    advantages: torch.Tensor, returns: torch.Tensor, clip_coef: float, value_clip_coef: float,
+    advantages: torch.Tensor, returns: torch.Tensor, clip_coef: float, value_clip_coef: float, execute_steps: int = 0,
 ):
-    """Chunk-level clipped surrogate and clipped value loss; returns (policy_loss, value_loss, entropy, approx_kl, clipfrac)."""
-    new_log_probs, entropy, values = model.evaluate_actions(batch, actions)
+    """Chunk-level clipped surrogate and clipped value loss; returns (policy_loss, value_loss, entropy, approx_kl, clipfrac).
+
+    ``execute_steps`` > 0: the ratio and entropy of each chunk's first ``execute_steps`` actions, the ones executed."""
+    new_log_probs, entropy, values = model.evaluate_actions(batch, actions, steps=execute_steps)
     log_ratio = new_log_probs - old_log_probs
     ratio = log_ratio.exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
@@ -290,6 +302,10 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     if RELABELLED in env_args(config.demos):
         raise ValueError(f"demos {config.demos} is a `vlapt relabel` dataset: its actions are the expert's labels, not "
                          "trials that reached success; seed the self-BC buffer with a `vlapt collect` dataset")
+    init_chunk_len = load_pretrained_config(config.init_policy)[0].chunk_len
+    if config.execute_steps > init_chunk_len:
+        raise ValueError(f"execute_steps={config.execute_steps} exceeds the chunk length {init_chunk_len} of "
+                         f"{config.init_policy}; use 1..{init_chunk_len} (0: the whole chunk)")
     out_dir = start_run(config, config.output_dir, config.threads)
     tasks = resolve_tasks(config.suite, config.tasks)
 
@@ -336,7 +352,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
         log.info("resumed from %s: iteration %d, %d env steps", resume_from, iteration, env_steps)
 
-    act, value = rollout_functions(model, tokenizer, sample_gen)
+    act, value = rollout_functions(model, tokenizer, sample_gen, config.execute_steps)
     env_config = env_config_for_policy(policy_config, reward=config.reward)
     slots = [SlotSpec(t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
     from torch.utils.tensorboard import SummaryWriter
@@ -452,7 +468,7 @@ def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer,
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
             reference = 0.0
             pl, vl, ent, kl, cf = ppo_losses(model, mb, actions[idx], old_logp[idx], old_values[idx], mb_adv, ret[idx],
-                                             config.clip_coef, config.value_clip_coef)
+                                             config.clip_coef, config.value_clip_coef, config.execute_steps)
             if critic_only:
                 loss = config.vf_coef * vl
                 bc = torch.zeros(())
@@ -532,7 +548,7 @@ def _evaluate_checkpoint(path: Path, tasks, config: PPOConfig, write_into_checkp
 
     agent = CheckpointAgent(str(path), deterministic=True, seed=config.seed)
     result = evaluate(agent, EvalConfig(tasks=list(tasks), episodes_per_task=config.eval_episodes,
-                                        num_workers=config.num_workers), progress=False)
+                                        num_workers=config.num_workers, execute_steps=config.execute_steps), progress=False)
     if write_into_checkpoint:
         atomic_write_json(path / "eval.json", result)
     return result

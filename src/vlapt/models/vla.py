@@ -435,18 +435,29 @@ class VLAPolicy(nn.Module):
             entropy = entropy + 0.5 * torch.log1p(torch.exp(2.0 * correlated_log_std) * total_precision).sum(dim=-1)
         return entropy
 
-    def log_prob(self, batch: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood ``(B,)`` of normalised action chunks ``(B, h, A)``."""
+    def log_prob(self, batch: dict[str, torch.Tensor], actions: torch.Tensor, steps: int = 0) -> torch.Tensor:
+        """Log-likelihood ``(B,)`` of normalised action chunks ``(B, h, A)``; ``steps`` > 0: of their first ``steps``
+        actions only (the ones a receding-horizon controller executes; the rest are never taken)."""
         out = self(batch)
-        return self.chunk_log_prob(out.mean, out.log_std, self._check_actions(actions, out.mean), out.correlated_log_std)
+        actions = self._check_actions(actions, out.mean)
+        k = self._scored_steps(steps)
+        return self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], out.correlated_log_std)
 
     def evaluate_actions(
-        self, batch: dict[str, torch.Tensor], actions: torch.Tensor
+        self, batch: dict[str, torch.Tensor], actions: torch.Tensor, steps: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(log_prob, entropy, value)``, each ``(B,)``, from one forward pass (what a PPO update needs)."""
+        """``(log_prob, entropy, value)``, each ``(B,)``, from one forward pass (what a PPO update needs);
+        ``steps`` as in `log_prob`, for the entropy too."""
         out = self(batch)
-        log_prob = self.chunk_log_prob(out.mean, out.log_std, self._check_actions(actions, out.mean), out.correlated_log_std)
-        return log_prob, self.chunk_entropy(out.log_std, out.correlated_log_std), out.value
+        actions = self._check_actions(actions, out.mean)
+        k = self._scored_steps(steps)
+        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], out.correlated_log_std)
+        return log_prob, self.chunk_entropy(out.log_std[:, :k], out.correlated_log_std), out.value
+
+    def _scored_steps(self, steps: int) -> int:
+        if not 0 <= steps <= self.chunk_len:
+            raise ValueError(f"steps must be in [0, {self.chunk_len}] (0: the whole chunk), got {steps}")
+        return steps or self.chunk_len
 
     def entropy(self, batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Chunk entropy ``(B,)``; the std is state-independent, so only the batch size is read."""
@@ -460,8 +471,10 @@ class VLAPolicy(nn.Module):
         batch: dict[str, torch.Tensor],
         deterministic: bool = False,
         generator: torch.Generator | None = None,
+        steps: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(actions (B, h, A), log_prob (B,), value (B,))`` in normalised action space.
+        """``(actions (B, h, A), log_prob (B,), value (B,))`` in normalised action space; the log-prob of the
+        first ``steps`` actions only when ``steps`` > 0 (as in `log_prob`).
 
         Deterministic mode returns the mean; its log-prob is still reported so
         callers can log it uniformly.
@@ -476,7 +489,9 @@ class VLAPolicy(nn.Module):
                 shared = torch.randn((out.mean.shape[0], 1, out.mean.shape[-1]), generator=generator,
                                      device=out.mean.device, dtype=out.mean.dtype)
                 actions = actions + shared * out.correlated_log_std.exp()
-        return actions, self.chunk_log_prob(out.mean, out.log_std, actions, out.correlated_log_std), out.value
+        k = self._scored_steps(steps)
+        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], out.correlated_log_std)
+        return actions, log_prob, out.value
 
     def _check_actions(self, actions: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         if actions.shape != mean.shape:
