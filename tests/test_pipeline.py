@@ -74,6 +74,18 @@ def test_pipeline_with_a_dagger_round_post_trains_the_relabelled_policy(tmp_path
     assert "dagger_s" in out["timings"]
 
 
+def test_pipeline_evaluates_the_post_trained_policy_as_it_was_trained_to_execute(tmp_path):
+    config = load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'run'}", "ppo.execute_steps=2",
+                                                    "ppo.eval_every=0"])
+    out = run_pipeline(config, progress=False)
+    run = tmp_path / "run"
+    assert list(out["rows"]) == ["scripted expert", "SFT", "SFT + chunked PPO + self-BC (first 2 actions of each chunk)"]
+    protocols = {key: json.loads((run / f"eval_{key}.json").read_text())["protocol"] for key in ("scripted", "sft", "post_trained")}
+    assert protocols["post_trained"]["execute_steps"] == 2
+    assert protocols["sft"]["execute_steps"] == protocols["sft"]["chunk_len"] > 2  # the protocol's whole chunks
+    assert protocols["scripted"]["execute_steps"] == 1
+
+
 def _fake_run(path, rows, evals):
     (path / "evals").mkdir(parents=True)
     (path / "history.json").write_text(json.dumps(rows))

@@ -34,6 +34,8 @@ class PipelineConfig:
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    # every row; the post-trained one executes chunks as it was trained to (ppo.execute_steps, when set) and the
+    # scripted experts decide at every step whatever eval.execute_steps says
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     evaluate_scripted: bool = True
     dagger_rounds: int = 0  # expert-relabelling rounds between SFT and post-training (0: none)
@@ -113,16 +115,21 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
 
     t = time.perf_counter()
     rows = {}
-    agents = [("scripted expert", "scripted", ScriptedExpert())] if config.evaluate_scripted else []
-    agents.append(("SFT", "sft", CheckpointAgent(str(sft_policy), seed=config.eval.seed)))
+    protocol = config.eval
+    post_trained_protocol = dataclasses.replace(protocol, execute_steps=config.ppo.execute_steps or protocol.execute_steps)
+    agents = [("scripted expert", "scripted", ScriptedExpert(), dataclasses.replace(protocol, execute_steps=0))
+              ] if config.evaluate_scripted else []
+    agents.append(("SFT", "sft", CheckpointAgent(str(sft_policy), seed=protocol.seed), protocol))
     if config.dagger_rounds:
         rounds = f"{config.dagger_rounds} round" + ("s" if config.dagger_rounds > 1 else "")
         agents.append((f"SFT + DAgger ({rounds})", "dagger",
-                       CheckpointAgent(str(dagger_policy), seed=config.eval.seed)))
+                       CheckpointAgent(str(dagger_policy), seed=protocol.seed), protocol))
     agents.append(("SFT + chunked PPO + self-BC" if not config.dagger_rounds else "SFT + DAgger + chunked PPO + self-BC",
-                   "post_trained", CheckpointAgent(str(ppo_policy), seed=config.eval.seed)))
-    for name, file_key, agent in agents:
-        rows[name] = evaluate(agent, config.eval, progress=progress)
+                   "post_trained", CheckpointAgent(str(ppo_policy), seed=protocol.seed), post_trained_protocol))
+    for name, file_key, agent, eval_config in agents:
+        if eval_config.execute_steps and file_key != "scripted":
+            name = f"{name} (first {eval_config.execute_steps} actions of each chunk)"
+        rows[name] = evaluate(agent, eval_config, progress=progress)
         atomic_write_json(out / f"eval_{file_key}.json", rows[name])
     timings["eval_s"] = time.perf_counter() - t
 
