@@ -722,7 +722,7 @@ def test_value_head_learns_at_its_own_rate(tiny_model):
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(tiny_model.parameters()))
     before = _params(tiny_model)
     _run_update(tiny_model, optimizer=optimizer)
-    moved = {k: float((v - before[k]).abs().max()) for k, v in tiny_model.named_parameters()}
+    moved = {k: float((v.detach() - before[k]).abs().max()) for k, v in tiny_model.named_parameters()}
     assert all(moved[k] > 1e-4 for k in moved if k.startswith("value_head"))
     assert all(moved[k] < 1e-6 for k in moved if not k.startswith("value_head"))
     assert make_optimizer(tiny_model, PPOConfig(tasks=[TASK], lr=3e-5)).param_groups[1]["lr"] == 3e-5  # 0: the actor's
