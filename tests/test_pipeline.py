@@ -85,6 +85,11 @@ def test_pipeline_evaluates_the_post_trained_policy_as_it_was_trained_to_execute
     assert protocols["sft"]["execute_steps"] == protocols["sft"]["chunk_len"] > 2  # the protocol's whole chunks
     assert protocols["scripted"]["execute_steps"] == 1
 
+    with pytest.raises(ValueError, match="exceeds sft.model.chunk_len"):  # before any stage runs
+        run_pipeline(load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'bad'}",
+                                                            "ppo.execute_steps=11"]), progress=False)
+    assert not (tmp_path / "bad").exists()
+
 
 def _fake_run(path, rows, evals):
     (path / "evals").mkdir(parents=True)

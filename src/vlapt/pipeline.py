@@ -61,6 +61,9 @@ class PipelineConfig:
             self.relabel.tasks = self.dagger_sft.tasks = list(self.collect.tasks)
         if self.dagger_rounds < 0:
             raise ValueError(f"dagger_rounds must be >= 0, got {self.dagger_rounds}")
+        if self.ppo.execute_steps > self.sft.model.chunk_len:  # found here, not after an hour of collect and SFT
+            raise ValueError(f"ppo.execute_steps={self.ppo.execute_steps} exceeds sft.model.chunk_len="
+                             f"{self.sft.model.chunk_len}; use 1..{self.sft.model.chunk_len} (0: the whole chunk)")
         return self
 
     def dagger_policy(self, round_: int) -> Path:
@@ -127,7 +130,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
     agents.append(("SFT + chunked PPO + self-BC" if not config.dagger_rounds else "SFT + DAgger + chunked PPO + self-BC",
                    "post_trained", CheckpointAgent(str(ppo_policy), seed=protocol.seed), post_trained_protocol))
     for name, file_key, agent, eval_config in agents:
-        if eval_config.execute_steps and file_key != "scripted":
+        if eval_config.execute_steps:
             name = f"{name} (first {eval_config.execute_steps} actions of each chunk)"
         rows[name] = evaluate(agent, eval_config, progress=progress)
         atomic_write_json(out / f"eval_{file_key}.json", rows[name])
