@@ -439,9 +439,7 @@ class VLAPolicy(nn.Module):
         """Log-likelihood ``(B,)`` of normalised action chunks ``(B, h, A)``; ``steps`` > 0: of their first ``steps``
         actions only (the ones a receding-horizon controller executes; the rest are never taken)."""
         out = self(batch)
-        actions = self._check_actions(actions, out.mean)
-        k = self._scored_steps(steps)
-        return self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], out.correlated_log_std)
+        return self._scored_log_prob(out, self._check_actions(actions, out.mean), steps)
 
     def evaluate_actions(
         self, batch: dict[str, torch.Tensor], actions: torch.Tensor, steps: int = 0
@@ -449,10 +447,12 @@ class VLAPolicy(nn.Module):
         """``(log_prob, entropy, value)``, each ``(B,)``, from one forward pass (what a PPO update needs);
         ``steps`` as in `log_prob`, for the entropy too."""
         out = self(batch)
-        actions = self._check_actions(actions, out.mean)
+        log_prob = self._scored_log_prob(out, self._check_actions(actions, out.mean), steps)
+        return log_prob, self.chunk_entropy(out.log_std[:, :self._scored_steps(steps)], out.correlated_log_std), out.value
+
+    def _scored_log_prob(self, out: PolicyOutput, actions: torch.Tensor, steps: int) -> torch.Tensor:
         k = self._scored_steps(steps)
-        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], out.correlated_log_std)
-        return log_prob, self.chunk_entropy(out.log_std[:, :k], out.correlated_log_std), out.value
+        return self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], out.correlated_log_std)
 
     def _scored_steps(self, steps: int) -> int:
         if not 0 <= steps <= self.chunk_len:
@@ -489,9 +489,7 @@ class VLAPolicy(nn.Module):
                 shared = torch.randn((out.mean.shape[0], 1, out.mean.shape[-1]), generator=generator,
                                      device=out.mean.device, dtype=out.mean.dtype)
                 actions = actions + shared * out.correlated_log_std.exp()
-        k = self._scored_steps(steps)
-        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], out.correlated_log_std)
-        return actions, log_prob, out.value
+        return actions, self._scored_log_prob(out, actions, steps), out.value
 
     def _check_actions(self, actions: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         if actions.shape != mean.shape:
