@@ -153,6 +153,26 @@ def test_dense_reward_option():
     env.close()
 
 
+def test_shaping_potentials_chain_across_chunks_and_end_at_zero_on_success():
+    """phi = dense reward / 10: the end of one chunk is the start of the next; a solved task is terminal (phi = 0)."""
+    dense = MetaWorldVLAEnv("reach-v3", EnvConfig(render=False, reward="dense", privileged_state=True), chunk_len=4)
+    obs, reset_info = dense.reset(options={"split": "eval", "index": 0})
+    assert 0.0 < reset_info["potential"] <= 1.0
+    expert, previous_end, terminated = ScriptedExpert(), reset_info["potential"], False
+    while not terminated:
+        chunk = np.stack([expert.act_one(obs["state"], "reach-v3")] * 4)
+        obs, _, terminated, truncated, info = dense.step(chunk)
+        assert not truncated
+        assert info["potential_start"] == previous_end
+        if not terminated:
+            assert info["potential_end"] == pytest.approx(float(info["rewards"][-1]) / 10.0, rel=1e-5)
+            assert 0.0 <= info["potential_end"] <= 1.0
+        previous_end = info["potential_end"]
+    assert info["success"] and info["potential_end"] == 0.0
+    assert info["potential_start"] > reset_info["potential"], "the expert's last chunk starts nearer the goal"
+    dense.close()
+
+
 def test_bad_chunk_shape_is_rejected(reach_env):
     reach_env.reset(options={"split": "eval", "index": 0})
     with pytest.raises(ValueError, match=r"\(n, 4\)"):

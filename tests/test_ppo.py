@@ -310,6 +310,43 @@ def test_rollout_stops_a_chunk_at_success_and_discounts_by_executed_steps(datase
     np.testing.assert_array_equal(traj.actions[-1, last_steps:], np.repeat(demo.actions[-1:], h - last_steps, 0))
 
 
+def test_potential_shaping_telescopes_to_the_sparse_return_minus_the_first_potential(dataset):
+    """c * (gamma^n phi(end) - phi(start)) per chunk: over a solved episode it sums to -c * phi(s_0)."""
+    demo = read_episodes(dataset)[0]
+    T, h, gamma, c = len(demo), 4, 0.9, 0.5
+    n_dec = -(-T // h)
+
+    def act(observations):
+        k = act.calls
+        act.calls += 1
+        chunk = np.zeros((1, h, 4), np.float32)
+        part = demo.actions[k * h : (k + 1) * h]
+        chunk[0, : len(part)] = part
+        return chunk, chunk, np.zeros(1, np.float32), np.zeros(1, np.float32)
+
+    env = EnvConfig(image_size=IMAGE_SIZE, camera_fovy=CollectConfig().camera_fovy, privileged_state=True)
+    batches = {}
+    for coef in (0.0, c):
+        act.calls = 0
+        with EnvPool([SlotSpec(TASK, env, h)], num_workers=0) as pool:
+            batches[coef], finished = ChunkedRollout(pool, [TASK], gamma, h, {TASK: 0}, shaping_coef=coef).collect(
+                act, lambda obs: np.zeros(len(obs), np.float32), n_dec)
+        assert [ep.success for ep in finished] == [True]
+    sparse, shaped = batches[0.0], batches[c]
+    np.testing.assert_array_equal(shaped.steps, sparse.steps)
+    assert not np.allclose(shaped.rewards, sparse.rewards), "progress shows in the chunks before the success"
+    probe = MetaWorldVLAEnv(TASK, env, chunk_len=h)
+    phi0 = probe.reset(options={"split": "train", "index": 0})[1]["potential"]
+    probe.close()
+    assert 0.0 < phi0 < 1.0
+
+    def episode_return(b):
+        return sum(np.prod(b.discounts[:k, 0]) * b.rewards[k, 0] for k in range(n_dec))
+
+    assert episode_return(sparse) == pytest.approx(gamma ** (T - 1), rel=1e-5)
+    assert episode_return(shaped) == pytest.approx(gamma ** (T - 1) - c * phi0, rel=1e-4, abs=1e-5)
+
+
 def test_receding_horizon_rollout_keeps_only_the_executed_steps_as_bc_targets(dataset):
     """The policy proposes 5-step chunks and executes their first 2: a success's BC chunks hold those 2 steps."""
     demo = read_episodes(dataset)[0]
@@ -1072,7 +1109,8 @@ def test_train_ppo_rejects_bad_config(dataset, sft_policy, tmp_path):
     cases = [
         (dict(bc_weight_rule="sometimes"), "bc_weight_rule"), (dict(horizon=0), "horizon"), (dict(gamma=0.0), "gamma"),
         (dict(reward="shaped"), "reward"), (dict(tasks=["reach-v9"]), "reach-v9"), (dict(bc_target="final"), "bc_target"),
-        (dict(rollout_groups=0), "rollout_groups"),
+        (dict(rollout_groups=0), "rollout_groups"), (dict(shaping_coef=-1.0), "shaping_coef"),
+        (dict(shaping_coef=0.5, reward="dense"), "shaping_coef"),
     ]
     for change, word in cases:
         with pytest.raises(ValueError, match=word):

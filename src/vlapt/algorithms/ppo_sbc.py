@@ -60,6 +60,9 @@ class PPOConfig:
     tasks: list[str] = dataclasses.field(default_factory=list)
     output_dir: str = "runs/ppo"
     reward: str = "sparse"  # "sparse" (1 at first success) or "dense" (MetaWorld's shaped reward)
+    # > 0: add potential-based shaping c * (gamma^n phi(s') - phi(s)) per chunk, phi = MetaWorld's dense reward / 10
+    # (sparse reward only): a progress signal in failed episodes that leaves the sparse task's optimal policies as they are
+    shaping_coef: float = 0.0
     # rollout
     envs_per_task: int = 2
     horizon: int = 8  # decisions per env slot per iteration: 80 env steps with the default chunk length 10 (use 80 / h)
@@ -141,6 +144,9 @@ class PPOConfig:
                              f"[{self.bc_coef_min}, {self.bc_coef_max}] with bc_coef_min > 0 (bc_weight_rule=none disables BC)")
         if self.reward not in ("sparse", "dense"):
             raise ValueError(f"reward must be sparse or dense, got {self.reward!r}")
+        if self.shaping_coef < 0 or (self.shaping_coef and self.reward != "sparse"):
+            raise ValueError(f"shaping_coef must be >= 0 and needs reward=sparse (the dense reward is the potential), "
+                             f"got shaping_coef={self.shaping_coef}, reward={self.reward!r}")
         if self.advantage_norm not in ("minibatch", "task"):
             raise ValueError(f"advantage_norm must be minibatch or task, got {self.advantage_norm!r}")
         if not 0 <= self.advantage_norm_decay < 1:
@@ -366,7 +372,8 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
         atomic_write_json(out_dir / "evals" / "iteration_000000.json", result)
         writer.add_scalar("eval/success_rate", result["average"]["success_rate"], 0)
     with EnvPool(slots, num_workers=config.num_workers) as pool:
-        rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index, config.rollout_groups)
+        rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index, config.rollout_groups,
+                                 shaping_coef=config.shaping_coef)
         while env_steps < config.total_env_steps:
             iteration += 1
             t0 = time.perf_counter()

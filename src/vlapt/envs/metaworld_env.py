@@ -73,7 +73,8 @@ class MetaWorldVLAEnv(gym.Env):
     (see `vlapt.envs.configurations`); without one, ``reset(seed=i)`` uses training
     configuration ``i``. ``step(chunk)`` runs the chunk's actions one by one, stops at the first
     success or at the step limit, and reports the per-step rewards and the number of steps
-    actually executed in ``info`` (``rewards``, ``steps``).
+    actually executed in ``info`` (``rewards``, ``steps``), and the shaping potential of the
+    states before and after the chunk (``potential_start``, ``potential_end``; see `potential`).
     """
 
     metadata = {"render_modes": ["rgb_array"]}
@@ -94,6 +95,7 @@ class MetaWorldVLAEnv(gym.Env):
         self._raw_obs: np.ndarray | None = None
         self._steps = 0
         self._done = True
+        self._potential = 0.0
         self.configuration: Configuration | None = None
 
         size = self.config.image_size
@@ -130,7 +132,8 @@ class MetaWorldVLAEnv(gym.Env):
         self.configuration = configuration
         self._steps = 0
         self._done = False
-        return self._observation(), {"configuration": configuration.as_dict(), "success": False}
+        self._potential = self.potential(self._env.evaluate_state(self._raw_obs, np.zeros(4, np.float32))[0])
+        return self._observation(), {"configuration": configuration.as_dict(), "success": False, "potential": self._potential}
 
     def step(self, action):
         if self._done:
@@ -157,8 +160,23 @@ class MetaWorldVLAEnv(gym.Env):
         truncated = not success and self._steps >= self.config.max_episode_steps
         self._done = terminated or truncated
         reward_array = np.asarray(rewards, dtype=np.float32)
-        info = {"rewards": reward_array, "steps": len(rewards), "success": success, "episode_steps": self._steps}
+        potential_start = self._potential
+        self._potential = 0.0 if terminated else self.potential(dense_reward)  # a finished task is a terminal state
+        info = {"rewards": reward_array, "steps": len(rewards), "success": success, "episode_steps": self._steps,
+                "potential_start": potential_start, "potential_end": self._potential}
         return self._observation(), float(reward_array.sum()), terminated, truncated, info
+
+    @staticmethod
+    def potential(dense_reward: float) -> float:
+        """MetaWorld's shaped reward of a state, scaled to [0, 1]: a potential for reward shaping.
+
+        Shaping with F = gamma * phi(s') - phi(s) (Ng, Harada and Russell, 1999) gives every
+        chunk a signal for progress (gripper to object, object to goal) without changing which
+        policies are optimal for the sparse success reward; the task's end counts as phi = 0.
+        MetaWorld's v3 rewards are functions of the state after a step (and, for grasps, of
+        the gripper command), in [0, 10].
+        """
+        return float(dense_reward) / 10.0
 
     def lookahead(self, act: Callable[[np.ndarray], np.ndarray], steps: int) -> np.ndarray:
         """Let a state-based policy act ``steps`` env steps from here, then put everything back.

@@ -7,7 +7,10 @@ takes the task's next *training* configuration. For each decision the buffer kee
 chunk-level PPO needs: the chunk's discounted reward over the steps actually executed, the
 discount ``gamma ** steps`` to the next decision, and episode ends (with the value of the
 last observation folded into the reward at a time-limit truncation, which is not a real
-end of the task).
+end of the task). With ``shaping_coef`` c > 0 the chunk's reward also gets
+c * (gamma^n * phi(end) - phi(start)), potential-based shaping from MetaWorld's dense reward
+(`MetaWorldVLAEnv.potential`): it telescopes over an episode, so it changes no optimal policy
+of the sparse task, but it tells the critic which chunks made progress in episodes that fail.
 
 The slots are stepped in ``groups`` (two by default): while the workers execute one group's
 chunks, the policy computes the next chunks of the other, so neither waits for the other.
@@ -55,8 +58,9 @@ class FinishedEpisode:
 
 class ChunkedRollout:
     def __init__(self, pool: EnvPool, tasks: Sequence[str], gamma: float, chunk_len: int,
-                 start_index: dict[str, int] | None = None, groups: int = 2):
+                 start_index: dict[str, int] | None = None, groups: int = 2, shaping_coef: float = 0.0):
         self.pool = pool
+        self.shaping_coef = shaping_coef
         self.tasks = list(tasks)
         self.gamma = gamma
         self.chunk_len = chunk_len
@@ -120,6 +124,8 @@ class ChunkedRollout:
                     steps[t, i] = n
                     rewards[t, i] = float(np.sum(r.info["rewards"] * self.gamma ** np.arange(n)))
                     discounts[t, i] = self.gamma**n
+                    if self.shaping_coef:
+                        rewards[t, i] += self.shaping_coef * (discounts[t, i] * r.info["potential_end"] - r.info["potential_start"])
                     self._trajectories[i].append((seen[i]["image"], seen[i]["proprio"], executed_chunks[i][:n]))
                     self.observations[i] = r.observation
                     if r.terminated or r.truncated:
