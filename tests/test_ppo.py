@@ -928,7 +928,7 @@ def reference_run(dataset, sft_policy, tmp_path_factory):
     records = []
     with pytest.MonkeyPatch.context() as mp:
         _spy_updates(mp, records)
-        final = train_ppo(_ppo_config(dataset, sft_policy, out, eval_every=3), progress=False)
+        final = train_ppo(_ppo_config(dataset, sft_policy, out, eval_every=3, ema_decay=0.5), progress=False)
     return SimpleNamespace(out=out, final=final, records=records)
 
 
@@ -944,7 +944,7 @@ def _fake_evaluation(path, tasks, config, write_into_checkpoint=True):
 def resumed_run(dataset, sft_policy, tmp_path_factory):
     """The same run, evaluated every iteration, killed inside iteration 3 and resumed."""
     out = tmp_path_factory.mktemp("ppo_resumed")
-    config = _ppo_config(dataset, sft_policy, out, eval_every=1)
+    config = _ppo_config(dataset, sft_policy, out, eval_every=1, ema_decay=0.5)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ppo_module, "_evaluate_checkpoint", _fake_evaluation)
         original = ppo_module._update
@@ -965,9 +965,9 @@ def resumed_run(dataset, sft_policy, tmp_path_factory):
     records, start_indices = [], []
 
     class RecordingRollout(ChunkedRollout):
-        def __init__(self, pool, tasks, gamma, chunk_len, start_index=None, groups=2):
+        def __init__(self, pool, tasks, gamma, chunk_len, start_index=None, groups=2, **kwargs):
             start_indices.append(dict(start_index))
-            super().__init__(pool, tasks, gamma, chunk_len, start_index, groups)
+            super().__init__(pool, tasks, gamma, chunk_len, start_index, groups, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ppo_module, "_evaluate_checkpoint", _fake_evaluation)
@@ -1085,6 +1085,38 @@ def test_train_ppo_resume_continues_where_the_checkpoint_left_off(reference_run,
     assert "resumed from" in (resumed_run.out / "train.log").read_text()
 
 
+def _expected_average(start: dict, iterates: list[dict], decay: float) -> dict:
+    average = {k: v.clone().float() for k, v in start.items()}
+    for weights in iterates:
+        for k in average:
+            average[k] = decay * average[k] + (1 - decay) * weights[k].float()
+    return average
+
+
+def test_weight_average_follows_the_iterates_and_survives_a_resume(reference_run, resumed_run):
+    """ema_decay: policy_ema/ averages the iterates after the critic warm-up, and a resumed run carries the average on."""
+    history = _history(reference_run.out)
+    final = load_pretrained(reference_run.out / "policy").state_dict()
+    # records[k] holds the weights iteration k + 1 starts from, i.e. those after iteration k
+    iterates = [r["params"] for r in reference_run.records[2:]] + [final]  # after iterations 2..n (1 is the warm-up)
+    assert len(iterates) == len(history) - 1 >= 2
+    averaged = load_pretrained(reference_run.out / "policy_ema").state_dict()
+    for k, v in _expected_average(iterates[0], iterates[1:], 0.5).items():
+        torch.testing.assert_close(averaged[k].float(), v, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(averaged[k], final[k]) for k in final), "the average is not the last iterate"
+    assert json.loads((reference_run.out / "policy_ema" / "config.json").read_text())["metadata"]["ema_decay"] == 0.5
+
+    # the checkpoint of iteration 2 holds the average so far (one iterate: itself), and the resumed run goes on from it
+    saved = {k[len("ema.module."):]: v for k, v in resumed_run.tensors.items() if k.startswith("ema.module.")}
+    assert saved.keys() == resumed_run.weights.keys()
+    for k, v in resumed_run.weights.items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0, msg=k)
+    after = [r["params"] for r in resumed_run.records[1:]] + [load_pretrained(resumed_run.out / "policy").state_dict()]
+    resumed = load_pretrained(resumed_run.out / "policy_ema").state_dict()
+    for k, v in _expected_average(saved, after, 0.5).items():
+        torch.testing.assert_close(resumed[k].float(), v, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_resume_keeps_the_evaluation_results_of_the_checkpointed_iteration(resumed_run):
     history = _history(resumed_run.out)
     assert [row.get("eval_success") for row in history] == [0.25] * len(history)
@@ -1110,7 +1142,7 @@ def test_train_ppo_rejects_bad_config(dataset, sft_policy, tmp_path):
         (dict(bc_weight_rule="sometimes"), "bc_weight_rule"), (dict(horizon=0), "horizon"), (dict(gamma=0.0), "gamma"),
         (dict(reward="shaped"), "reward"), (dict(tasks=["reach-v9"]), "reach-v9"), (dict(bc_target="final"), "bc_target"),
         (dict(rollout_groups=0), "rollout_groups"), (dict(shaping_coef=-1.0), "shaping_coef"),
-        (dict(shaping_coef=0.5, reward="dense"), "shaping_coef"),
+        (dict(shaping_coef=0.5, reward="dense"), "shaping_coef"), (dict(ema_decay=1.0), "ema_decay"),
     ]
     for change, word in cases:
         with pytest.raises(ValueError, match=word):
