@@ -568,8 +568,8 @@ EMA_PREFIX = "ema."
 
 def _load_ema(ema, tensors: dict, checkpoint: Path) -> None:
     state = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
-    if not state:  # a run started without the average: start it from the resumed weights
-        log.warning("%s holds no weight average; ema_decay starts one from the resumed policy", checkpoint)
+    if not state:  # a run started without the average: the first update after the resume starts it
+        log.warning("%s holds no weight average; ema_decay starts one with the iterates after it", checkpoint)
         return
     ema.load_state_dict(state)
 
