@@ -20,23 +20,27 @@ _TINY = [
 ]
 
 
-def _tiny_pipeline(tmp_path) -> PipelineConfig:
-    return load_config(PipelineConfig, overrides=[f"output_dir={tmp_path / 'run'}", *_TINY])
+def _tiny_pipeline_with_average(tmp_path) -> PipelineConfig:
+    # the one iteration is not a critic warm-up iteration, so the weight average has an iterate to average
+    return load_config(PipelineConfig, overrides=[f"output_dir={tmp_path / 'run'}", *_TINY, "ppo.value_warmup_iterations=0"])
 
 
-def test_pipeline_runs_every_stage_and_reports_three_rows(tmp_path, capsys):
-    config = _tiny_pipeline(tmp_path)
+def test_pipeline_runs_every_stage_and_reports_every_row(tmp_path, capsys):
+    config = _tiny_pipeline_with_average(tmp_path)
+    assert config.ppo.ema_decay > 0  # the default
     out = run_pipeline(config, progress=False)
     run = tmp_path / "run"
     assert (run / "demos.hdf5").is_file() and (run / "sft" / "policy" / "model.safetensors").is_file()
     assert (run / "ppo" / "policy" / "config.json").is_file() and (run / "ppo" / "history.json").is_file()
-    assert list(out["rows"]) == ["scripted expert", "SFT", "SFT + chunked PPO + self-BC"]
+    assert list(out["rows"]) == ["scripted expert", "SFT", "SFT + chunked PPO + self-BC",
+                                 "SFT + chunked PPO + self-BC, weight average"]
     report = (run / "results.md").read_text()
     for name in out["rows"]:
         assert f"| {name} |" in report
     # one evaluation file per row, each holding its own policy's episodes
     for file_key, agent in [("scripted", "scripted"), ("sft", str(run / "sft" / "policy")),
-                            ("post_trained", str(run / "ppo" / "policy"))]:
+                            ("post_trained", str(run / "ppo" / "policy")),
+                            ("post_trained_average", str(run / "ppo" / "policy_ema"))]:
         saved = json.loads((run / f"eval_{file_key}.json").read_text())
         assert saved["protocol"]["split"] == "eval" and agent in saved["agent"], (file_key, saved["agent"])
     assert set(json.loads((run / "timings.json").read_text())) == {"collect_s", "sft_s", "post_train_s", "eval_s"}
@@ -46,7 +50,7 @@ def test_pipeline_runs_every_stage_and_reports_three_rows(tmp_path, capsys):
 
     # a second run reuses the demonstrations and resumes the finished trainings instead of redoing them
     before = (run / "demos.hdf5").stat().st_mtime_ns
-    run_pipeline(_tiny_pipeline(tmp_path), progress=False)
+    run_pipeline(_tiny_pipeline_with_average(tmp_path), progress=False)
     assert (run / "demos.hdf5").stat().st_mtime_ns == before
     history = json.loads((run / "ppo" / "history.json").read_text())
     assert [row["iteration"] for row in history] == sorted({row["iteration"] for row in history})
@@ -64,7 +68,9 @@ def test_pipeline_with_a_dagger_round_post_trains_the_relabelled_policy(tmp_path
     config = load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'run'}", *overrides])
     out = run_pipeline(config, progress=False)
     run = tmp_path / "run"
+    # its one post-training iteration is the critic warm-up: no weight average to report
     assert list(out["rows"]) == ["SFT", "SFT + DAgger (1 round)", "SFT + DAgger + chunked PPO + self-BC"]
+    assert not (run / "ppo" / "policy_ema").exists()
     assert config.ppo.init_policy == str(run / "sft_dagger_1" / "policy")
     assert read_episodes(run / "relabelled_1.hdf5")[0].source == "relabelled"
     dagger_run = load_config(SFTConfig, run / "sft_dagger_1" / "config.yaml")
@@ -79,9 +85,11 @@ def test_pipeline_evaluates_the_post_trained_policy_as_it_was_trained_to_execute
                                                     "ppo.eval_every=0"])
     out = run_pipeline(config, progress=False)
     run = tmp_path / "run"
-    assert list(out["rows"]) == ["scripted expert", "SFT", "SFT + chunked PPO + self-BC (first 2 actions of each chunk)"]
-    protocols = {key: json.loads((run / f"eval_{key}.json").read_text())["protocol"] for key in ("scripted", "sft", "post_trained")}
-    assert protocols["post_trained"]["execute_steps"] == 2
+    assert list(out["rows"]) == ["scripted expert", "SFT", "SFT + chunked PPO + self-BC (first 2 actions of each chunk)",
+                                 "SFT + chunked PPO + self-BC, weight average (first 2 actions of each chunk)"]
+    protocols = {key: json.loads((run / f"eval_{key}.json").read_text())["protocol"]
+                 for key in ("scripted", "sft", "post_trained", "post_trained_average")}
+    assert protocols["post_trained"]["execute_steps"] == protocols["post_trained_average"]["execute_steps"] == 2
     assert protocols["sft"]["execute_steps"] == protocols["sft"]["chunk_len"] > 2  # the protocol's whole chunks
     assert protocols["scripted"]["execute_steps"] == 1
 

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -1115,6 +1116,21 @@ def test_weight_average_follows_the_iterates_and_survives_a_resume(reference_run
     resumed = load_pretrained(resumed_run.out / "policy_ema").state_dict()
     for k, v in _expected_average(saved, after, 0.5).items():
         torch.testing.assert_close(resumed[k].float(), v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_weight_average_never_feeds_back_into_training(dataset, sft_policy, reference_run, tmp_path):
+    """The same run without the average ends on the same weights; a later invocation without it drops the stale one."""
+    plain = train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "plain", eval_every=3, ema_decay=0.0), progress=False)
+    assert not (tmp_path / "plain" / "policy_ema").exists()
+    with_average = load_pretrained(reference_run.final).state_dict()
+    for k, v in load_pretrained(plain).state_dict().items():
+        assert torch.equal(v, with_average[k]), k
+
+    stale = tmp_path / "stale"
+    shutil.copytree(reference_run.out, stale)
+    assert (stale / "policy_ema").is_dir()
+    train_ppo(_ppo_config(dataset, sft_policy, stale, eval_every=3, ema_decay=0.0), progress=False)  # already finished
+    assert (stale / "policy").is_dir() and not (stale / "policy_ema").exists()
 
 
 def test_resume_keeps_the_evaluation_results_of_the_checkpointed_iteration(resumed_run):

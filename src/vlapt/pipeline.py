@@ -7,7 +7,9 @@ continues on demonstrations plus every relabelled set so far.
 Each stage writes under ``output_dir`` and is skipped or resumed when its output already
 exists, so an interrupted pipeline continues where it stopped. The evaluation rows are
 the ones every results table carries: the scripted expert, the SFT policy and the
-post-trained policy, on the same held-out configurations.
+post-trained policy, on the same held-out configurations. Post-training's last iterate and,
+when it keeps one (``ppo.ema_decay > 0``, the default), the moving average of its weights
+are both rows: the same run, two ways of reading a policy off it.
 """
 
 from __future__ import annotations
@@ -127,8 +129,12 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
         rounds = f"{config.dagger_rounds} round" + ("s" if config.dagger_rounds > 1 else "")
         agents.append((f"SFT + DAgger ({rounds})", "dagger",
                        CheckpointAgent(str(dagger_policy), seed=protocol.seed), protocol))
-    agents.append(("SFT + chunked PPO + self-BC" if not config.dagger_rounds else "SFT + DAgger + chunked PPO + self-BC",
-                   "post_trained", CheckpointAgent(str(ppo_policy), seed=protocol.seed), post_trained_protocol))
+    post_trained = "SFT + chunked PPO + self-BC" if not config.dagger_rounds else "SFT + DAgger + chunked PPO + self-BC"
+    agents.append((post_trained, "post_trained", CheckpointAgent(str(ppo_policy), seed=protocol.seed), post_trained_protocol))
+    weight_average = Path(ppo_policy).parent / "policy_ema"  # train_ppo writes it only when it belongs to this run
+    if config.ppo.ema_decay and weight_average.is_dir():
+        agents.append((f"{post_trained}, weight average", "post_trained_average",
+                       CheckpointAgent(str(weight_average), seed=protocol.seed), post_trained_protocol))
     for name, file_key, agent, eval_config in agents:
         if eval_config.execute_steps:
             name = f"{name} (first {eval_config.execute_steps} actions of each chunk)"

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -116,8 +117,9 @@ class PPOConfig:
     buffer_admit_self: bool = True  # False: the buffer only ever holds the SFT demos (ablation)
     # > 0: also keep an exponential moving average of the policy's weights (this decay per iteration; 0.95 averages
     # over ~20 iterations, ~30k env steps) and write it as policy_ema/ beside policy/. PPO's last iterate carries the
-    # noise of its last few updates; the average is a smoother policy from the same run, at no extra env steps
-    ema_decay: float = 0.0
+    # noise of its last few updates; the average is a smoother policy from the same run, at no extra env steps, and
+    # never feeds back into training (0: off; the run is the same either way)
+    ema_decay: float = 0.95
     # bookkeeping
     checkpoint_every: int = 5  # iterations
     eval_every: int = 25  # iterations; 0 disables
@@ -451,12 +453,26 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
 
     save_pretrained(model, final, metadata={"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps,
                                             "iterations": iteration})
-    if ema is not None:
-        save_pretrained(ema.module, out_dir / "policy_ema",
-                        metadata={"trained_by": "vlapt train (chunked PPO + self-BC), weight average", "env_steps": env_steps,
-                                  "iterations": iteration, "ema_decay": config.ema_decay})
+    _save_weight_average(ema, out_dir / "policy_ema", config.ema_decay, env_steps, iteration)
     atomic_write_json(out_dir / "history.json", history)
     return final
+
+
+def _save_weight_average(ema, path: Path, decay: float, env_steps: int, iteration: int) -> None:
+    """Write the average as a policy, or remove one left by an earlier invocation that it would no longer describe."""
+    from vlapt.models import save_pretrained
+
+    if ema is not None and int(ema.n_averaged) > 0:
+        save_pretrained(ema.module, path, metadata={
+            "trained_by": "vlapt train (chunked PPO + self-BC), weight average", "env_steps": env_steps,
+            "iterations": iteration, "ema_decay": decay, "iterates_averaged": int(ema.n_averaged)})
+        return
+    why = "ema_decay=0" if ema is None else "every iteration so far was a critic warm-up iteration"
+    if path.exists():
+        log.warning("removing %s: it is not the weight average of this run's final policy (%s)", path, why)
+        shutil.rmtree(path)
+    elif ema is not None:
+        log.warning("no weight average written: %s", why)
 
 
 def _update(model, optimizer, batch: RolloutBatch, buffer, bc_weight, tokenizer, policy_config, config, rng, critic_only,

@@ -131,6 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(PPOConfig, args.config, overrides).validate()
     final = train_ppo(config, progress=not args.quiet)
     print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
+    if (final.parent / "policy_ema").is_dir():
+        print(f"the moving average of its weights (ema_decay={config.ema_decay}): {final.parent / 'policy_ema'}")
     return 0
 
 
