@@ -131,8 +131,8 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
                        CheckpointAgent(str(dagger_policy), seed=protocol.seed), protocol))
     post_trained = "SFT + chunked PPO + self-BC" if not config.dagger_rounds else "SFT + DAgger + chunked PPO + self-BC"
     agents.append((post_trained, "post_trained", CheckpointAgent(str(ppo_policy), seed=protocol.seed), post_trained_protocol))
-    weight_average = Path(ppo_policy).parent / "policy_ema"  # train_ppo writes it only when it belongs to this run
-    if config.ppo.ema_decay and weight_average.is_dir():
+    weight_average = Path(ppo_policy).parent / "policy_ema"  # train_ppo leaves one only when it belongs to this run
+    if weight_average.is_dir():
         agents.append((f"{post_trained}, weight average", "post_trained_average",
                        CheckpointAgent(str(weight_average), seed=protocol.seed), post_trained_protocol))
     for name, file_key, agent, eval_config in agents:
