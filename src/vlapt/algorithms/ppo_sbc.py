@@ -44,7 +44,7 @@ from vlapt.envs.vector import EnvPool, SlotSpec
 from vlapt.evaluation.agents import env_config_for_policy, stack_observations
 from vlapt.evaluation.metrics import format_table
 from vlapt.evaluation.protocol import EvalConfig
-from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch
+from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch, save_pretrained
 from vlapt.models.checkpoint import load_pretrained_config
 from vlapt.rollout.chunked import ChunkedRollout, RolloutBatch, chunk_gae
 
@@ -449,8 +449,6 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
     bar.close()
     writer.close()
     final = out_dir / "policy"
-    from vlapt.models import save_pretrained
-
     save_pretrained(model, final, metadata={"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps,
                                             "iterations": iteration})
     _save_weight_average(ema, out_dir / "policy_ema", config.ema_decay, env_steps, iteration)
@@ -460,8 +458,6 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
 
 def _save_weight_average(ema, path: Path, decay: float, env_steps: int, iteration: int) -> None:
     """Write the average as a policy, or remove one left by an earlier invocation that it would no longer describe."""
-    from vlapt.models import save_pretrained
-
     if ema is not None and int(ema.n_averaged) > 0:
         save_pretrained(ema.module, path, metadata={
             "trained_by": "vlapt train (chunked PPO + self-BC), weight average", "env_steps": env_steps,
