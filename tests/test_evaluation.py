@@ -207,3 +207,38 @@ def test_evaluation_runs_the_configured_split(split):
 
 def test_default_protocol_is_held_out():
     assert EvalConfig().split == "eval"
+
+
+# =========================================================================== paired pace
+def _result(episodes, tasks=("reach-v3", "push-v3"), **protocol):
+    base = {"tasks": list(tasks), "split": "eval", "config_seed": 0, "max_episode_steps": 500}
+    base.update(protocol)
+    return {"protocol": base, "episodes": [
+        {"task": t, "config_index": i, "success": steps is not None, "steps": steps or 500} for t, i, steps in episodes]}
+
+
+def test_paired_pace_compares_only_configurations_both_solved():
+    from vlapt.evaluation.metrics import format_pace_table, paired_pace
+
+    expert = _result([("reach-v3", 0, 40), ("reach-v3", 1, 80), ("reach-v3", 2, 60), ("push-v3", 0, 50)])
+    # the policy fails the long configuration 1: its own mean (45) looks faster than the expert's (60) ...
+    policy = _result([("reach-v3", 0, 44), ("reach-v3", 1, None), ("reach-v3", 2, 66), ("push-v3", 0, None)])
+    pace = paired_pace(expert, policy)
+    reach = pace["per_task"]["reach-v3"]
+    # ... but on the configurations both solved it is 10% slower on each
+    assert reach["configurations"] == 2 and reach["reference_steps"] == 50 and reach["steps"] == 55
+    assert reach["median_ratio"] == pytest.approx(1.1) and reach["min_ratio"] == reach["max_ratio"] == pytest.approx(1.1)
+    assert reach["correlation"] == pytest.approx(1.0)
+    assert pace["per_task"]["push-v3"] == {"configurations": 0}
+    assert pace["average"]["configurations"] == 2 and pace["average"]["median_ratio"] == pytest.approx(1.1)
+    table = format_pace_table(pace, "scripted")
+    assert "| push-v3 | 0 | - |" in table and "1.10 (1.10-1.10)" in table and "scripted steps" in table
+
+
+def test_paired_pace_refuses_results_from_different_protocols():
+    from vlapt.evaluation.metrics import paired_pace
+
+    with pytest.raises(ValueError, match="config_seed"):
+        paired_pace(_result([("reach-v3", 0, 40)]), _result([("reach-v3", 0, 40)], config_seed=1))
+    with pytest.raises(ValueError, match="no task"):
+        paired_pace(_result([], tasks=["reach-v3"]), _result([], tasks=["push-v3"]))

@@ -311,6 +311,35 @@ def test_rollout_stops_a_chunk_at_success_and_discounts_by_executed_steps(datase
     np.testing.assert_array_equal(traj.actions[-1, last_steps:], np.repeat(demo.actions[-1:], h - last_steps, 0))
 
 
+def test_rollout_scores_an_episode_against_the_value_of_its_first_decision_across_iterations(dataset):
+    """An episode that spans two collects keeps the critic's value of its first observation, from the first collect."""
+    demo = read_episodes(dataset)[0]
+    T, h, gamma = len(demo), 4, 0.9
+    n_dec = -(-T // h)
+    assert n_dec > 2
+
+    def act(observations):
+        k = act.calls
+        act.calls += 1
+        chunk = np.zeros((1, h, 4), np.float32)
+        part = demo.actions[k * h : (k + 1) * h]
+        chunk[0, : len(part)] = part
+        return chunk, chunk, np.zeros(1, np.float32), np.array([0.25 + k], np.float32)  # a different value per decision
+
+    act.calls = 0
+    env = EnvConfig(image_size=IMAGE_SIZE, camera_fovy=CollectConfig().camera_fovy, privileged_state=True)
+    with EnvPool([SlotSpec(TASK, env, h)], num_workers=0) as pool:
+        rollout = ChunkedRollout(pool, [TASK], gamma, h, {TASK: 0})
+        zeros = lambda obs: np.zeros(len(obs), np.float32)  # noqa: E731
+        _, first = rollout.collect(act, zeros, 2)
+        _, second = rollout.collect(act, zeros, n_dec - 1)
+    assert first == [] and [ep.success for ep in second] == [True]
+    (ep,) = second
+    assert ep.first_value == pytest.approx(0.25)
+    assert ep.episode_return == pytest.approx(gamma ** (T - 1), rel=1e-5)
+    assert ep.trajectory.advantage == pytest.approx(gamma ** (T - 1) - 0.25, rel=1e-5)
+
+
 def test_potential_shaping_telescopes_to_the_sparse_return_minus_the_first_potential(dataset):
     """c * (gamma^n phi(end) - phi(start)) per chunk: over a solved episode it sums to -c * phi(s_0)."""
     demo = read_episodes(dataset)[0]
@@ -537,6 +566,51 @@ def test_buffer_without_self_admission_keeps_only_demos():
     assert buffer.offer(_self_episode(1)) is False
     assert _lengths(buffer) == [5, 7] and buffer.admitted == 0
     assert all(e.source == "demo" for e in buffer.episodes[TASK])
+
+
+def _scored(length, advantage, seed=100):
+    return dataclasses.replace(_self_episode(length, seed=seed), advantage=advantage)
+
+
+def test_advantage_admission_takes_better_than_expected_successes_whatever_their_length():
+    buffer = DemoBuffer([TASK], capacity=3, admission="advantage")
+    buffer.seed([_demo(5, seed=0), _demo(6, seed=1), _demo(7, seed=2)], 3)
+    assert buffer.offer(_scored(2, -0.1)) is False  # shorter than every demo, but worse than the critic expected
+    assert buffer.offer(_scored(2, 0.0)) is False
+    assert buffer.offer(_self_episode(2)) is False  # no critic value recorded
+    assert buffer.admitted == 0 and _lengths(buffer) == [5, 6, 7]
+    assert buffer.offer(_scored(90, 0.05)) is True  # longer than every stored episode: enters, replacing the oldest
+    assert [e.demo_key for e in buffer.episodes[TASK] if e.source == "demo"] == [1, 2]
+    assert buffer.offer(_scored(40, 0.2, seed=101)) is True
+    assert buffer.offer(_scored(30, 0.1, seed=102)) is True  # the last demo goes
+    assert [e.length for e in buffer.episodes[TASK]] == [90, 40, 30] and buffer.stats()["self_fraction"] == 1
+    assert buffer.offer(_scored(60, 0.3, seed=103)) is True  # now the oldest self episode goes
+    assert [e.length for e in buffer.episodes[TASK]] == [40, 30, 60]
+    assert buffer.admitted == 4 and buffer.replaced == 4
+
+
+def test_advantage_admission_round_trips_order_and_scores(tmp_path):
+    demos = [_demo(5), _demo(7, seed=1)]
+    buffer = DemoBuffer([TASK], capacity=3, admission="advantage")
+    buffer.seed(demos, 3)
+    buffer.offer(_scored(9, 0.5, seed=11))
+    buffer.offer(_scored(4, 0.25, seed=12))  # replaces demo 0
+    tensors, meta = buffer.state()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "state.safetensors"))
+    restored = DemoBuffer([TASK], capacity=3, admission="advantage")
+    restored.load_state(load_file(str(tmp_path / "state.safetensors")), json.loads(json.dumps(meta)), demos, 3)
+    assert [(e.source, e.length) for e in restored.episodes[TASK]] == [("demo", 7), ("self", 9), ("self", 4)]
+    assert [e.advantage for e in restored.episodes[TASK][1:]] == [0.5, 0.25]
+    assert math.isnan(restored.episodes[TASK][0].advantage)
+    restored.offer(_scored(3, 0.1, seed=13))  # the order survived: the demo is still the oldest
+    assert [e.source for e in restored.episodes[TASK]] == ["self", "self", "self"]
+
+
+def test_buffer_rejects_an_unknown_admission_rule():
+    with pytest.raises(ValueError, match="shorter, advantage"):
+        DemoBuffer([TASK], admission="longest")
+    with pytest.raises(ValueError, match="buffer_admission"):
+        PPOConfig(tasks=[TASK], buffer_admission="best").validate()
 
 
 def test_buffer_rejects_bad_capacity_and_empty_sampling():
@@ -1195,6 +1269,20 @@ def test_per_task_advantage_scale_is_checkpointed_and_resumed(dataset, sft_polic
     seen[:] = []
     train_ppo(dataclasses.replace(half, total_env_steps=45), progress=False)
     assert seen[0] == state["advantage_scale"] == straight[done]
+
+
+def test_train_ppo_builds_its_buffer_with_the_configured_admission_rule(dataset, sft_policy, tmp_path, monkeypatch):
+    rules = []
+    original = ppo_module._update
+
+    def spy(model, optimizer, batch, buffer, *args, **kwargs):
+        rules.append(buffer.admission)
+        return original(model, optimizer, batch, buffer, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_module, "_update", spy)
+    train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "run", buffer_admission="advantage", total_env_steps=30),
+              progress=False)
+    assert rules and set(rules) == {"advantage"}
 
 
 def test_post_training_with_correlated_chunk_noise(dataset, sft_policy, tmp_path):

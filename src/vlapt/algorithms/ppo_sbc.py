@@ -7,8 +7,9 @@ the training loop (rollout -> buffer -> update -> checkpoint -> evaluate).
   likelihood (sum over the h x action_dim entries); GAE over decisions with the discount of
   the env steps each chunk actually executed (vlapt.rollout.chunked).
 - Self-BC: a per-task buffer seeded with the SFT demonstrations that admits the policy's
-  own successes when shorter than its longest episode (vlapt.data.demo_buffer), and a
-  BC loss (chunk NLL) on it.
+  own successes when shorter than its longest episode, or (``buffer_admission=advantage``)
+  when better than the critic expected (vlapt.data.demo_buffer), and a BC loss (chunk NLL)
+  on it.
 - The BC weight lambda is adapted online by dual ascent on a constraint (see `BCWeight`).
 """
 
@@ -37,7 +38,7 @@ from vlapt.algorithms.checkpointing import (
 )
 from vlapt.algorithms.sft import chunk_bc_loss
 from vlapt.config import atomic_write_json, atomic_write_text
-from vlapt.data.demo_buffer import DemoBuffer
+from vlapt.data.demo_buffer import ADMISSION_RULES, DemoBuffer
 from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs.tasks import instruction_for, resolve_tasks
 from vlapt.envs.vector import EnvPool, SlotSpec
@@ -115,6 +116,10 @@ class PPOConfig:
     bc_batch_size: int = 64
     buffer_capacity: int = 50
     buffer_admit_self: bool = True  # False: the buffer only ever holds the SFT demos (ablation)
+    # which of the policy's successes enter the buffer (vlapt.data.demo_buffer): "shorter" than the longest stored one
+    # (replacing it), or "advantage": discounted return above the critic's value of the episode's first observation,
+    # i.e. better than expected on that configuration (replacing the oldest entry)
+    buffer_admission: str = "shorter"
     # > 0: also keep an exponential moving average of the policy's weights (this decay per iteration; 0.95 averages
     # over ~20 iterations, ~30k env steps) and write it as policy_ema/ beside policy/. PPO's last iterate carries the
     # noise of its last few updates; the average is a smoother policy from the same run, at no extra env steps, and
@@ -155,6 +160,8 @@ class PPOConfig:
                              f"got shaping_coef={self.shaping_coef}, reward={self.reward!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
+        if self.buffer_admission not in ADMISSION_RULES:
+            raise ValueError(f"buffer_admission must be one of {', '.join(ADMISSION_RULES)}, got {self.buffer_admission!r}")
         if self.advantage_norm not in ("minibatch", "task"):
             raise ValueError(f"advantage_norm must be minibatch or task, got {self.advantage_norm!r}")
         if not 0 <= self.advantage_norm_decay < 1:
@@ -340,7 +347,7 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
             model.enable_correlated_noise(config.correlated_noise_log_std)
     optimizer = make_optimizer(model, config)
     demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
-    buffer = DemoBuffer(tasks, config.buffer_capacity, config.buffer_admit_self)
+    buffer = DemoBuffer(tasks, config.buffer_capacity, config.buffer_admit_self, config.buffer_admission)
     buffer.seed(demos, h)
     reference_model = None
     if config.bc_weight_rule == "lagrangian" and config.bc_target == "reference":

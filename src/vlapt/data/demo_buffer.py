@@ -1,11 +1,23 @@
 """The self behaviour-cloning demonstration buffer.
 
 Per task it holds up to ``capacity`` successful episodes, seeded with the SFT
-demonstrations. A successful rollout of the policy's own enters when the task's buffer has
-room, or when it is shorter (fewer env steps to success) than the longest stored episode,
-which it replaces. So the buffer drifts from the experts' solutions towards the policy's
-own, faster ones, and BC on it pulls the policy towards its best behaviour rather than back
-to the experts'.
+demonstrations (the shortest ``capacity`` of them). Which of the policy's own successes
+enter is the ``admission`` rule:
+
+- ``"shorter"`` (the default): a success enters when the task's buffer has room, or when it
+  is shorter (fewer env steps to success) than the longest stored episode, which it
+  replaces. So the buffer drifts from the experts' solutions towards the policy's own,
+  faster ones, and BC on it pulls the policy towards its best behaviour rather than back to
+  the experts'. Lengths are compared across configurations, though, and some configurations
+  are solved in half the steps of others whatever the strategy: the buffer fills with the
+  easiest configurations, and a success on a hard one never enters.
+- ``"advantage"``: a success enters when its discounted return beats the critic's value of
+  its first observation, i.e. when it went better than the policy expected on *that*
+  configuration (self-imitation learning's criterion); when the buffer is full it replaces
+  the oldest stored episode (the demos go first). So the buffer follows the policy as it
+  improves, holds its better-than-usual solutions of hard configurations as well as easy
+  ones, and each new entry only has to beat the current policy, not the best episode ever
+  stored.
 
 Each episode is stored as BC samples: an observation and the action chunk that followed it
 (raw action space, padded past the episode's end). Demonstrations give a sample at every
@@ -15,6 +27,7 @@ step; the policy's episodes give one per decision, where the image was rendered.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +47,8 @@ class BufferEpisode:
     pad: np.ndarray  # (N, h) bool, True past the episode's end
     source: str  # "demo" or "self"
     demo_key: int = -1  # index in the seeding list for demos (they are re-read on resume, not stored)
+    # self episodes: discounted return minus the critic's value of the first observation (what "advantage" admits on)
+    advantage: float = math.nan
 
 
 def episode_from_demo(demo: EpisodeData, chunk_len: int, key: int) -> BufferEpisode:
@@ -46,10 +61,16 @@ def episode_from_demo(demo: EpisodeData, chunk_len: int, key: int) -> BufferEpis
     )
 
 
+ADMISSION_RULES = ("shorter", "advantage")
+
+
 class DemoBuffer:
-    def __init__(self, tasks: Sequence[str], capacity: int = 50, admit_self: bool = True):
+    def __init__(self, tasks: Sequence[str], capacity: int = 50, admit_self: bool = True, admission: str = "shorter"):
         if capacity < 1:
             raise ValueError(f"demo buffer capacity must be >= 1, got {capacity}")
+        if admission not in ADMISSION_RULES:
+            raise ValueError(f"buffer admission must be one of {', '.join(ADMISSION_RULES)}, got {admission!r}")
+        self.admission = admission
         self.tasks = list(tasks)
         self.capacity = capacity
         self.admit_self = admit_self
@@ -64,9 +85,19 @@ class DemoBuffer:
                 self._insert(episode_from_demo(demo, chunk_len, key), count=False)
 
     def offer(self, episode: BufferEpisode) -> bool:
-        """Admit a successful self-collected episode if there is room or it beats the longest one."""
+        """Admit a successful self-collected episode under the buffer's admission rule; True if it entered."""
         if episode.source == "self" and not self.admit_self:
             return False
+        if self.admission == "advantage":
+            if not episode.advantage > 0:  # NaN (no critic value recorded) never enters
+                return False
+            stored = self.episodes[episode.task]
+            if len(stored) >= self.capacity:
+                stored.pop(0)  # the oldest: entries are kept in the order they entered
+                self.replaced += 1
+            stored.append(episode)
+            self.admitted += 1
+            return True
         return self._insert(episode, count=True)
 
     def _insert(self, episode: BufferEpisode, count: bool) -> bool:
@@ -132,7 +163,8 @@ class DemoBuffer:
                 tensors[f"{prefix}.proprio"] = torch.from_numpy(ep.proprio)
                 tensors[f"{prefix}.actions"] = torch.from_numpy(ep.actions)
                 tensors[f"{prefix}.pad"] = torch.from_numpy(ep.pad)
-                entries.append({"source": "self", "length": ep.length, "prefix": prefix})
+                entries.append({"source": "self", "length": ep.length, "prefix": prefix,
+                                "advantage": ep.advantage if math.isfinite(ep.advantage) else None})
             layout[task] = entries
         return tensors, {"layout": layout, "admitted": self.admitted, "replaced": self.replaced}
 
@@ -149,6 +181,7 @@ class DemoBuffer:
                         task=task, length=int(entry["length"]), images=tensors[f"{p}.images"].numpy(),
                         proprio=tensors[f"{p}.proprio"].numpy(), actions=tensors[f"{p}.actions"].numpy(),
                         pad=tensors[f"{p}.pad"].numpy(), source="self",
+                        advantage=math.nan if entry.get("advantage") is None else float(entry["advantage"]),  # older checkpoints: none
                     ))
         self.admitted = int(meta["admitted"])
         self.replaced = int(meta["replaced"])

@@ -83,3 +83,82 @@ def format_table(summary: dict, title: str | None = None) -> str:
             f"{m['steps_failures_as_limit']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def paired_pace(reference: dict, result: dict) -> dict:
+    """Steps to success of ``result`` relative to ``reference`` on the configurations both solved.
+
+    Both are evaluation results (`vlapt eval` JSON) under the same protocol, so episode k of a
+    task ran on the same configuration in both. Averages over each result's own successes mix
+    pace with which configurations were solved; pairing by configuration separates them. Per
+    task: the configurations both solved, their mean steps in each, the median and range of the
+    per-configuration ratio, and the correlation of the two step counts (near 1 with a ratio
+    near 1: the same strategy at the same pace; a low correlation: the lengths no longer follow
+    the reference's, a different strategy). The average is over tasks, like `summarize`'s.
+    """
+    for key in ("split", "config_seed", "max_episode_steps"):
+        if reference["protocol"].get(key) != result["protocol"].get(key):
+            raise ValueError(f"the results were evaluated under different protocols ({key}: "
+                             f"{reference['protocol'].get(key)!r} vs {result['protocol'].get(key)!r}); "
+                             "evaluate both with the same split, config_seed and step limit")
+
+    def solved(r):
+        return {(e["task"], e["config_index"]): e["steps"] for e in r["episodes"] if e["success"]}
+
+    ref, mine = solved(reference), solved(result)
+    tasks = [t for t in reference["protocol"]["tasks"] if t in result["protocol"]["tasks"]]
+    if not tasks:
+        raise ValueError("the results share no task")
+    per_task = {}
+    for task in tasks:
+        keys = sorted(k for k in ref.keys() & mine.keys() if k[0] == task)
+        if not keys:
+            per_task[task] = {"configurations": 0}
+            continue
+        a = [ref[k] for k in keys]
+        b = [mine[k] for k in keys]
+        ratios = sorted(y / x for x, y in zip(a, b))
+        per_task[task] = {
+            "configurations": len(keys), "reference_steps": _mean(a), "steps": _mean(b),
+            "median_ratio": _median(ratios), "min_ratio": ratios[0], "max_ratio": ratios[-1],
+            "correlation": _correlation(a, b),
+        }
+    paired = [m for m in per_task.values() if m["configurations"]]
+    average = {
+        "configurations": sum(m["configurations"] for m in paired),
+        "reference_steps": _mean(m["reference_steps"] for m in paired),
+        "steps": _mean(m["steps"] for m in paired),
+        "median_ratio": _mean(m["median_ratio"] for m in paired),
+    }
+    return {"per_task": per_task, "average": average}
+
+
+def _median(sorted_values: Sequence[float]) -> float:
+    n = len(sorted_values)
+    return sorted_values[n // 2] if n % 2 else (sorted_values[n // 2 - 1] + sorted_values[n // 2]) / 2
+
+
+def _correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Pearson's r; NaN when either side does not vary (or there are fewer than two pairs)."""
+    ma, mb = _mean(a), _mean(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
+
+
+def format_pace_table(pace: dict, reference_name: str = "reference") -> str:
+    def fmt(x, spec):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    lines = [f"| task | configurations both solved | {reference_name} steps | steps | ratio: median (range) | correlation |",
+             "|---|---|---|---|---|---|"]
+    for task, m in pace["per_task"].items():
+        if not m["configurations"]:
+            lines.append(f"| {task} | 0 | - | - | - | - |")
+            continue
+        lines.append(f"| {task} | {m['configurations']} | {m['reference_steps']:.1f} | {m['steps']:.1f} | "
+                     f"{m['median_ratio']:.2f} ({m['min_ratio']:.2f}-{m['max_ratio']:.2f}) | {fmt(m['correlation'], '.2f')} |")
+    a = pace["average"]
+    lines.append(f"| **average** | {a['configurations']} | {fmt(a['reference_steps'], '.1f')} | {fmt(a['steps'], '.1f')} | "
+                 f"{fmt(a['median_ratio'], '.2f')} | |")
+    return "\n".join(lines)

@@ -54,6 +54,10 @@ class FinishedEpisode:
     success: bool
     steps: int
     trajectory: BufferEpisode | None  # BC samples of a successful episode
+    # discounted return of the episode from its first decision, and the critic's value of that decision's
+    # observation when it was taken (their difference is what the buffer's "advantage" admission compares)
+    episode_return: float = 0.0
+    first_value: float = float("nan")
 
 
 class ChunkedRollout:
@@ -70,6 +74,7 @@ class ChunkedRollout:
         self.observations: dict[int, dict] = {}
         self._reserved: dict[int, dict] = {}  # slot -> reset options of its next episode
         self._trajectories: dict[int, list] = {}
+        self._returns: dict[int, list[float]] = {}  # slot -> [discounted return so far, discount to the next chunk, V(s_0)]
         self.reset_all()
 
     def reset_all(self) -> None:
@@ -77,6 +82,7 @@ class ChunkedRollout:
         self.observations = {i: obs for i, (obs, _) in self.pool.reset(self._next_configs(slots)).items()}
         self._reserved = self._next_configs(slots)
         self._trajectories = {i: [] for i in slots}
+        self._returns = {i: [0.0, 1.0, float("nan")] for i in slots}
 
     def _next_configs(self, slots) -> dict[int, dict]:
         requests = {}
@@ -111,6 +117,8 @@ class ChunkedRollout:
                 images[t, i], proprio[t, i] = obs[k]["image"], obs[k]["proprio"]
                 actions[t, i], log_probs[t, i], values[t, i] = normalised[k], logp[k], v[k]
                 seen[i], executed_chunks[i] = obs[k], executed[k]
+                if not self._trajectories[i]:  # the episode's first decision
+                    self._returns[i][2] = float(v[k])
             return self.pool.submit_step({i: executed_chunks[i] for i in group}, {i: self._reserved[i] for i in group})
 
         pending = [decide(0, group) for group in self.groups]
@@ -127,6 +135,9 @@ class ChunkedRollout:
                     if self.shaping_coef:
                         rewards[t, i] += self.shaping_coef * (discounts[t, i] * r.info["potential_end"] - r.info["potential_start"])
                     self._trajectories[i].append((seen[i]["image"], seen[i]["proprio"], executed_chunks[i][:n]))
+                    running = self._returns[i]
+                    running[0] += running[1] * float(rewards[t, i])
+                    running[1] *= float(discounts[t, i])
                     self.observations[i] = r.observation
                     if r.terminated or r.truncated:
                         dones[t, i] = True
@@ -148,6 +159,8 @@ class ChunkedRollout:
     def _finish(self, slot: int, success: bool, episode_steps: int) -> FinishedEpisode:
         trajectory = self._trajectories[slot]
         self._trajectories[slot] = []
+        episode_return, _, first_value = self._returns[slot]
+        self._returns[slot] = [0.0, 1.0, float("nan")]
         samples = None
         if success:
             h = self.chunk_len
@@ -161,9 +174,9 @@ class ChunkedRollout:
             samples = BufferEpisode(
                 task=self.tasks[slot], length=episode_steps,
                 images=np.stack([im for im, _, _ in trajectory]), proprio=np.stack([p for _, p, _ in trajectory]),
-                actions=chunk_actions, pad=pad, source="self",
+                actions=chunk_actions, pad=pad, source="self", advantage=episode_return - first_value,
             )
-        return FinishedEpisode(self.tasks[slot], success, episode_steps, samples)
+        return FinishedEpisode(self.tasks[slot], success, episode_steps, samples, episode_return, first_value)
 
 
 def chunk_gae(
