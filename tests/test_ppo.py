@@ -25,6 +25,7 @@ from vlapt.algorithms.ppo_sbc import (
     _update,
     make_optimizer,
     ppo_losses,
+    rollout_functions,
     train_ppo,
 )
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
@@ -340,6 +341,35 @@ def test_rollout_scores_an_episode_against_the_value_of_its_first_decision_acros
     assert ep.trajectory.advantage == pytest.approx(gamma ** (T - 1) - 0.25, rel=1e-5)
 
 
+def test_rollout_actions_are_the_samples_clipped_or_not_and_the_env_clips_them_alike(tiny_model):
+    """``clip=False`` (bc_self_actions=sampled) keeps the samples as they were drawn; the env then runs exactly what
+    the clipped chunk would have run, so only the self-BC targets differ."""
+    with torch.no_grad():
+        tiny_model.log_std.fill_(tiny_model.config.max_log_std)  # wide noise: many samples beyond the bounds
+    rng = np.random.default_rng(0)
+    observations = [{"image": rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+                     "proprio": rng.normal(size=4).astype(np.float32), "instruction": instruction_for(TASK)}
+                    for _ in range(4)]
+    tokenizer = Tokenizer(tiny_model.config.vocab)
+    out = {}
+    for clip in (True, False):
+        act, _ = rollout_functions(tiny_model, tokenizer, torch.Generator().manual_seed(3), clip=clip)
+        out[clip] = act(observations)
+    np.testing.assert_array_equal(out[True][0], out[False][0])  # the same samples ...
+    sampled = out[False][1]
+    assert np.abs(sampled).max() > 1.0, "the test needs samples beyond the action bounds"
+    np.testing.assert_allclose(sampled, tiny_model.unnormalize_actions(torch.from_numpy(out[False][0])).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(out[True][1], np.clip(sampled, -1.0, 1.0))  # ... clipped or not
+
+    env = MetaWorldVLAEnv(TASK, EnvConfig(image_size=IMAGE_SIZE, render=False), chunk_len=sampled.shape[1])
+    finals = []
+    for chunk in (sampled[0], out[True][1][0]):
+        env.reset(options={"split": "train", "index": 0})
+        finals.append(env.step(chunk)[0]["proprio"])
+    env.close()
+    np.testing.assert_array_equal(finals[0], finals[1])
+
+
 def test_potential_shaping_telescopes_to_the_sparse_return_minus_the_first_potential(dataset):
     """c * (gamma^n phi(end) - phi(start)) per chunk: over a solved episode it sums to -c * phi(s_0)."""
     demo = read_episodes(dataset)[0]
@@ -611,6 +641,8 @@ def test_buffer_rejects_an_unknown_admission_rule():
         DemoBuffer([TASK], admission="longest")
     with pytest.raises(ValueError, match="buffer_admission"):
         PPOConfig(tasks=[TASK], buffer_admission="best").validate()
+    with pytest.raises(ValueError, match="bc_self_actions"):
+        PPOConfig(tasks=[TASK], bc_self_actions="clipped").validate()
 
 
 def test_buffer_rejects_bad_capacity_and_empty_sampling():
@@ -1271,18 +1303,25 @@ def test_per_task_advantage_scale_is_checkpointed_and_resumed(dataset, sft_polic
     assert seen[0] == state["advantage_scale"] == straight[done]
 
 
-def test_train_ppo_builds_its_buffer_with_the_configured_admission_rule(dataset, sft_policy, tmp_path, monkeypatch):
-    rules = []
-    original = ppo_module._update
+def test_train_ppo_wires_the_admission_rule_and_the_self_bc_targets(dataset, sft_policy, tmp_path, monkeypatch):
+    rules, clips = [], []
+    original, original_rollout = ppo_module._update, ppo_module.rollout_functions
 
     def spy(model, optimizer, batch, buffer, *args, **kwargs):
         rules.append(buffer.admission)
         return original(model, optimizer, batch, buffer, *args, **kwargs)
 
+    def spy_rollout(*args, clip=True, **kwargs):
+        clips.append(clip)
+        return original_rollout(*args, clip=clip, **kwargs)
+
     monkeypatch.setattr(ppo_module, "_update", spy)
-    train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "run", buffer_admission="advantage", total_env_steps=30),
-              progress=False)
-    assert rules and set(rules) == {"advantage"}
+    monkeypatch.setattr(ppo_module, "rollout_functions", spy_rollout)
+    train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "run", buffer_admission="advantage", bc_self_actions="sampled",
+                          total_env_steps=30), progress=False)
+    assert rules and set(rules) == {"advantage"} and clips == [False]
+    train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "default", total_env_steps=30), progress=False)
+    assert set(rules[-1:]) == {"shorter"} and clips[-1] is True
 
 
 def test_post_training_with_correlated_chunk_noise(dataset, sft_policy, tmp_path):

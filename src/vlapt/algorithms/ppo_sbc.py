@@ -120,6 +120,11 @@ class PPOConfig:
     # (replacing it), or "advantage": discounted return above the critic's value of the episode's first observation,
     # i.e. better than expected on that configuration (replacing the oldest entry)
     buffer_admission: str = "shorter"
+    # the BC targets of the policy's own successes: "executed" (what the env ran, clipped to the action bounds) or
+    # "sampled" (the policy's samples before the env clips them). Where the policy commands full speed, clipping
+    # cuts off the half of its exploration noise that points outwards, so the executed actions average inside the
+    # bound and imitating them pulls the mean command below full speed; the samples average to the mean itself
+    bc_self_actions: str = "executed"
     # > 0: also keep an exponential moving average of the policy's weights (this decay per iteration; 0.95 averages
     # over ~20 iterations, ~30k env steps) and write it as policy_ema/ beside policy/. PPO's last iterate carries the
     # noise of its last few updates; the average is a smoother policy from the same run, at no extra env steps, and
@@ -162,6 +167,8 @@ class PPOConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
         if self.buffer_admission not in ADMISSION_RULES:
             raise ValueError(f"buffer_admission must be one of {', '.join(ADMISSION_RULES)}, got {self.buffer_admission!r}")
+        if self.bc_self_actions not in ("executed", "sampled"):
+            raise ValueError(f"bc_self_actions must be executed or sampled, got {self.bc_self_actions!r}")
         if self.advantage_norm not in ("minibatch", "task"):
             raise ValueError(f"advantage_norm must be minibatch or task, got {self.advantage_norm!r}")
         if not 0 <= self.advantage_norm_decay < 1:
@@ -265,9 +272,12 @@ class TaskAdvantageScale:
         self.variance = {t: float(v) for t, v in state["variance"].items()}
 
 
-def rollout_functions(model: VLAPolicy, tokenizer: Tokenizer, generator: torch.Generator, execute_steps: int = 0):
-    """``act`` and ``value`` for `ChunkedRollout`: batched, sampled chunks; executed = unnormalised and clipped,
-    and only the first ``execute_steps`` actions of each chunk (with the log-prob of those) when it is > 0."""
+def rollout_functions(model: VLAPolicy, tokenizer: Tokenizer, generator: torch.Generator, execute_steps: int = 0,
+                      clip: bool = True):
+    """``act`` and ``value`` for `ChunkedRollout`: batched, sampled chunks; executed = unnormalised and clipped to the
+    action bounds, and only the first ``execute_steps`` actions of each chunk (with the log-prob of those) when it
+    is > 0. ``clip=False`` sends the samples unclipped: the env clips them the same way, so the rollout is the same,
+    but the self-BC buffer then keeps the samples rather than their clipped execution (``bc_self_actions``)."""
     k = execute_steps or model.chunk_len
 
     def act(observations):
@@ -275,7 +285,9 @@ def rollout_functions(model: VLAPolicy, tokenizer: Tokenizer, generator: torch.G
         with torch.no_grad():
             model.eval()
             actions, log_probs, values = model.sample(batch, deterministic=False, generator=generator, steps=k)
-        executed = np.clip(model.unnormalize_actions(actions[:, :k]).numpy(), -1.0, 1.0)
+        executed = model.unnormalize_actions(actions[:, :k]).numpy()
+        if clip:
+            executed = np.clip(executed, -1.0, 1.0)
         return actions.numpy(), executed, log_probs.numpy(), values.numpy()
 
     def value(observations):
@@ -380,7 +392,8 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
         log.info("resumed from %s: iteration %d, %d env steps", resume_from, iteration, env_steps)
 
-    act, value = rollout_functions(model, tokenizer, sample_gen, config.execute_steps)
+    act, value = rollout_functions(model, tokenizer, sample_gen, config.execute_steps,
+                                   clip=config.bc_self_actions == "executed")
     env_config = env_config_for_policy(policy_config, reward=config.reward)
     slots = [SlotSpec(t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
     from torch.utils.tensorboard import SummaryWriter

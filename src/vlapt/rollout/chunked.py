@@ -28,7 +28,9 @@ import numpy as np
 from vlapt.data.demo_buffer import BufferEpisode
 from vlapt.envs.vector import EnvPool
 
-# act(observations) -> (normalised chunks (B, h, A), executed chunks (B, h, A), log_probs (B,), values (B,))
+# act(observations) -> (normalised chunks (B, h, A), executed chunks (B, h, A), log_probs (B,), values (B,)).
+# The executed chunks are in the raw action space, as sent to the env (which clips them to [-1, 1]); a success's
+# BC samples hold them as they were sent
 ActFn = Callable[[list[dict]], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 ValueFn = Callable[[list[dict]], np.ndarray]
 
