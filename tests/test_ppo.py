@@ -1317,11 +1317,11 @@ def test_train_ppo_wires_the_admission_rule_and_the_self_bc_targets(dataset, sft
 
     monkeypatch.setattr(ppo_module, "_update", spy)
     monkeypatch.setattr(ppo_module, "rollout_functions", spy_rollout)
-    train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "run", buffer_admission="advantage", bc_self_actions="sampled",
+    train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "run", buffer_admission="advantage", bc_self_actions="executed",
                           total_env_steps=30), progress=False)
-    assert rules and set(rules) == {"advantage"} and clips == [False]
+    assert rules and set(rules) == {"advantage"} and clips == [True]
     train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "default", total_env_steps=30), progress=False)
-    assert set(rules[-1:]) == {"shorter"} and clips[-1] is True
+    assert set(rules[-1:]) == {"shorter"} and clips[-1] is False  # the default keeps the unclipped samples
 
 
 def test_post_training_with_correlated_chunk_noise(dataset, sft_policy, tmp_path):
