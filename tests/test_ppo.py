@@ -312,12 +312,8 @@ def test_rollout_stops_a_chunk_at_success_and_discounts_by_executed_steps(datase
     np.testing.assert_array_equal(traj.actions[-1, last_steps:], np.repeat(demo.actions[-1:], h - last_steps, 0))
 
 
-def test_rollout_scores_an_episode_against_the_value_of_its_first_decision_across_iterations(dataset):
-    """An episode that spans two collects keeps the critic's value of its first observation, from the first collect."""
-    demo = read_episodes(dataset)[0]
-    T, h, gamma = len(demo), 4, 0.9
-    n_dec = -(-T // h)
-    assert n_dec > 2
+def _replay(demo, h, value=lambda k: 0.0):
+    """An ``act`` that replays a demonstration's actions chunk by chunk (``act.calls`` counts its decisions)."""
 
     def act(observations):
         k = act.calls
@@ -325,9 +321,20 @@ def test_rollout_scores_an_episode_against_the_value_of_its_first_decision_acros
         chunk = np.zeros((1, h, 4), np.float32)
         part = demo.actions[k * h : (k + 1) * h]
         chunk[0, : len(part)] = part
-        return chunk, chunk, np.zeros(1, np.float32), np.array([0.25 + k], np.float32)  # a different value per decision
+        return chunk, chunk, np.zeros(1, np.float32), np.array([value(k)], np.float32)
 
     act.calls = 0
+    return act
+
+
+def test_rollout_scores_an_episode_against_the_value_of_its_first_decision_across_iterations(dataset):
+    """An episode that spans two collects keeps the critic's value of its first observation, from the first collect."""
+    demo = read_episodes(dataset)[0]
+    T, h, gamma = len(demo), 4, 0.9
+    n_dec = -(-T // h)
+    assert n_dec > 2
+
+    act = _replay(demo, h, value=lambda k: 0.25 + k)  # a different value per decision
     env = EnvConfig(image_size=IMAGE_SIZE, camera_fovy=CollectConfig().camera_fovy, privileged_state=True)
     with EnvPool([SlotSpec(TASK, env, h)], num_workers=0) as pool:
         rollout = ChunkedRollout(pool, [TASK], gamma, h, {TASK: 0})
@@ -376,13 +383,7 @@ def test_potential_shaping_telescopes_to_the_sparse_return_minus_the_first_poten
     T, h, gamma, c = len(demo), 4, 0.9, 0.5
     n_dec = -(-T // h)
 
-    def act(observations):
-        k = act.calls
-        act.calls += 1
-        chunk = np.zeros((1, h, 4), np.float32)
-        part = demo.actions[k * h : (k + 1) * h]
-        chunk[0, : len(part)] = part
-        return chunk, chunk, np.zeros(1, np.float32), np.zeros(1, np.float32)
+    act = _replay(demo, h)
 
     env = EnvConfig(image_size=IMAGE_SIZE, camera_fovy=CollectConfig().camera_fovy, privileged_state=True)
     batches = {}
