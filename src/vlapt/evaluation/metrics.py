@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from typing import Iterable, Sequence
 
 
@@ -117,10 +118,10 @@ def paired_pace(reference: dict, result: dict) -> dict:
             continue
         a = [ref[k] for k in keys]
         b = [mine[k] for k in keys]
-        ratios = sorted(y / x for x, y in zip(a, b))
+        ratios = sorted(y / x for x, y in zip(a, b))  # sorted: the range is its ends
         per_task[task] = {
             "configurations": len(keys), "reference_steps": _mean(a), "steps": _mean(b),
-            "median_ratio": _median(ratios), "min_ratio": ratios[0], "max_ratio": ratios[-1],
+            "median_ratio": statistics.median(ratios), "min_ratio": ratios[0], "max_ratio": ratios[-1],
             "correlation": _correlation(a, b),
         }
     paired = [m for m in per_task.values() if m["configurations"]]
@@ -133,17 +134,12 @@ def paired_pace(reference: dict, result: dict) -> dict:
     return {"per_task": per_task, "average": average}
 
 
-def _median(sorted_values: Sequence[float]) -> float:
-    n = len(sorted_values)
-    return sorted_values[n // 2] if n % 2 else (sorted_values[n // 2 - 1] + sorted_values[n // 2]) / 2
-
-
 def _correlation(a: Sequence[float], b: Sequence[float]) -> float:
     """Pearson's r; NaN when either side does not vary (or there are fewer than two pairs)."""
-    ma, mb = _mean(a), _mean(b)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
+    try:
+        return statistics.correlation(a, b)
+    except statistics.StatisticsError:
+        return math.nan
 
 
 def format_pace_table(pace: dict, reference_name: str = "reference") -> str:
