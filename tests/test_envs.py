@@ -270,6 +270,30 @@ def test_lookahead_leaves_the_episode_exactly_as_it_was(task):
     planned.close(), plain.close()
 
 
+def test_expert_reference_reports_the_experts_own_steps_and_leaves_the_episode_as_it_was():
+    """With ``expert_reference`` every step reports the steps the scripted expert needs on this
+    configuration, and the episode itself is the one an env without it runs, bit for bit."""
+    expert = ScriptedExpert()
+    task = "drawer-close-v3"
+    measured = MetaWorldVLAEnv(task, EnvConfig(image_size=24, privileged_state=True, expert_reference=True))
+    plain = MetaWorldVLAEnv(task, EnvConfig(image_size=24, privileged_state=True))
+    for index in (0, 1):
+        a, info = measured.reset(options={"split": "train", "index": index})
+        b, _ = plain.reset(options={"split": "train", "index": index})
+        np.testing.assert_array_equal(a["image"], b["image"])
+        steps, done = 0, False
+        while not done:
+            action = expert.act_one(b["state"], task)[None]
+            a, _, term_a, trunc_a, info_a = measured.step(action)
+            b, _, term_b, trunc_b, info_b = plain.step(action)
+            np.testing.assert_array_equal(a["state"], b["state"])
+            assert (term_a, trunc_a) == (term_b, trunc_b)
+            assert info_a["reference_steps"] == info["reference_steps"] and "reference_steps" not in info_b
+            steps, done = steps + 1, term_b or trunc_b
+        assert term_b and info["reference_steps"] == steps, "the reference is the expert's episode on this configuration"
+    measured.close(), plain.close()
+
+
 def test_lookahead_stops_at_success_and_refuses_a_finished_episode():
     expert = ScriptedExpert()
     env = MetaWorldVLAEnv("reach-v3", EnvConfig(render=False, privileged_state=True))

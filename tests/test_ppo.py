@@ -637,8 +637,45 @@ def test_advantage_admission_round_trips_order_and_scores(tmp_path):
     assert [e.source for e in restored.episodes[TASK]] == ["self", "self", "self"]
 
 
+def _paced(length, reference, seed=100):
+    return dataclasses.replace(_self_episode(length, seed=seed), reference_steps=reference)
+
+
+def test_pace_admission_compares_each_success_with_the_expert_on_its_own_configuration():
+    buffer = DemoBuffer([TASK], capacity=3, admission="pace")
+    buffer.seed([_demo(5, seed=0), _demo(9, seed=1), _demo(7, seed=2), _demo(6, seed=3)], 3)
+    assert _lengths(buffer) == [5, 6, 7], "seeded with the shortest demos, as under the default rule"
+    assert [e.pace for e in buffer.episodes[TASK]] == [1.0, 1.0, 1.0], "a demo is the expert: pace 1"
+    assert buffer.offer(_self_episode(2)) is False  # no expert reference recorded
+    assert buffer.offer(_paced(2, 2)) is False  # as fast as the expert on its configuration: not faster
+    assert buffer.offer(_paced(30, 40)) is True  # longer than every demo, but 0.75 of its expert's steps
+    assert buffer.replaced == 1 and 30 in _lengths(buffer)
+    assert buffer.offer(_paced(4, 5, seed=101)) is True  # 0.8: replaces another demo (the highest ratio, 1)
+    assert buffer.offer(_paced(9, 10, seed=102)) is True  # 0.9: the last demo goes
+    assert sorted(e.pace for e in buffer.episodes[TASK]) == [0.75, 0.8, 0.9]
+    assert buffer.offer(_paced(3, 3.2, seed=103)) is False  # 0.94: shorter than all, but slower for its configuration
+    assert buffer.offer(_paced(50, 100, seed=104)) is True  # 0.5 replaces the 0.9
+    assert sorted(e.pace for e in buffer.episodes[TASK]) == [0.5, 0.75, 0.8]
+    assert buffer.stats()["mean_pace"] == pytest.approx((0.5 + 0.75 + 0.8) / 3)
+    assert buffer.admitted == 4 and buffer.replaced == 4
+
+
+def test_pace_admission_round_trips_the_references(tmp_path):
+    demos = [_demo(5), _demo(7, seed=1)]
+    buffer = DemoBuffer([TASK], capacity=2, admission="pace")
+    buffer.seed(demos, 3)
+    buffer.offer(_paced(8, 10, seed=11))
+    tensors, meta = buffer.state()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "state.safetensors"))
+    restored = DemoBuffer([TASK], capacity=2, admission="pace")
+    restored.load_state(load_file(str(tmp_path / "state.safetensors")), json.loads(json.dumps(meta)), demos, 3)
+    assert sorted(e.pace for e in restored.episodes[TASK]) == [0.8, 1.0]
+    assert restored.offer(_paced(9, 10, seed=12)) is True  # 0.9 beats the demo's 1, not the restored 0.8
+    assert sorted(e.pace for e in restored.episodes[TASK]) == [0.8, 0.9]
+
+
 def test_buffer_rejects_an_unknown_admission_rule():
-    with pytest.raises(ValueError, match="shorter, advantage"):
+    with pytest.raises(ValueError, match="shorter, advantage, pace"):
         DemoBuffer([TASK], admission="longest")
     with pytest.raises(ValueError, match="buffer_admission"):
         PPOConfig(tasks=[TASK], buffer_admission="best").validate()
@@ -1323,6 +1360,30 @@ def test_train_ppo_wires_the_admission_rule_and_the_self_bc_targets(dataset, sft
     assert rules and set(rules) == {"advantage"} and clips == [True]
     train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "default", total_env_steps=30), progress=False)
     assert set(rules[-1:]) == {"shorter"} and clips[-1] is False  # the default keeps the unclipped samples
+
+
+def test_pace_admission_has_the_envs_measure_the_expert_and_the_rollout_carry_it(dataset, sft_policy, tmp_path,
+                                                                                 monkeypatch):
+    pools, finished = [], []
+    original_pool, original_finish = ppo_module.EnvPool, ChunkedRollout._finish
+
+    def spy_pool(slots, **kwargs):
+        pools.append([s.env.expert_reference for s in slots])
+        return original_pool(slots, **kwargs)
+
+    def spy_finish(self, *args):
+        finished.append(original_finish(self, *args))
+        return finished[-1]
+
+    monkeypatch.setattr(ppo_module, "EnvPool", spy_pool)
+    monkeypatch.setattr(ChunkedRollout, "_finish", spy_finish)
+    train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "pace", buffer_admission="pace", total_env_steps=60),
+              progress=False)
+    assert pools == [[True] * len(pools[0])]
+    assert finished and all(1 <= ep.reference_steps <= 500 for ep in finished)
+    assert all(ep.trajectory.reference_steps == ep.reference_steps for ep in finished if ep.success)
+    train_ppo(_ppo_config(dataset, sft_policy, tmp_path / "default", total_env_steps=30), progress=False)
+    assert pools[-1] == [False] * len(pools[-1]), "the default rule does not pay for the expert's run"
 
 
 def test_post_training_with_correlated_chunk_noise(dataset, sft_policy, tmp_path):

@@ -8,8 +8,8 @@ the training loop (rollout -> buffer -> update -> checkpoint -> evaluate).
   the env steps each chunk actually executed (vlapt.rollout.chunked).
 - Self-BC: a per-task buffer seeded with the SFT demonstrations that admits the policy's
   own successes when shorter than its longest episode, or (``buffer_admission=advantage``)
-  when better than the critic expected (vlapt.data.demo_buffer), and a BC loss (chunk NLL)
-  on it.
+  when better than the critic expected, or (``pace``) when faster relative to the scripted
+  expert on the same configuration (vlapt.data.demo_buffer), and a BC loss (chunk NLL) on it.
 - The BC weight lambda is adapted online by dual ascent on a constraint (see `BCWeight`).
 """
 
@@ -118,7 +118,9 @@ class PPOConfig:
     buffer_admit_self: bool = True  # False: the buffer only ever holds the SFT demos (ablation)
     # which of the policy's successes enter the buffer (vlapt.data.demo_buffer): "shorter" than the longest stored one
     # (replacing it), or "advantage": discounted return above the critic's value of the episode's first observation,
-    # i.e. better than expected on that configuration (replacing the oldest entry)
+    # i.e. better than expected on that configuration (replacing the oldest entry), or "pace": fewer steps relative to
+    # the scripted expert's on the same configuration than the stored episode with the highest ratio (replacing it;
+    # the envs then run the expert, unrendered, at every reset to measure it)
     buffer_admission: str = "shorter"
     # the BC targets of the policy's own successes: "sampled" (the policy's samples before the env clips them) or
     # "executed" (what the env ran, clipped to the action bounds). Where the policy commands full speed, clipping
@@ -396,7 +398,8 @@ def train_ppo(config: PPOConfig, progress: bool = True) -> Path:
 
     act, value = rollout_functions(model, tokenizer, sample_gen, config.execute_steps,
                                    clip=config.bc_self_actions == "executed")
-    env_config = env_config_for_policy(policy_config, reward=config.reward)
+    env_config = env_config_for_policy(policy_config, reward=config.reward,
+                                       expert_reference=config.buffer_admission == "pace")
     slots = [SlotSpec(t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
     from torch.utils.tensorboard import SummaryWriter
 

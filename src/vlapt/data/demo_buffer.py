@@ -18,6 +18,14 @@ enter is the ``admission`` rule:
   improves, holds its better-than-usual solutions of hard configurations as well as easy
   ones, and each new entry only has to beat the current policy, not the best episode ever
   stored.
+- ``"pace"``: lengths are compared as a ratio to the scripted expert's steps on the *same*
+  configuration (``reference_steps``, which the env measures at reset with
+  ``EnvConfig.expert_reference``; a demonstration is the expert, so its ratio is 1). A success
+  enters when the buffer has room or when its ratio is below the highest stored one, which it
+  replaces. So only solutions faster than the experts' own replace the demos, on hard
+  configurations as on easy ones, and the buffer keeps the fastest-for-their-configuration
+  episodes the policy has found. It needs the simulator's expert, so it is for training in
+  simulation.
 
 Each episode is stored as BC samples: an observation and the action chunk that followed it
 (raw action space, padded past the episode's end). Demonstrations give a sample at every
@@ -49,6 +57,13 @@ class BufferEpisode:
     demo_key: int = -1  # index in the seeding list for demos (they are re-read on resume, not stored)
     # self episodes: discounted return minus the critic's value of the first observation (what "advantage" admits on)
     advantage: float = math.nan
+    # the scripted expert's steps to success on the same configuration (what "pace" divides by)
+    reference_steps: float = math.nan
+
+    @property
+    def pace(self) -> float:
+        """Steps to success relative to the expert's on the same configuration (NaN without a reference)."""
+        return self.length / self.reference_steps if self.reference_steps > 0 else math.nan
 
 
 def episode_from_demo(demo: EpisodeData, chunk_len: int, key: int) -> BufferEpisode:
@@ -58,10 +73,11 @@ def episode_from_demo(demo: EpisodeData, chunk_len: int, key: int) -> BufferEpis
     return BufferEpisode(
         task=demo.task, length=n, images=demo.images, proprio=demo.proprio.astype(np.float32),
         actions=demo.actions[np.minimum(idx, n - 1)].astype(np.float32), pad=pad, source="demo", demo_key=key,
+        reference_steps=float(n),  # the demo is the expert's own solution of its configuration
     )
 
 
-ADMISSION_RULES = ("shorter", "advantage")
+ADMISSION_RULES = ("shorter", "advantage", "pace")
 
 
 class DemoBuffer:
@@ -80,9 +96,9 @@ class DemoBuffer:
 
     # -- filling ------------------------------------------------------------------------------
     def seed(self, demos: Sequence[EpisodeData], chunk_len: int) -> None:
-        for key, demo in enumerate(demos):
+        for key, demo in enumerate(demos):  # the shortest demos, whatever the rule (all have pace 1)
             if demo.task in self.episodes:
-                self._insert(episode_from_demo(demo, chunk_len, key), count=False)
+                self._insert(episode_from_demo(demo, chunk_len, key), count=False, key=lambda e: e.length)
 
     def offer(self, episode: BufferEpisode) -> bool:
         """Admit a successful self-collected episode under the buffer's admission rule; True if it entered."""
@@ -98,17 +114,22 @@ class DemoBuffer:
             stored.append(episode)
             self.admitted += 1
             return True
-        return self._insert(episode, count=True)
+        if self.admission == "pace":
+            if not episode.pace >= 0:  # NaN (no expert reference recorded) never enters
+                return False
+            return self._insert(episode, count=True, key=lambda e: e.pace)
+        return self._insert(episode, count=True, key=lambda e: e.length)
 
-    def _insert(self, episode: BufferEpisode, count: bool) -> bool:
+    def _insert(self, episode: BufferEpisode, count: bool, key) -> bool:
+        """Append while there is room; else replace the stored episode with the largest key if this one's is smaller."""
         stored = self.episodes[episode.task]
         if len(stored) < self.capacity:
             stored.append(episode)
         else:
-            longest = max(range(len(stored)), key=lambda i: stored[i].length)
-            if episode.length >= stored[longest].length:
+            worst = max(range(len(stored)), key=lambda i: key(stored[i]))
+            if not key(episode) < key(stored[worst]):
                 return False
-            stored[longest] = episode
+            stored[worst] = episode
             self.replaced += count
         self.admitted += count
         return True
@@ -141,10 +162,14 @@ class DemoBuffer:
     # -- reporting and checkpoints ------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         eps = [e for stored in self.episodes.values() for e in stored]
+        paces = [e.pace for e in eps if math.isfinite(e.pace)]
         return {
             "episodes": len(eps),
             "self_fraction": sum(e.source == "self" for e in eps) / max(1, len(eps)),
             "mean_length": float(np.mean([e.length for e in eps])) if eps else float("nan"),
+            # mean steps relative to the expert's on the same configurations, over the episodes that have a reference
+            # (all of them under "pace"; under the other rules only the demos, at 1)
+            "mean_pace": float(np.mean(paces)) if paces else float("nan"),
             "admitted": self.admitted,
         }
 
@@ -164,7 +189,8 @@ class DemoBuffer:
                 tensors[f"{prefix}.actions"] = torch.from_numpy(ep.actions)
                 tensors[f"{prefix}.pad"] = torch.from_numpy(ep.pad)
                 entries.append({"source": "self", "length": ep.length, "prefix": prefix,
-                                "advantage": ep.advantage if math.isfinite(ep.advantage) else None})
+                                "advantage": ep.advantage if math.isfinite(ep.advantage) else None,
+                                "reference_steps": ep.reference_steps if math.isfinite(ep.reference_steps) else None})
             layout[task] = entries
         return tensors, {"layout": layout, "admitted": self.admitted, "replaced": self.replaced}
 
@@ -182,6 +208,7 @@ class DemoBuffer:
                         proprio=tensors[f"{p}.proprio"].numpy(), actions=tensors[f"{p}.actions"].numpy(),
                         pad=tensors[f"{p}.pad"].numpy(), source="self",
                         advantage=math.nan if entry.get("advantage") is None else float(entry["advantage"]),  # older checkpoints: none
+                        reference_steps=math.nan if entry.get("reference_steps") is None else float(entry["reference_steps"]),
                     ))
         self.admitted = int(meta["admitted"])
         self.replaced = int(meta["replaced"])

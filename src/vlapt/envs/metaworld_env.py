@@ -38,6 +38,10 @@ class EnvConfig:
     max_episode_steps: int = MAX_EPISODE_STEPS
     fast_render: bool = True  # no MSAA, no shadows/reflections: ~8x faster, visually the same
     camera_fovy: float = 0.0  # vertical field of view in degrees; 0 keeps the camera's own (45 for corner)
+    # at every reset, let the scripted expert run the new configuration (unrendered, then rewound; `lookahead`) and
+    # report its steps to success as info["reference_steps"] on every step of the episode (the full 500 where it
+    # fails): a per-configuration yardstick of pace for training in simulation; the policy never sees it
+    expert_reference: bool = False
 
     def validate(self) -> "EnvConfig":
         if self.camera not in CAMERAS:
@@ -96,6 +100,8 @@ class MetaWorldVLAEnv(gym.Env):
         self._steps = 0
         self._done = True
         self._potential = 0.0
+        self._expert = None  # the scripted expert, built on the first reset that needs a reference
+        self._reference_steps = MAX_EPISODE_STEPS
         self.configuration: Configuration | None = None
 
         size = self.config.image_size
@@ -133,7 +139,11 @@ class MetaWorldVLAEnv(gym.Env):
         self._steps = 0
         self._done = False
         self._potential = self.potential(self._env.evaluate_state(self._raw_obs, np.zeros(4, np.float32))[0])
-        return self._observation(), {"configuration": configuration.as_dict(), "success": False, "potential": self._potential}
+        info = {"configuration": configuration.as_dict(), "success": False, "potential": self._potential}
+        if self.config.expert_reference:
+            self._reference_steps = self._expert_steps()
+            info["reference_steps"] = self._reference_steps
+        return self._observation(), info
 
     def step(self, action):
         if self._done:
@@ -164,6 +174,8 @@ class MetaWorldVLAEnv(gym.Env):
         self._potential = 0.0 if terminated else self.potential(dense_reward)  # a finished task is a terminal state
         info = {"rewards": reward_array, "steps": len(rewards), "success": success, "episode_steps": self._steps,
                 "potential_start": potential_start, "potential_end": self._potential}
+        if self.config.expert_reference:
+            info["reference_steps"] = self._reference_steps
         return self._observation(), float(reward_array.sum()), terminated, truncated, info
 
     @staticmethod
@@ -214,6 +226,16 @@ class MetaWorldVLAEnv(gym.Env):
             for k, v in saved.items():
                 setattr(env, k, v)
         return np.asarray(actions, dtype=np.float32).reshape(-1, 4)
+
+    def _expert_steps(self) -> int:
+        """The scripted expert's steps to success from this episode's start (MAX_EPISODE_STEPS if it fails)."""
+        if self._expert is None:
+            from vlapt.envs.experts import ScriptedExpert  # experts.py imports this module
+
+            self._expert = ScriptedExpert()
+        expert = self._expert
+        plan = self.lookahead(lambda state: expert.act_one(np.float32(state), self.task), MAX_EPISODE_STEPS)
+        return len(plan)  # it stops at the first success, or runs all MAX_EPISODE_STEPS from the start
 
     def render(self) -> np.ndarray:
         return self._render(segmentation=False)

@@ -60,6 +60,8 @@ class FinishedEpisode:
     # observation when it was taken (their difference is what the buffer's "advantage" admission compares)
     episode_return: float = 0.0
     first_value: float = float("nan")
+    # the scripted expert's steps to success on the same configuration (envs with expert_reference; else NaN)
+    reference_steps: float = float("nan")
 
 
 class ChunkedRollout:
@@ -146,7 +148,8 @@ class ChunkedRollout:
                         if r.truncated and not r.terminated:
                             truncated_slots.append(i)
                             terminal_obs.append(r.observation)
-                        finished.append(self._finish(i, bool(r.terminated), int(r.info["episode_steps"])))
+                        finished.append(self._finish(i, bool(r.terminated), int(r.info["episode_steps"]),
+                                                     float(r.info.get("reference_steps", np.nan))))
                         self.observations[i] = reset_observation
                         self._reserved.update(self._next_configs([i]))
                 if truncated_slots:  # a time limit is not a task end: bootstrap from the last observation
@@ -158,7 +161,7 @@ class ChunkedRollout:
         batch = RolloutBatch(images, proprio, self.tasks, actions, log_probs, values, rewards, discounts, dones, steps, last_values)
         return batch, finished
 
-    def _finish(self, slot: int, success: bool, episode_steps: int) -> FinishedEpisode:
+    def _finish(self, slot: int, success: bool, episode_steps: int, reference_steps: float) -> FinishedEpisode:
         trajectory = self._trajectories[slot]
         self._trajectories[slot] = []
         episode_return, _, first_value = self._returns[slot]
@@ -177,8 +180,10 @@ class ChunkedRollout:
                 task=self.tasks[slot], length=episode_steps,
                 images=np.stack([im for im, _, _ in trajectory]), proprio=np.stack([p for _, p, _ in trajectory]),
                 actions=chunk_actions, pad=pad, source="self", advantage=episode_return - first_value,
+                reference_steps=reference_steps,
             )
-        return FinishedEpisode(self.tasks[slot], success, episode_steps, samples, episode_return, first_value)
+        return FinishedEpisode(self.tasks[slot], success, episode_steps, samples, episode_return, first_value,
+                               reference_steps)
 
 
 def chunk_gae(
