@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -1450,3 +1451,31 @@ def test_bc_loss_with_correlated_noise_uses_each_entrys_marginal(tiny_model):
     nll = -torch.distributions.Normal(out.mean, std).log_prob(actions)
     valid = (~pad).unsqueeze(-1).expand_as(nll)
     torch.testing.assert_close(loss, nll[valid].mean())
+
+
+def test_buffer_contents_script_reads_a_checkpoints_buffer(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("buffer_contents", Path(__file__).parents[1] / "scripts" / "buffer_contents.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    buffer = DemoBuffer([TASK], capacity=3, admission="pace")
+    buffer.seed([_demo(5), _demo(7, seed=1), _demo(6, seed=2)], 3)
+    episode = _paced(6, 8, seed=11)  # 2 chunks of 3, no padding
+    episode.actions[:] = 0.5
+    episode.actions[0, :, 0] = 1.0  # 3 of its 18 xyz targets at the bound
+    episode.actions[1, 0, 1] = -1.7  # and one beyond it
+    assert buffer.offer(episode)
+    tensors, meta = buffer.state()
+    checkpoint = tmp_path / "step_000000001"
+    checkpoint.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(checkpoint / "state.safetensors"))
+    (checkpoint / "state.json").write_text(json.dumps({"buffer": meta}))
+    row = script.summarise(checkpoint)[TASK]
+    assert (row["entries"], row["self"], row["self_mean_length"]) == (3, 1, 6.0)
+    assert row["self_mean_pace"] == pytest.approx(0.75)
+    assert row["self_at_bound"] == pytest.approx(4 / 18)
+    pad = np.array([[False, True]])
+    assert script.at_bound_share(np.array([[[1.0, 0, 0, 1], [1.0, 1, 1, 1]]]), pad) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="training checkpoint"):
+        script.summarise(tmp_path)
