@@ -621,16 +621,22 @@ def test_advantage_admission_takes_better_than_expected_successes_whatever_their
     assert buffer.admitted == 4 and buffer.replaced == 4
 
 
+def _round_trip(buffer, demos, tmp_path):
+    """The buffer as a checkpoint stores it (safetensors + JSON) and a new one restores it."""
+    tensors, meta = buffer.state()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "state.safetensors"))
+    restored = DemoBuffer(buffer.tasks, capacity=buffer.capacity, admission=buffer.admission)
+    restored.load_state(load_file(str(tmp_path / "state.safetensors")), json.loads(json.dumps(meta)), demos, 3)
+    return restored
+
+
 def test_advantage_admission_round_trips_order_and_scores(tmp_path):
     demos = [_demo(5), _demo(7, seed=1)]
     buffer = DemoBuffer([TASK], capacity=3, admission="advantage")
     buffer.seed(demos, 3)
     buffer.offer(_scored(9, 0.5, seed=11))
     buffer.offer(_scored(4, 0.25, seed=12))  # replaces demo 0
-    tensors, meta = buffer.state()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "state.safetensors"))
-    restored = DemoBuffer([TASK], capacity=3, admission="advantage")
-    restored.load_state(load_file(str(tmp_path / "state.safetensors")), json.loads(json.dumps(meta)), demos, 3)
+    restored = _round_trip(buffer, demos, tmp_path)
     assert [(e.source, e.length) for e in restored.episodes[TASK]] == [("demo", 7), ("self", 9), ("self", 4)]
     assert [e.advantage for e in restored.episodes[TASK][1:]] == [0.5, 0.25]
     assert math.isnan(restored.episodes[TASK][0].advantage)
@@ -666,10 +672,7 @@ def test_pace_admission_round_trips_the_references(tmp_path):
     buffer = DemoBuffer([TASK], capacity=2, admission="pace")
     buffer.seed(demos, 3)
     buffer.offer(_paced(8, 10, seed=11))
-    tensors, meta = buffer.state()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "state.safetensors"))
-    restored = DemoBuffer([TASK], capacity=2, admission="pace")
-    restored.load_state(load_file(str(tmp_path / "state.safetensors")), json.loads(json.dumps(meta)), demos, 3)
+    restored = _round_trip(buffer, demos, tmp_path)
     assert sorted(e.pace for e in restored.episodes[TASK]) == [0.8, 1.0]
     assert restored.offer(_paced(9, 10, seed=12)) is True  # 0.9 beats the demo's 1, not the restored 0.8
     assert sorted(e.pace for e in restored.episodes[TASK]) == [0.8, 0.9]
