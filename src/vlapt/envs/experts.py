@@ -42,5 +42,10 @@ class ScriptedExpert:
     def act_one(self, state: np.ndarray, task: str) -> np.ndarray:
         return np.clip(self.raw_action(state, task), -1.0, 1.0)
 
+    def state_policy(self, task: str):
+        """``act(state) -> action`` for ``task``, as `MetaWorldVLAEnv.lookahead` takes it. States are cast to
+        float32, as the expert reads them when it acts or labels (observation["state"])."""
+        return lambda state: self.act_one(np.float32(state), task)
+
     def act(self, observations, tasks):
         return [self.act_one(obs["state"], task)[None] for obs, task in zip(observations, tasks)]

@@ -233,8 +233,7 @@ class MetaWorldVLAEnv(gym.Env):
             from vlapt.envs.experts import ScriptedExpert  # experts.py imports this module
 
             self._expert = ScriptedExpert()
-        expert = self._expert
-        plan = self.lookahead(lambda state: expert.act_one(np.float32(state), self.task), MAX_EPISODE_STEPS)
+        plan = self.lookahead(self._expert.state_policy(self.task), MAX_EPISODE_STEPS)
         return len(plan)  # it stops at the first success, or runs all MAX_EPISODE_STEPS from the start
 
     def render(self) -> np.ndarray:

@@ -77,9 +77,7 @@ class _Slots:
             self.expert = ScriptedExpert()
         out = {}
         for i, steps in requests.items():
-            env = self.envs[i]
-            # float32 states, as the expert reads them when it acts or labels (observation["state"])
-            out[i] = env.lookahead(lambda state, task=env.task: self.expert.act_one(np.float32(state), task), steps)
+            out[i] = self.envs[i].lookahead(self.expert.state_policy(self.envs[i].task), steps)
         return out
 
     def close(self) -> None:
