@@ -305,3 +305,32 @@ def test_lookahead_stops_at_success_and_refuses_a_finished_episode():
     with pytest.raises(RuntimeError, match="reset"):
         env.lookahead(lambda s: expert.act_one(np.float32(s), "reach-v3"), 5)
     env.close()
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steps_floor_counts_travel_to_the_touch_and_the_carry():
+    floor = _script("steps_floor")
+    states = np.zeros((12, 39), np.float32)
+    states[:, 4:7] = [0.30, 0.0, 0.0]
+    states[2, 4] = 0.304  # the object settles in its first steps: not a touch
+    states[2:, 4] = 0.304
+    for t in range(1, 12):  # the hand heads along x; it reaches the object at step 6, then pushes it 3 cm
+        states[t, 0] = min(0.05 * t, 0.30) if t <= 6 else 0.30 + 0.01 * (t - 6)
+    states[7:, 4] = 0.304 + 0.01 * np.arange(1, 6)
+    states[:, 1] = np.linspace(0, 0.02, 12)  # a smaller move on y never decides the distance
+    row = floor.floor_of_episode("push-v3", list(states))
+    assert row["touch_step"] == 6  # the hand's last step before the object moves
+    assert row["approach"] == 30  # 30 cm along x at 1 cm per step, however fast the states say it went
+    assert row["carry"] == 1 + 4  # displacement up to the step before success, then that step
+    reach = np.zeros((3, 39), np.float32)
+    reach[0, 36:39] = [0.0, 0.12, -0.2]
+    assert floor.floor_of_episode("reach-v3", list(reach))["floor"] == 15  # 20 cm less the 5 cm success radius

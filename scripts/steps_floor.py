@@ -1,0 +1,170 @@
+"""How few env steps can a policy need on MT10? A floor under steps to success, from geometry.
+
+    .venv/bin/python scripts/steps_floor.py --episodes 50 --output docs/results/steps_floor_mt10.json
+    .venv/bin/python scripts/steps_floor.py --floors docs/results/steps_floor_mt10.json --compare RESULT.json ...
+
+MetaWorld moves the hand's mocap target by ``action * action_scale`` per env step, with actions clipped to
+[-1, 1] and ``action_scale`` 1/100: at most 1 cm per axis per step, whatever the policy. So any motion
+that carries the hand by ``d`` (largest per-axis component) takes at least ``d / 1 cm`` steps. On each
+held-out configuration of the evaluation protocol (docs/evaluation.md) the scripted expert is run to
+success, unrendered, and its episode gives two points: where the hand was when the object (or
+handle, button) first moved after settling, and how far the object had moved by the step of success. The floor is
+
+    steps >= ceil(|hand_start -> hand_at_touch|_inf / 1 cm) + ceil(min(|hand|, |object| displacement from touch to success)_inf / 1 cm)
+
+which counts straight lines at full speed to the expert's touch point and then for the shorter of the hand's
+and the object's displacement until success, and nothing for turning, grasping, lifting, or the hand
+lagging its target (the hand can jump more than 1 cm in a step when it catches up with a target it was
+held back from; the target itself cannot). For reach,
+where nothing is moved, it is the distance to the goal less the 5 cm success radius. A policy may touch
+elsewhere or move the object less, so this is the floor of the experts' contacts, not of every
+strategy; it says how much of a step count is travel that cannot be cut. ``--compare`` sets `vlapt eval`
+results (same protocol) against it, configuration by configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import vlapt  # noqa: F401  (before mujoco: headless rendering setup)
+from vlapt.envs import MetaWorldVLAEnv, resolve_tasks
+from vlapt.envs.experts import ScriptedExpert
+
+STEP = 0.01  # MetaWorld's action_scale: the most the mocap target moves per axis per env step (m)
+TOUCH = 0.0015  # the object counts as touched at the first step it moves this far (m), after it settles
+SETTLE = 5  # steps after reset in which objects may still drop or roll into place
+REACH_RADIUS = 0.05  # reach-v3 succeeds within 5 cm of the goal
+
+
+def chebyshev(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def cells(distance: float) -> int:
+    return math.ceil(max(distance, 0.0) / STEP - 1e-4)  # float32 states: a micrometre of slack
+
+
+def floor_of_episode(task: str, states: list[np.ndarray]) -> dict:
+    """The floor and its two legs from one successful expert episode (states[0] is the reset state)."""
+    hand = np.stack([s[0:3] for s in states])
+    obj = np.stack([s[4:7] for s in states])
+    goal = states[0][36:39]
+    if task == "reach-v3":
+        approach = cells(chebyshev(hand[0], goal) - REACH_RADIUS)
+        return {"floor": approach, "approach": approach, "carry": 0, "touch_step": None}
+    moving = np.zeros(len(states), dtype=bool)
+    moving[1:] = np.max(np.abs(np.diff(obj, axis=0)), axis=1) > TOUCH
+    moving[:SETTLE] = False
+    touch = int(np.argmax(moving)) - 1 if moving.any() else len(states) - 1  # the hand's last step before the push
+    approach = cells(chebyshev(hand[0], hand[touch]))
+    # Up to the step before success (some tasks report a jumped object position on the step of success), then that
+    # step; the shorter of the hand's and the object's displacement, since a handle on a lever can outrun the hand.
+    carry = 1 + cells(min(chebyshev(hand[touch], hand[-2]), chebyshev(obj[touch], obj[-2])))
+    return {"floor": approach + carry, "approach": approach, "carry": carry, "touch_step": touch}
+
+
+def run_task(task: str, episodes: int, config_seed: int) -> dict:
+    expert = ScriptedExpert()
+    env = MetaWorldVLAEnv(task, expert.observation_config(), chunk_len=1, config_seed=config_seed)
+    rows, max_hand_step, max_object_step = [], 0.0, 0.0
+    for index in range(episodes):
+        obs, _ = env.reset(options={"split": "eval", "index": index})
+        states, success = [obs["state"]], False
+        while True:
+            obs, _, terminated, truncated, info = env.step(expert.act_one(obs["state"], task)[None])
+            states.append(obs["state"])
+            max_hand_step = max(max_hand_step, chebyshev(states[-1][0:3], states[-2][0:3]))
+            if len(states) > SETTLE:
+                max_object_step = max(max_object_step, chebyshev(states[-1][4:7], states[-2][4:7]))
+            if terminated or truncated:
+                success = bool(info["success"])
+                break
+        if success:
+            rows.append({"index": index, "expert_steps": len(states) - 1, **floor_of_episode(task, states)})
+    env.close()
+    mean = (lambda key: float(np.mean([r[key] for r in rows])) if rows else None)
+    return {"episodes": episodes, "expert_successes": len(rows), "expert_steps": mean("expert_steps"),
+            "floor": mean("floor"), "approach": mean("approach"), "carry": mean("carry"),
+            "max_hand_step_m": max_hand_step, "max_object_step_m": max_object_step, "per_episode": rows}
+
+
+def compare(floors: dict, result: dict) -> dict:
+    """Per task, a policy's mean steps and the floor's on the configurations it and the expert both solved."""
+    protocol = result["protocol"]
+    if protocol["split"] != "eval" or protocol["config_seed"] != floors["config_seed"]:
+        raise ValueError(f"the result ran on split {protocol['split']!r}, config_seed {protocol['config_seed']}; "
+                         f"the floors on 'eval', config_seed {floors['config_seed']}")
+    rows = {}
+    for task, row in floors["per_task"].items():
+        floor_of = {r["index"]: r for r in row["per_episode"]}
+        pairs = [(e["steps"], floor_of[e["config_index"]]) for e in result["episodes"]
+                 if e["task"] == task and e["success"] and e["config_index"] in floor_of]
+        if pairs:
+            rows[task] = {"configurations": len(pairs), "steps": float(np.mean([p[0] for p in pairs])),
+                          "expert_steps": float(np.mean([p[1]["expert_steps"] for p in pairs])),
+                          "floor": float(np.mean([p[1]["floor"] for p in pairs]))}
+    return rows
+
+
+def print_floors(per_task: dict) -> None:
+    print(f"{'task':<24} {'expert':>7} {'floor':>6} {'approach':>9} {'carry':>6}  fastest step of hand, object")
+    for task, row in per_task.items():
+        print(f"{task:<24} {row['expert_steps']:7.1f} {row['floor']:6.1f} {row['approach']:9.1f} {row['carry']:6.1f}"
+              f"  {100 * row['max_hand_step_m']:.2f} cm, {100 * row['max_object_step_m']:.2f} cm")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--episodes", type=int, default=50, help="per task, held-out configurations")
+    parser.add_argument("--suite", default="mt10")
+    parser.add_argument("--config-seed", type=int, default=0, help="the evaluation protocol's configurations")
+    parser.add_argument("--output", type=Path, help="write per-task and per-episode floors to this JSON file")
+    parser.add_argument("--floors", type=Path, help="read the floors from a file --output wrote instead of measuring")
+    parser.add_argument("--compare", type=Path, nargs="+", default=[], help="vlapt eval results to set against the floor")
+    args = parser.parse_args()
+    if args.floors:
+        try:
+            floors = json.loads(args.floors.read_text())
+        except (OSError, ValueError) as err:
+            print(f"error: cannot read floors from {args.floors}: {err}", file=sys.stderr)
+            return 2
+    else:
+        per_task = {task: run_task(task, args.episodes, args.config_seed)
+                    for task in tqdm(resolve_tasks(args.suite), desc="tasks", unit="task")}
+        solved = [row for row in per_task.values() if row["floor"] is not None]
+        average = {key: float(np.mean([row[key] for row in solved]))
+                   for key in ("expert_steps", "floor", "approach", "carry")}
+        floors = {"suite": args.suite, "episodes_per_task": args.episodes, "config_seed": args.config_seed,
+                  "step_m": STEP, "touch_m": TOUCH, "average": average, "per_task": per_task}
+        if args.output:
+            args.output.write_text(json.dumps(floors, indent=1) + "\n")
+    print_floors(floors["per_task"])
+    average = floors["average"]
+    print(f"{'average over tasks':<24} {average['expert_steps']:7.1f} {average['floor']:6.1f} "
+          f"{average['approach']:9.1f} {average['carry']:6.1f}")
+    for path in args.compare:
+        try:
+            rows = compare(floors, json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError) as err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+            return 2
+        print(f"\n{path}: mean steps on the configurations it and the expert solved, against the floor there")
+        print(f"{'task':<24} {'n':>3} {'policy':>7} {'expert':>7} {'floor':>6} {'policy/floor':>13}")
+        for task, row in rows.items():
+            print(f"{task:<24} {row['configurations']:3d} {row['steps']:7.1f} {row['expert_steps']:7.1f} "
+                  f"{row['floor']:6.1f} {row['steps'] / row['floor']:13.2f}")
+        mean = {key: float(np.mean([row[key] for row in rows.values()])) for key in ("steps", "expert_steps", "floor")}
+        print(f"{'average over tasks':<24} {'':>3} {mean['steps']:7.1f} {mean['expert_steps']:7.1f} {mean['floor']:6.1f} "
+              f"{mean['steps'] / mean['floor']:13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
