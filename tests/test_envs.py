@@ -307,22 +307,11 @@ def test_lookahead_stops_at_success_and_refuses_a_finished_episode():
     env.close()
 
 
-def _script(name):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_steps_floor_counts_travel_to_the_touch_and_the_carry():
-    floor = _script("steps_floor")
+def test_steps_floor_counts_travel_to_the_touch_and_the_carry(load_script):
+    floor = load_script("steps_floor")
     states = np.zeros((12, 39), np.float32)
     states[:, 4:7] = [0.30, 0.0, 0.0]
-    states[2, 4] = 0.304  # the object settles in its first steps: not a touch
-    states[2:, 4] = 0.304
+    states[2:, 4] = 0.304  # the object settles 4 mm in its first steps: not a touch
     for t in range(1, 12):  # the hand heads along x; it reaches the object at step 6, then pushes it 3 cm
         states[t, 0] = min(0.05 * t, 0.30) if t <= 6 else 0.30 + 0.01 * (t - 6)
     states[7:, 4] = 0.304 + 0.01 * np.arange(1, 6)

@@ -1456,12 +1456,8 @@ def test_bc_loss_with_correlated_noise_uses_each_entrys_marginal(tiny_model):
     torch.testing.assert_close(loss, nll[valid].mean())
 
 
-def test_buffer_contents_script_reads_a_checkpoints_buffer(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("buffer_contents", Path(__file__).parents[1] / "scripts" / "buffer_contents.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_buffer_contents_script_reads_a_checkpoints_buffer(tmp_path, load_script):
+    script = load_script("buffer_contents")
     buffer = DemoBuffer([TASK], capacity=3, admission="pace")
     buffer.seed([_demo(5), _demo(7, seed=1), _demo(6, seed=2)], 3)
     episode = _paced(6, 8, seed=11)  # 2 chunks of 3, no padding
