@@ -106,6 +106,14 @@ def test_eval_missing_checkpoint(capsys, tmp_path):
 
 
 # -- eval: a real run --------------------------------------------------------------------------------------
+def test_eval_names_the_fast_expert(capsys, tmp_path):
+    output = tmp_path / "fast.json"
+    code = main(["eval", "--policy", "scripted-fast", "--tasks", "reach-v3", "--episodes", "1", "--workers", "0",
+                 "--output", str(output), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(output.read_text())["agent"] == "scripted-fast"
+
+
 def test_eval_scripted_writes_results(capsys, tmp_path):
     output = tmp_path / "tmp" / "x.json"
     code = main(["eval", "--policy", "scripted", "--tasks", "reach-v3", "--episodes", "2", "--workers", "0",

@@ -366,11 +366,23 @@ def test_impossible_collection_gives_up_and_leaves_no_file(tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
+def test_collecting_from_the_fast_expert_records_it_and_its_shorter_demos(tmp_path, dataset):
+    path = tmp_path / "fast.hdf5"
+    collect(_config(path, expert="scripted-fast"), progress=False)
+    assert env_args(path)["expert"] == "scripted-fast" and "scripted-fast" in env_args(path)["policy"]
+    assert env_args(dataset[0])["expert"] == "scripted"
+    fast, expert = read_episodes(path), read_episodes(dataset[0])
+    assert [e.config_index for e in fast] == [e.config_index for e in expert]  # the same configurations
+    assert all(f.success and len(f) < len(e) for f, e in zip(fast, expert))
+
+
 def test_invalid_collect_config_is_rejected_before_work(tmp_path):
     with pytest.raises(ValueError, match="valid cameras"):
         collect(_config(tmp_path / "d.hdf5", camera="ceiling"), progress=False)
     with pytest.raises(ValueError, match="demos_per_task"):
         collect(_config(tmp_path / "d.hdf5", demos_per_task=0), progress=False)
+    with pytest.raises(ValueError, match="valid experts: scripted, scripted-fast"):
+        collect(_config(tmp_path / "d.hdf5", expert="oracle"), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -85,14 +85,16 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 # -- eval --------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlapt.config import atomic_write_json, check_output_file, load_config
-    from vlapt.evaluation import EvalConfig, ScriptedExpert, evaluate, format_table
+    from vlapt.envs.experts import EXPERTS, make_expert
+    from vlapt.evaluation import EvalConfig, evaluate, format_table
 
     overrides = _shortcut(args, {"suite": "suite", "tasks": "tasks", "episodes": "episodes_per_task",
                                  "workers": "num_workers", "seed": "seed"})
     config = load_config(EvalConfig, args.config, overrides).validate()
-    if args.policy == "scripted":
-        agent = ScriptedExpert()
-        default_output = Path("outputs") / f"eval_scripted_{'_'.join(config.tasks) if config.tasks else config.suite}.json"
+    if args.policy in EXPERTS:
+        agent = make_expert(args.policy)
+        default_output = (Path("outputs") /
+                          f"eval_{args.policy.replace('-', '_')}_{'_'.join(config.tasks) if config.tasks else config.suite}.json")
     else:
         from vlapt.evaluation import CheckpointAgent
 
@@ -203,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "configurations, 500-step limit, first success ends the episode. Prints a "
                                    "per-task table and writes it as JSON. Options: vlapt.evaluation.EvalConfig.")
     _common(p)
-    p.add_argument("--policy", required=True, help="'scripted' (MetaWorld's experts) or a checkpoint directory")
+    p.add_argument("--policy", required=True, help="'scripted' (MetaWorld's experts), 'scripted-fast' (the same "
+                   "with their corners cut) or a checkpoint directory")
     p.add_argument("--suite", help="mt10 or mt50")
     p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
     p.add_argument("--episodes", type=int, help="episodes per task (default 50)")
