@@ -38,7 +38,7 @@ class CollectConfig:
     suite: str = "mt10"
     tasks: list[str] = dataclasses.field(default_factory=list)  # overrides suite when given
     demos_per_task: int = 150  # 150 rather than 50: SFT 0.818 -> 0.870 on MT10 held-out (docs/results.md)
-    expert: str = "scripted"  # or "scripted-fast": the same phases and contacts with the corners cut (~20% fewer steps)
+    expert: str = "scripted"  # or "scripted-fast": the same phases and contacts with the corners cut (~25% fewer steps)
     camera: str = "corner"
     camera_fovy: float = 30.0  # narrower than the corner camera's 45: small goals and pucks cover more pixels; 0: the camera's own
     image_size: int = 96
