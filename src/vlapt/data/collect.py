@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vlapt.data.format import DemoWriter, EpisodeData, check_writable
-from vlapt.envs.experts import EXPERTS, make_expert
+from vlapt.envs.experts import check_expert, make_expert
 from vlapt.envs.metaworld_env import CAMERAS, MAX_EPISODE_STEPS, PROPRIO_FIELDS, EnvConfig
 from vlapt.envs.tasks import instruction_for, resolve_tasks, task_index
 from vlapt.envs.vector import EnvPool, SlotSpec
@@ -55,8 +55,7 @@ class CollectConfig:
 
     def validate(self) -> "CollectConfig":
         resolve_tasks(self.suite, self.tasks)
-        if self.expert not in EXPERTS:
-            raise ValueError(f"unknown expert {self.expert!r}; valid experts: {', '.join(EXPERTS)}")
+        check_expert(self.expert)
         if self.demos_per_task < 1:
             raise ValueError(f"demos_per_task must be >= 1, got {self.demos_per_task}")
         if self.camera not in CAMERAS:

@@ -186,7 +186,11 @@ class FastScriptedExpert(ScriptedExpert):
 EXPERTS = {"scripted": ScriptedExpert, "scripted-fast": FastScriptedExpert}
 
 
-def make_expert(name: str) -> ScriptedExpert:
+def check_expert(name: str) -> str:
     if name not in EXPERTS:
         raise ValueError(f"unknown expert {name!r}; valid experts: {', '.join(EXPERTS)}")
-    return EXPERTS[name]()
+    return name
+
+
+def make_expert(name: str) -> ScriptedExpert:
+    return EXPERTS[check_expert(name)]()
