@@ -10,10 +10,11 @@ held-out configuration of the evaluation protocol (docs/evaluation.md) the scrip
 success, unrendered, and its episode gives two points: where the hand was when the object (or
 handle, button) first moved after settling, and how far the object had moved by the step of success. The floor is
 
-    steps >= ceil(|hand_start -> hand_at_touch|_inf / 1 cm) + ceil(min(|hand|, |object| displacement from touch to success)_inf / 1 cm)
+    steps >= ceil(|hand_start -> hand_at_touch|_inf / 1 cm)
+             + ceil(min(|hand|, |object| displacement from touch to the step before success)_inf / 1 cm) + 1
 
-which counts straight lines at full speed to the expert's touch point and then for the shorter of the hand's
-and the object's displacement until success, and nothing for turning, grasping, lifting, or the hand
+which counts straight lines at full speed to the expert's touch point, then the shorter of the hand's and
+the object's displacement until the step before success, then that step, and nothing for turning, grasping, lifting, or the hand
 lagging its target (the hand can jump more than 1 cm in a step when it catches up with a target it was
 held back from; the target itself cannot). For reach,
 where nothing is moved, it is the distance to the goal less the 5 cm success radius. A policy may touch
