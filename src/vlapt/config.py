@@ -54,6 +54,25 @@ def load_config(
         raise ConfigError(_explain(exc, cls)) from exc
 
 
+def peek_option(key: str, path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                overrides: Sequence[str] = ()) -> Any:
+    """The value of top-level option ``key`` after layering, read before the config class is known (None if unset)."""
+    value = None
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    for item in paths:
+        try:
+            data = yaml.safe_load(Path(item).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # load_config reports unreadable files with a clear message
+        if isinstance(data, dict) and key in data:
+            value = data[key]
+    for item in overrides:
+        name, _, text = item.partition("=")
+        if name.strip() == key:
+            value = text.strip()
+    return value
+
+
 def _create(data: Any, source: Any):
     try:
         return OmegaConf.create(data)

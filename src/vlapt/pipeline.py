@@ -24,7 +24,8 @@ from vlapt.algorithms.sft import SFTConfig, train_sft
 from vlapt.config import atomic_write_json, atomic_write_text, save_config
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.relabel import RelabelConfig, relabel
-from vlapt.evaluation import CheckpointAgent, EvalConfig, ScriptedExpert, evaluate, format_table
+from vlapt.envs import get_suite
+from vlapt.evaluation import CheckpointAgent, EvalConfig, checkpoint_evaluator, evaluate, format_table
 
 log = logging.getLogger("vlapt.pipeline")
 
@@ -36,8 +37,7 @@ class PipelineConfig:
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
-    # every row; the post-trained one executes chunks as it was trained to (ppo.execute_steps, when set) and the
-    # scripted experts decide at every step whatever eval.execute_steps says
+    # every row; the scripted experts decide at every step whatever eval.execute_steps says
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     evaluate_scripted: bool = True
     dagger_rounds: int = 0  # expert-relabelling rounds between SFT and post-training (0: none)
@@ -63,8 +63,8 @@ class PipelineConfig:
             self.relabel.tasks = self.dagger_sft.tasks = list(self.collect.tasks)
         if self.dagger_rounds < 0:
             raise ValueError(f"dagger_rounds must be >= 0, got {self.dagger_rounds}")
-        if self.ppo.execute_steps > self.sft.model.chunk_len:  # found here, not after an hour of collect and SFT
-            raise ValueError(f"ppo.execute_steps={self.ppo.execute_steps} exceeds sft.model.chunk_len="
+        if self.eval.execute_steps > self.sft.model.chunk_len:  # found here, not after an hour of collect and SFT
+            raise ValueError(f"eval.execute_steps={self.eval.execute_steps} exceeds sft.model.chunk_len="
                              f"{self.sft.model.chunk_len}; use 1..{self.sft.model.chunk_len} (0: the whole chunk)")
         return self
 
@@ -115,29 +115,36 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
         timings["dagger_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ppo_policy = train_ppo(config.ppo, progress=progress)
+    ppo = config.ppo
+    evaluator = checkpoint_evaluator(ppo.tasks or get_suite(ppo.suite).tasks, ppo.eval_episodes, ppo.num_workers,
+                                     ppo.suite, ppo.seed, ppo.env_backend)
+    ppo_policy = train_ppo(ppo, progress=progress, evaluator=evaluator)
     timings["post_train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     rows = {}
     protocol = config.eval
-    post_trained_protocol = dataclasses.replace(protocol, execute_steps=config.ppo.execute_steps or protocol.execute_steps)
-    agents = [("scripted expert", "scripted", ScriptedExpert(), dataclasses.replace(protocol, execute_steps=0))
+
+    def policy_agent(path) -> CheckpointAgent:
+        return CheckpointAgent(str(path), deterministic=protocol.deterministic, seed=protocol.seed)
+
+    suite = get_suite(protocol.suite)
+    agents = [("scripted expert", "scripted", suite.make_expert("scripted"), dataclasses.replace(protocol, execute_steps=0))
               ] if config.evaluate_scripted else []
-    agents.append(("SFT", "sft", CheckpointAgent(str(sft_policy), seed=protocol.seed), protocol))
+    agents.append(("SFT", "sft", policy_agent(sft_policy), protocol))
     if config.dagger_rounds:
         rounds = f"{config.dagger_rounds} round" + ("s" if config.dagger_rounds > 1 else "")
-        agents.append((f"SFT + DAgger ({rounds})", "dagger",
-                       CheckpointAgent(str(dagger_policy), seed=protocol.seed), protocol))
+        agents.append((f"SFT + DAgger ({rounds})", "dagger", policy_agent(dagger_policy), protocol))
     post_trained = "SFT + chunked PPO + self-BC" if not config.dagger_rounds else "SFT + DAgger + chunked PPO + self-BC"
-    agents.append((post_trained, "post_trained", CheckpointAgent(str(ppo_policy), seed=protocol.seed), post_trained_protocol))
+    agents.append((post_trained, "post_trained", policy_agent(ppo_policy), protocol))
     weight_average = Path(ppo_policy).parent / "policy_ema"  # train_ppo leaves one only when it belongs to this run
     if weight_average.is_dir():
-        agents.append((f"{post_trained}, weight average", "post_trained_average",
-                       CheckpointAgent(str(weight_average), seed=protocol.seed), post_trained_protocol))
+        agents.append((f"{post_trained}, weight average", "post_trained_average", policy_agent(weight_average), protocol))
     for name, file_key, agent, eval_config in agents:
         if eval_config.execute_steps:
             name = f"{name} (first {eval_config.execute_steps} actions of each chunk)"
+        if not protocol.deterministic and file_key != "scripted":
+            name = f"{name}, sampled chunks"
         rows[name] = evaluate(agent, eval_config, progress=progress)
         atomic_write_json(out / f"eval_{file_key}.json", rows[name])
     timings["eval_s"] = time.perf_counter() - t
@@ -150,11 +157,15 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
 
 
 def results_markdown(rows: dict[str, dict], timings: dict[str, float] | None = None) -> str:
-    lines = ["| policy | success | steps to success | steps (failures = 500) |", "|---|---|---|---|"]
+    limit = next(iter(rows.values()))["protocol"]["max_episode_steps"] if rows else 500
+    within = list(next(iter(rows.values()))["average"].get("success_within", {})) if rows else []
+    lines = [f"| policy | success | steps to success | steps (failures = {limit}) |"
+             + "".join(f" success within {n} |" for n in within), "|---|---|---|---|" + "---|" * len(within)]
     for name, result in rows.items():
         avg = result["average"]
         steps = "-" if avg["steps_to_success"] is None else f"{avg['steps_to_success']:.1f}"
-        lines.append(f"| {name} | {avg['success_rate']:.3f} | {steps} | {avg['steps_failures_as_limit']:.1f} |")
+        lines.append(f"| {name} | {avg['success_rate']:.3f} | {steps} | {avg['steps_failures_as_limit']:.1f} |"
+                     + "".join(f" {avg['success_within'][n]:.3f} |" for n in within))
     parts = ["\n".join(lines)]
     for name, result in rows.items():
         parts.append(format_table(result, title=name))

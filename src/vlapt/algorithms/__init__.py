@@ -1,0 +1,50 @@
+"""Training algorithms: supervised fine-tuning and post-training methods, one module each.
+
+`vlapt train algorithm=NAME` runs ``vlapt.algorithms.NAME`` (``ppo`` is ``ppo_sbc``), or any
+module named by its dotted path; an algorithm module defines
+``ALGORITHM = Algorithm(name, ConfigClass, train)`` with
+``train(config, progress=True, evaluator=None) -> Path`` (the final policy's directory).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, NamedTuple
+
+
+class Algorithm(NamedTuple):
+    name: str
+    config: type  # a dataclass with validate(), an ``algorithm`` field and ``output_dir``
+    train: Callable[..., Any]
+
+
+ALIASES = {"ppo": "vlapt.algorithms.ppo_sbc"}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    module = ALIASES.get(name) or (name if "." in name else f"vlapt.algorithms.{name}")
+    try:
+        found = getattr(importlib.import_module(module), "ALGORITHM", None)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not module.startswith(exc.name):
+            raise
+        found = None
+    if not isinstance(found, Algorithm):
+        raise ValueError(f"unknown algorithm {name!r}: {module} defines no ALGORITHM; built in: "
+                         f"{', '.join(built_in())} (or the dotted path of a module of your own)")
+    return found
+
+
+def built_in() -> list[str]:
+    """The names of the algorithms that ship with vlapt."""
+    import pkgutil
+
+    names = []
+    for info in pkgutil.iter_modules(__path__):
+        algorithm = getattr(importlib.import_module(f"{__name__}.{info.name}"), "ALGORITHM", None)
+        if isinstance(algorithm, Algorithm):
+            names.append(algorithm.name)
+    return sorted(names)
+
+
+__all__ = ["ALIASES", "Algorithm", "built_in", "get_algorithm"]

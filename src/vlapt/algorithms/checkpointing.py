@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlapt.config import atomic_write_text, save_config
-from vlapt.models.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from vlapt.policies import CheckpointError, load_policy
 
 
 def start_run(config: Any, output_dir: str | os.PathLike, threads: int) -> Path:
@@ -65,8 +65,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     if saved != current:
         raise CheckpointError(
             f"the checkpoint's optimiser has parameter groups of sizes {saved}, this version's has {current} "
-            "(PPO checkpoints written before `value_lr` existed have one group); resume it with the vlapt version "
-            "that wrote it, or start a new run in another output_dir"
+            "; resume it with the vlapt version that wrote it, or start a new run in another output_dir"
         )
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -140,7 +139,7 @@ def save_training_checkpoint(
     final = root / f"step_{step:09d}"
     tmp = root / f".step_{step:09d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, metadata={"step": step})
+    model.save(tmp, metadata={"step": step})
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
     if final.exists():
@@ -167,7 +166,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def load_training_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     """``(model, tensors, meta)`` of a training checkpoint directory."""
     path = Path(path)
-    model = load_pretrained(path, device=device)
+    model = load_policy(path, device=device)
     try:
         tensors = load_file(str(path / "state.safetensors"))
         meta = json.loads((path / "state.json").read_text())

@@ -7,7 +7,8 @@ calibrated exploration std in one go. Random-shift image augmentation (pad + ran
 crop, as in DrQ) matters with few demonstrations from pixels.
 
 Optionally (``aux_state_coef > 0``) an auxiliary head regresses privileged simulator state
-(by default the object and goal positions) from the features the action head reads. Cloning
+(by default the suite's auxiliary targets, e.g. object and goal positions) from the features
+the action head reads. Cloning
 actions alone gives a weak, indirect signal for where a small goal marker is; the auxiliary
 target says it directly, during training only: the head is not part of the saved policy, and
 the policy never sees the state.
@@ -30,35 +31,30 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vlapt.data.dataset import ChunkDataset
-from vlapt.data.format import env_args, read_episodes
-from vlapt.envs.tasks import MT50, instruction_for
-from vlapt.models import PolicyConfig, Tokenizer, VLAPolicy, load_pretrained, make_batch, policy_config_for_size
 from vlapt.algorithms.checkpointing import (
-    capture_state,
-    latest_checkpoint,
-    load_training_checkpoint,
-    restore_state,
-    save_training_checkpoint,
-    start_run,
+    capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
 )
+from vlapt.data.dataset import ChunkDataset
+from vlapt.data.format import dataset_suite, env_args, read_episodes
+from vlapt.interfaces import EnvConfig, ObservationSpec
+from vlapt.policies import load_policy
+from vlapt.policies.vla import PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
 
 log = logging.getLogger("vlapt.sft")
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The policy architecture: a named size preset plus the knobs people change most."""
+    """The policy architecture: a named size preset plus the knobs people change most (defaults: PolicyConfig's)."""
 
-    size: str = "default"  # tiny | default | large (vlapt.models.MODEL_SIZES)
-    chunk_len: int = 10  # 10 beat 5 and 1 before and after post-training (docs/results.md, "Chunk length")
+    size: str = "default"  # tiny | default | large (vlapt.policies.vla.MODEL_SIZES)
+    chunk_len: int = PolicyConfig.chunk_len
     image_size: int = 0  # 0: the dataset's image size
-    init_log_std: float = -1.0
-    dropout: float = 0.0
-    vision_backbone: str = "conv"  # "hf": a pretrained Hugging Face vision model from vision_backbone_path
+    init_log_std: float = PolicyConfig.init_log_std
+    dropout: float = PolicyConfig.dropout
+    vision_backbone: str = PolicyConfig.vision_backbone  # "hf": a pretrained Hugging Face vision model from vision_backbone_path
     vision_backbone_path: str = ""
-    image_keypoints: int = 16  # spatial-softmax keypoint tokens on top of the pooled grid ("conv" only; 0: none)
-    image_film: bool = False  # condition the conv stages on the instruction (FiLM; "conv" only)
+    image_keypoints: int = PolicyConfig.image_keypoints  # spatial-softmax keypoint tokens on the pooled grid ("conv" only)
 
 
 @dataclasses.dataclass
@@ -68,18 +64,17 @@ class SFTConfig:
     tasks: list[str] = dataclasses.field(default_factory=list)  # default: every task in the dataset
     demos_per_task: int = 0  # 0: all; the paper's small set is 10, the large set 50
     output_dir: str = "runs/sft"
-    # > 0: only the first k actions of a relabelled chunk are targets (vlapt.data.dataset.ChunkDataset);
-    # 0: whole chunks. MT10, one DAgger round: 0.880 with 1, 0.844 with 0 (docs/results.md)
+    # > 0: only the first k actions of a relabelled chunk are targets (vlapt.data.dataset.ChunkDataset); 0: whole
+    # chunks, whose later labels react to open-loop actions the observation cannot show
     relabelled_label_steps: int = 1
     init_policy: str = ""  # continue from a saved policy (its architecture and normalisation; `model` is then unused)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    steps: int = 8000  # 3000 underfits the 50-demo MT10 set (docs/results.md)
+    steps: int = 8000
     batch_size: int = 64
     lr: float = 3e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     grad_clip: float = 1.0
-    loss: str = "nll"  # "nll": chunk Gaussian NLL (mean and std); "mse": mean only
     augment_shift: int = 4  # pixels of random shift; 0 disables
     checkpoint_every: int = 1000
     log_every: int = 50
@@ -87,27 +82,21 @@ class SFTConfig:
     threads: int = 2
     resume: bool = True
     # auxiliary state prediction (training only; the policy never sees the state)
-    aux_state_coef: float = 1.0  # weight of the auxiliary loss; 0 disables it (MT10 SFT: 0.722 without, 0.818 with)
-    aux_state_dims: list[int] = dataclasses.field(default_factory=lambda: [4, 5, 6, 36, 37, 38])  # MetaWorld state: object xyz, goal xyz
+    aux_state_coef: float = 1.0  # weight of the auxiliary loss; 0 disables it
+    aux_state_dims: list[int] = dataclasses.field(default_factory=list)  # indices into the state; []: the suite's targets
 
     def validate(self) -> "SFTConfig":
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
-        if self.loss not in ("nll", "mse"):
-            raise ValueError(f"loss must be 'nll' or 'mse', got {self.loss!r}")
         if self.demos_per_task < 0 or self.augment_shift < 0 or self.relabelled_label_steps < 0:
             raise ValueError("demos_per_task, augment_shift and relabelled_label_steps must be >= 0")
         if self.model.chunk_len < 1:
             raise ValueError(f"model.chunk_len must be >= 1, got {self.model.chunk_len}")
-        if self.aux_state_coef < 0:
-            raise ValueError(f"aux_state_coef must be >= 0, got {self.aux_state_coef}")
-        if self.aux_state_coef > 0 and (not self.aux_state_dims or not all(0 <= d < STATE_DIM for d in self.aux_state_dims)):
-            raise ValueError(f"aux_state_dims must be a non-empty list of indices into the {STATE_DIM}-d MetaWorld state, "
-                             f"got {self.aux_state_dims}")
+        if self.aux_state_coef < 0 or any(d < 0 for d in self.aux_state_dims):
+            raise ValueError(f"aux_state_coef and aux_state_dims must be >= 0, got {self.aux_state_coef}, {self.aux_state_dims}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError(f"checkpoint_every and log_every must be >= 1, got {self.checkpoint_every}, {self.log_every}")
         return self
-
-
-STATE_DIM = 39  # MetaWorld's observation vector, stored as obs/state in vlapt datasets
 
 
 class StatePredictionHead(nn.Module):
@@ -128,24 +117,34 @@ class StatePredictionHead(nn.Module):
         return (self.net(features) - target).square().mean()
 
 
-def build_policy_config(model: ModelConfig, image_size: int, camera: str, stats: dict, camera_fovy: float = 0.0) -> PolicyConfig:
-    """The policy's full config: preset + knobs + normalisation + a vocabulary of all task instructions."""
-    vocab = Tokenizer.build([instruction_for(t) for t in MT50]).vocab
+def build_policy_config(model: ModelConfig, spec: ObservationSpec, stats: dict, vocabulary: list[str]) -> PolicyConfig:
+    """The policy's full config: preset + knobs + normalisation + a vocabulary of every instruction of the suite."""
     return policy_config_for_size(
         model.size,
         chunk_len=model.chunk_len,
-        image_size=model.image_size or image_size,
+        image_size=model.image_size or spec.image_size,
         init_log_std=model.init_log_std,
         dropout=model.dropout,
         vision_backbone=model.vision_backbone,
         vision_backbone_path=model.vision_backbone_path,
         image_keypoints=model.image_keypoints,
-        image_film=model.image_film,
-        camera=camera,
-        camera_fovy=camera_fovy,
-        vocab=list(vocab),
+        camera=spec.camera,
+        camera_fovy=spec.camera_fovy,
+        proprio_dim=len(spec.proprio_fields),
+        proprio_fields=list(spec.proprio_fields),
+        action_dim=spec.action_dim,
+        vocab=list(Tokenizer.build(vocabulary).vocab),
         **stats,
     )
+
+
+def dataset_spec(meta: dict) -> ObservationSpec:
+    """How a dataset's episodes were observed, from its env_args (older datasets lack the dimensions: their suite's)."""
+    suite = dataset_suite(meta)
+    own = suite.observation_spec(EnvConfig(camera=meta["camera"], image_size=meta["image_size"],
+                                           camera_fovy=meta.get("camera_fovy", 0.0)))
+    return dataclasses.replace(own, proprio_fields=tuple(meta.get("proprio_fields", own.proprio_fields)),
+                               action_dim=int(meta.get("action_dim", own.action_dim)))
 
 
 def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -163,33 +162,11 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     return out.to(torch.uint8)
 
 
-def chunk_bc_loss(model: VLAPolicy, batch: dict, actions: torch.Tensor, pad: torch.Tensor, kind: str = "nll", out=None):
-    """Masked behaviour-cloning loss on normalised chunks; returns (loss, mse of the mean).
-
-    ``out``: the model's output on ``batch``, when the caller already has it.
-    """
-    out = model(batch) if out is None else out
-    valid = (~pad).unsqueeze(-1).float().expand_as(actions)
-    count = valid.sum().clamp_min(1.0)
-    sq = (out.mean - actions).square()
-    mse = (sq * valid).sum() / count
-    if kind == "mse":
-        return mse, mse.detach()
-    # Per-entry Gaussian NLL. With correlated chunk noise each entry's marginal variance is
-    # s_t^2 + c^2 (a composite likelihood: padded entries simply drop out).
-    log_var = 2.0 * out.log_std
-    if out.correlated_log_std is not None:
-        log_var = torch.logaddexp(log_var, 2.0 * out.correlated_log_std)
-    nll = 0.5 * sq * torch.exp(-log_var) + 0.5 * log_var + 0.5 * math.log(2 * math.pi)
-    return (nll * valid).sum() / count, mse.detach()
-
-
 def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     """Train, checkpoint periodically (resuming from the last checkpoint), return the final policy dir."""
     config.validate()
-    out_dir = start_run(config, config.output_dir, config.threads)
-
     meta = env_args(config.dataset)
+    spec = dataset_spec(meta)
     episodes = read_episodes(config.dataset, config.tasks or None, config.demos_per_task or None)
     for extra in config.extra_datasets:
         keys = ("camera", "camera_fovy", "image_size", "proprio_fields")
@@ -197,35 +174,37 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
         _check_same_observations(f"extra dataset {extra}", {k: extra_meta.get(k) for k in keys}, config.dataset,
                                  {k: meta.get(k) for k in keys}, "collect both with the same camera settings")
         episodes += read_episodes(extra, config.tasks or None)
-    init = load_pretrained(config.init_policy) if config.init_policy else None
-    chunk_len = init.config.chunk_len if init is not None else config.model.chunk_len
+    init = load_policy(config.init_policy) if config.init_policy else None
+    chunk_len = init.chunk_len if init is not None else config.model.chunk_len
     dataset = ChunkDataset(episodes, chunk_len, config.relabelled_label_steps)
     if init is not None:
-        policy_config = init.config
-        seen = {"camera": meta["camera"], "camera_fovy": meta.get("camera_fovy", 0.0), "image_size": meta["image_size"]}
-        _check_same_observations(f"init_policy {config.init_policy}", {k: getattr(policy_config, k) for k in seen},
-                                 config.dataset, seen, "fine-tune on a dataset collected with the policy's camera settings")
-    else:
-        policy_config = build_policy_config(
-            config.model, meta["image_size"], meta["camera"], dataset.statistics(), meta.get("camera_fovy", 0.0)
-        )
-    if policy_config.image_size != meta["image_size"]:
-        raise ValueError(f"model.image_size {policy_config.image_size} differs from the dataset's {meta['image_size']}")
-    tokenizer = Tokenizer(policy_config.vocab)
-    log.info("datasets %s: %d episodes, %d samples", [config.dataset, *config.extra_datasets], len(episodes), len(dataset))
-
-    torch.manual_seed(config.seed)
-    model = VLAPolicy(policy_config)
-    if init is not None:
-        model.load_state_dict(init.state_dict())
-        del init
-    aux_head = None
+        seen = init.observation_config()
+        expected = {"camera": spec.camera, "camera_fovy": spec.camera_fovy, "image_size": spec.image_size}
+        _check_same_observations(f"init_policy {config.init_policy}", {k: getattr(seen, k) for k in expected},
+                                 config.dataset, expected, "fine-tune on a dataset collected with the policy's camera settings")
+    elif (config.model.image_size or spec.image_size) != spec.image_size:
+        raise ValueError(f"model.image_size {config.model.image_size} differs from the dataset's {spec.image_size}")
+    aux_dims = list(config.aux_state_dims or spec.aux_targets)
     if config.aux_state_coef > 0:
         if dataset.states is None:
             raise ValueError(f"aux_state_coef > 0 needs obs/state in every demo of {[config.dataset, *config.extra_datasets]}; "
                              "collect the dataset with `vlapt collect` (it stores the state), or set aux_state_coef=0")
-        targets = dataset.states[:, config.aux_state_dims]
-        aux_head = StatePredictionHead(policy_config.d_model, config.aux_state_dims, targets.mean(0), np.maximum(targets.std(0), 1e-3))
+        if not aux_dims or max(aux_dims) >= dataset.states.shape[1]:
+            raise ValueError(f"aux_state_dims {aux_dims} must index the dataset's {dataset.states.shape[1]}-d state "
+                             "(or set aux_state_coef=0)")
+    out_dir = start_run(config, config.output_dir, config.threads)
+    log.info("datasets %s: %d episodes, %d samples", [config.dataset, *config.extra_datasets], len(episodes), len(dataset))
+
+    torch.manual_seed(config.seed)
+    if init is not None:
+        model = init.train()
+    else:
+        vocabulary = dataset_suite(meta).vocabulary()
+        model = VLAPolicy(build_policy_config(config.model, spec, dataset.statistics(), vocabulary))
+    aux_head = None
+    if config.aux_state_coef > 0:
+        targets = dataset.states[:, aux_dims]
+        aux_head = StatePredictionHead(_feature_dim(model, dataset), aux_dims, targets.mean(0), np.maximum(targets.std(0), 1e-3))
     parameters = list(model.parameters()) + (list(aux_head.parameters()) if aux_head is not None else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
@@ -248,7 +227,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out_dir / "tb"), purge_step=step)
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if step else None)
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
@@ -260,17 +239,12 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
         indices = rng.integers(0, len(dataset), size=config.batch_size)
         sample = dataset.batch(indices)
         sample["image"] = random_shift(sample["image"], config.augment_shift, aug_gen)
-        batch = make_batch(
-            {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(), "instruction": sample["instruction"]},
-            tokenizer,
-            policy_config,
-        )
-        actions = model.normalize_actions(sample["actions"])
-        out = model(batch)
-        loss, mse = chunk_bc_loss(model, batch, actions, sample["action_pad"], config.loss, out=out)
+        observations = {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(),
+                        "instruction": sample["instruction"]}
+        loss, mse, features = model.bc_loss(observations, sample["actions"], sample["action_pad"])
         aux_loss = None
         if aux_head is not None:
-            aux_loss = aux_head.loss(out.features, sample["state"])
+            aux_loss = aux_head.loss(features, sample["state"])
             loss = loss + config.aux_state_coef * aux_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower lr or check the dataset")
@@ -281,7 +255,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
         step += 1
         bar.update(1)
         if step % config.log_every == 0 or step == config.steps:
-            std = model.clamped_log_std().exp().mean().item()
+            std = model.exploration_std()
             writer.add_scalar("sft/loss", loss.item(), step)
             writer.add_scalar("sft/mse", mse.item(), step)
             writer.add_scalar("sft/action_std", std, step)
@@ -297,9 +271,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     bar.close()
     writer.close()
     final = out_dir / "policy"
-    from vlapt.models import save_pretrained
-
-    save_pretrained(model, final, metadata={
+    model.save(final, metadata={
         "trained_by": "vlapt sft", "steps": step, "dataset": str(config.dataset),
         "extra_datasets": [str(d) for d in config.extra_datasets], "init_policy": config.init_policy,
         "demos_per_task": config.demos_per_task, "samples": len(dataset),
@@ -307,6 +279,20 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     })
     log.info("final policy written to %s", final)
     return final
+
+
+def _feature_dim(model, dataset: ChunkDataset) -> int:
+    """Width of the features the policy's action head reads (what the auxiliary head regresses from)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        sample = dataset.batch(np.arange(1))
+        features = model.bc_loss({"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(),
+                                  "instruction": sample["instruction"]}, sample["actions"], sample["action_pad"]).features
+    model.train(was_training)
+    if features is None:
+        raise ValueError(f"{type(model).__name__} exposes no features for the auxiliary state loss; set aux_state_coef=0")
+    return int(features.shape[-1])
 
 
 def _check_same_observations(what: str, observed: dict, dataset: str, expected: dict, fix: str) -> None:

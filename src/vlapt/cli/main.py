@@ -45,10 +45,11 @@ def _tasks_list(text: str) -> list[str]:
 
 # -- tasks -------------------------------------------------------------------------------------
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from vlapt.envs.tasks import describe, resolve_tasks
+    from vlapt.envs import get_suite
 
-    for task, instruction in describe(resolve_tasks(args.suite)):
-        print(f"{task:32s} {instruction}")
+    suite = get_suite(args.suite)
+    for task in suite.tasks:
+        print(f"{task:32s} {suite.instruction(task)}")
     return 0
 
 
@@ -85,14 +86,15 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 # -- eval --------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlapt.config import atomic_write_json, check_output_file, load_config
-    from vlapt.envs.experts import EXPERTS, make_expert
+    from vlapt.envs import get_suite
     from vlapt.evaluation import EvalConfig, evaluate, format_table
 
     overrides = _shortcut(args, {"suite": "suite", "tasks": "tasks", "episodes": "episodes_per_task",
                                  "workers": "num_workers", "seed": "seed"})
     config = load_config(EvalConfig, args.config, overrides).validate()
-    if args.policy in EXPERTS:
-        agent = make_expert(args.policy)
+    suite = get_suite(config.suite)
+    if args.policy in suite.expert_names:
+        agent = suite.make_expert(args.policy)
         default_output = (Path("outputs") /
                           f"eval_{args.policy.replace('-', '_')}_{'_'.join(config.tasks) if config.tasks else config.suite}.json")
     else:
@@ -125,13 +127,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 # -- train (RL post-training) ----------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
-    from vlapt.config import load_config
+    from vlapt.algorithms import get_algorithm
+    from vlapt.config import load_config, peek_option
+    from vlapt.envs import get_suite
+    from vlapt.evaluation import checkpoint_evaluator
 
-    overrides = _shortcut(args, {"init_policy": "init_policy", "demos": "demos", "output_dir": "output_dir",
-                                 "total_env_steps": "total_env_steps"})
-    config = load_config(PPOConfig, args.config, overrides).validate()
-    final = train_ppo(config, progress=not args.quiet)
+    overrides = _shortcut(args, {"algorithm": "algorithm", "init_policy": "init_policy", "demos": "demos",
+                                 "output_dir": "output_dir", "total_env_steps": "total_env_steps"})
+    algorithm = get_algorithm(peek_option("algorithm", args.config, overrides) or "ppo")
+    config = load_config(algorithm.config, args.config, overrides).validate()
+    evaluator = checkpoint_evaluator(config.tasks or get_suite(config.suite).tasks, config.eval_episodes,
+                                     config.num_workers, config.suite, config.seed, config.env_backend)
+    final = algorithm.train(config, progress=not args.quiet, evaluator=evaluator)
     print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     if (final.parent / "policy_ema").is_dir():
         print(f"the moving average of its weights (ema_decay={config.ema_decay}): {final.parent / 'policy_ema'}")
@@ -145,11 +152,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     overrides = _shortcut(args, {"output_dir": "output_dir", "suite": "suite"})
     config = load_config(PipelineConfig, args.config, overrides)
-    config.collect.validate()
-    config.sft.validate()
-    config.ppo.validate()
-    config.dagger_sft.validate()
-    config.eval.validate()
+    for stage in (config.collect, config.sft, config.ppo, config.dagger_sft, config.eval):
+        stage.validate()
     run_pipeline(config, progress=not args.quiet)
     return 0
 
@@ -205,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "configurations, 500-step limit, first success ends the episode. Prints a "
                                    "per-task table and writes it as JSON. Options: vlapt.evaluation.EvalConfig.")
     _common(p)
-    p.add_argument("--policy", required=True, help="'scripted' (MetaWorld's experts), 'scripted-fast' (the same "
-                   "with their corners cut) or a checkpoint directory")
+    p.add_argument("--policy", required=True, help="a checkpoint directory, or one of the suite's scripted experts "
+                   "(MetaWorld: 'scripted', 'scripted-fast': the same with their corners cut)")
     p.add_argument("--suite", help="mt10 or mt50")
     p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
     p.add_argument("--episodes", type=int, help="episodes per task (default 50)")
@@ -226,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("train", help="RL post-training: action-chunked PPO with self behaviour cloning",
-                       description="Post-train an SFT checkpoint with chunk-level PPO plus a self-BC loss on a "
-                                   "demonstration buffer that admits the policy's own shorter successes, with an "
-                                   "online-adapted BC weight (docs/method.md). Re-running with the same output_dir "
-                                   "resumes from the last checkpoint. Options: vlapt.algorithms.ppo_sbc.PPOConfig.")
+    p = sub.add_parser("train", help="RL post-training (default: action-chunked PPO with self behaviour cloning)",
+                       description="Post-train an SFT checkpoint. The default algorithm (algorithm=ppo) is chunk-level "
+                                   "PPO plus a self-BC loss on a demonstration buffer that admits the policy's own "
+                                   "shorter successes, with an online-adapted BC weight (docs/method.md). Re-running "
+                                   "with the same output_dir resumes from the last checkpoint. Options: the "
+                                   "algorithm's config, e.g. vlapt.algorithms.ppo_sbc.PPOConfig.")
     _common(p)
+    p.add_argument("--algorithm", help="ppo (default) or another module of vlapt.algorithms")
     p.add_argument("--init-policy", dest="init_policy", help="SFT checkpoint directory to start from")
     p.add_argument("--demos", help="HDF5 demonstrations that seed the self-BC buffer")
     p.add_argument("--output-dir", dest="output_dir")

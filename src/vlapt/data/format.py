@@ -8,7 +8,6 @@ crash never leaves a dataset that looks finished.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 
 from vlapt.config import check_output_file
+from vlapt.interfaces import Episode
 
 FORMAT = "vlapt-demos"
 FORMAT_VERSION = 1
@@ -27,31 +27,6 @@ RELABELLED = "relabelled"
 
 class DatasetError(ValueError):
     """A dataset path that cannot be written or read; the message says what to do."""
-
-
-@dataclasses.dataclass
-class EpisodeData:
-    """One demonstration: per-step observations before each action, and the actions taken."""
-
-    task: str
-    instruction: str
-    images: np.ndarray  # (T, H, W, 3) uint8
-    proprio: np.ndarray  # (T, P) float32
-    actions: np.ndarray  # (T, 4) float32, clipped to [-1, 1]
-    rewards: np.ndarray  # (T,) float32
-    states: np.ndarray | None = None  # (T, 39) float32 privileged state
-    success: bool = True
-    config_split: str = "train"
-    config_index: int = -1
-    config_seed: int = 0
-    source: str = "scripted"
-    # `vlapt relabel labels=plan`: at the steps where the policy decided, the expert's own next
-    # actions from that state (simulated, then rewound): (T, h, 4), valid for plan_lengths[t] > 0
-    action_plans: np.ndarray | None = None
-    plan_lengths: np.ndarray | None = None  # (T,) int: actions in each step's plan, 0 = none
-
-    def __len__(self) -> int:
-        return len(self.actions)
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -80,7 +55,10 @@ class DemoWriter:
         self._total = 0
         self._by_task: dict[str, list[str]] = {}
 
-    def add(self, episode: EpisodeData) -> str:
+    def add(self, episode: Episode) -> str:
+        """Append a per-step episode (every step a decision, as collection records them)."""
+        if episode.decision_steps is not None and not np.array_equal(episode.decision_steps, np.arange(episode.steps)):
+            raise ValueError("datasets store per-step episodes: record them with chunk length 1")
         name = f"demo_{self._count}"
         group = self._data.create_group(name)
         obs = group.create_group("obs")
@@ -90,16 +68,14 @@ class DemoWriter:
             obs.create_dataset("state", data=episode.states.astype(np.float32))
         group.create_dataset("actions", data=episode.actions.astype(np.float32))
         group.create_dataset("rewards", data=episode.rewards.astype(np.float32))
-        if episode.action_plans is not None:
-            group.create_dataset("action_plans", data=episode.action_plans.astype(np.float32))
-            group.create_dataset("plan_lengths", data=episode.plan_lengths.astype(np.int32))
         dones = np.zeros(len(episode), dtype=np.uint8)
         dones[-1] = 1
         group.create_dataset("dones", data=dones)
         attrs = group.attrs
         attrs["num_samples"] = len(episode)
-        for key in ("task", "instruction", "success", "config_split", "config_index", "config_seed", "source"):
+        for key in ("task", "instruction", "success", "config_index", "config_seed", "source"):
             attrs[key] = getattr(episode, key)
+        attrs["config_split"] = episode.split
         self._by_task.setdefault(episode.task, []).append(name)
         self._count += 1
         self._total += len(episode)
@@ -141,6 +117,10 @@ def open_dataset(path: str | os.PathLike) -> h5py.File:
     if f.get("data") is None or f["data"].attrs.get("format") != FORMAT:
         f.close()
         raise DatasetError(f"{path} is not a vlapt demonstration file (no data group with format={FORMAT!r})")
+    if not isinstance(f.get("mask"), h5py.Group) or "env_args" not in f["data"].attrs:
+        f.close()
+        raise DatasetError(f"{path} lacks its per-task index (mask/) or its env_args: the file is incomplete or damaged "
+                           "(a collection that did not finish?); collect it again")
     return f
 
 
@@ -149,9 +129,16 @@ def env_args(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads(f["data"].attrs["env_args"])
 
 
+def dataset_suite(args: dict[str, Any]):
+    """The env suite a dataset was collected in (datasets without a ``suite`` entry are MetaWorld's)."""
+    from vlapt.envs import get_suite
+
+    return get_suite(args.get("suite") or {"metaworld": "mt50"}.get(args.get("env_name", ""), "mt50"))
+
+
 def read_episodes(
     path: str | os.PathLike, tasks: Sequence[str] | None = None, demos_per_task: int | None = None
-) -> list[EpisodeData]:
+) -> list[Episode]:
     """Episodes in file order, optionally only some tasks and the first ``demos_per_task`` of each."""
     out: list[EpisodeData] = []
     with open_dataset(path) as f:
@@ -170,22 +157,17 @@ def read_episodes(
             for name in names:
                 g = f["data"][name]
                 a = g.attrs
-                out.append(
-                    EpisodeData(
-                        task=str(a["task"]),
-                        instruction=str(a["instruction"]),
-                        images=g["obs/image"][()],
-                        proprio=g["obs/proprio"][()],
-                        actions=g["actions"][()],
-                        rewards=g["rewards"][()],
-                        states=g["obs/state"][()] if "state" in g["obs"] else None,
-                        success=bool(a["success"]),
-                        config_split=str(a["config_split"]),
-                        config_index=int(a["config_index"]),
-                        config_seed=int(a["config_seed"]),
-                        source=str(a["source"]),
-                        action_plans=g["action_plans"][()] if "action_plans" in g else None,
-                        plan_lengths=g["plan_lengths"][()] if "plan_lengths" in g else None,
-                    )
-                )
+                missing = [k for k in ("obs/image", "obs/proprio", "actions", "rewards") if k not in g]
+                if missing:
+                    raise DatasetError(f"dataset {path}: {name} has no {', '.join(missing)}; the file is damaged or "
+                                       "was not written by `vlapt collect`; collect it again")
+                actions = g["actions"][()]
+                out.append(Episode(
+                    task=str(a["task"]), instruction=str(a["instruction"]), success=bool(a["success"]),
+                    steps=len(actions), split=str(a["config_split"]), config_index=int(a["config_index"]),
+                    config_seed=int(a["config_seed"]), source=str(a["source"]),
+                    images=g["obs/image"][()], proprio=g["obs/proprio"][()],
+                    states=g["obs/state"][()] if "state" in g["obs"] else None,
+                    actions=actions, rewards=g["rewards"][()],
+                ))
     return out

@@ -1,14 +1,55 @@
-"""MetaWorld as a VLA sees it: tasks with instructions, held-out configurations, chunked envs."""
+"""Env suites and the pools that run their envs.
 
-from vlapt.envs.configurations import SPLITS, Configuration, make_configuration, make_configurations
-from vlapt.envs.metaworld_env import CAMERAS, MAX_EPISODE_STEPS, PROPRIO_FIELDS, EnvConfig, MetaWorldVLAEnv
-from vlapt.envs.tasks import MT10, MT50, SUITES, UnknownTaskError, instruction_for, resolve_tasks
-from vlapt.envs.experts import ScriptedExpert
-from vlapt.envs.vector import EnvPool, SlotSpec, StepResult, WorkerError
+A suite is found by name (``get_suite("mt10")``); MetaWorld's MT10 and MT50 are built in,
+others register with `register_suite` or are named by import path (``"my_pkg.suites:MySuite"``,
+a class built without arguments or an instance).
+"""
 
-__all__ = [
-    "CAMERAS", "MAX_EPISODE_STEPS", "MT10", "MT50", "PROPRIO_FIELDS", "SPLITS", "SUITES",
-    "Configuration", "EnvConfig", "EnvPool", "MetaWorldVLAEnv", "ScriptedExpert", "SlotSpec", "StepResult",
-    "UnknownTaskError", "WorkerError", "instruction_for", "make_configuration",
-    "make_configurations", "resolve_tasks",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from vlapt.interfaces import EnvSuite, UnknownTaskError
+
+_SUITES: dict[str, Callable[[], EnvSuite]] = {}
+
+
+def register_suite(name: str, factory: Callable[[], EnvSuite]) -> None:
+    """Make ``get_suite(name)`` return ``factory()``."""
+    if name in _SUITES and _SUITES[name] is not factory:
+        raise ValueError(f"env suite {name!r} is already registered")
+    _SUITES[name] = factory
+
+
+def _metaworld(name: str) -> EnvSuite:
+    from vlapt.envs import metaworld
+
+    return {"mt10": metaworld.MT10_SUITE, "mt50": metaworld.MT50_SUITE}[name]
+
+
+register_suite("mt10", lambda: _metaworld("mt10"))
+register_suite("mt50", lambda: _metaworld("mt50"))
+
+
+def suite_names() -> list[str]:
+    return sorted(_SUITES)
+
+
+def get_suite(name: str) -> EnvSuite:
+    """The suite registered as ``name`` (case-insensitive), or one named by ``module:attribute``."""
+    key = str(name).lower()
+    if key in _SUITES:
+        return _SUITES[key]()
+    if ":" in name:
+        module, _, attribute = name.partition(":")
+        try:
+            target = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise UnknownTaskError(f"cannot import env suite {name!r}: {exc}") from exc
+        return target() if isinstance(target, type) else target
+    raise UnknownTaskError(f"unknown suite {name!r}; valid suites: {', '.join(suite_names())} "
+                           "(or module:attribute of your own EnvSuite)")
+
+
+__all__ = ["get_suite", "register_suite", "suite_names"]

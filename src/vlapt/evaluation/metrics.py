@@ -3,7 +3,10 @@
 - success rate: fraction of episodes with ``info["success"]`` at any step;
 - steps to success: env steps until the first success, averaged over successful episodes;
 - steps (failures as limit): the same with failed episodes counted as the step limit, so a
-  policy cannot look fast by failing its hard episodes.
+  policy cannot look fast by failing its hard episodes;
+- success within N steps: the fraction of episodes that succeeded in at most N env steps, read
+  from the same episodes (the success rate under a protocol whose episodes end after N steps,
+  such as RLinf's 100 or LeRobot's 400).
 Averages are over tasks (each task weighs the same), as in the MT10 literature.
 """
 
@@ -14,13 +17,7 @@ import math
 import statistics
 from typing import Iterable, Sequence
 
-
-@dataclasses.dataclass(frozen=True)
-class EpisodeRecord:
-    task: str
-    config_index: int
-    success: bool
-    steps: int
+from vlapt.interfaces import Episode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +26,14 @@ class TaskMetrics:
     success_rate: float
     steps_to_success: float | None  # None when no episode succeeded
     steps_failures_as_limit: float
+    success_within: dict[str, float]  # "100" -> fraction of episodes that succeeded within 100 env steps
 
 
-def task_metrics(episodes: Sequence[EpisodeRecord], max_episode_steps: int) -> TaskMetrics:
+SUCCESS_WITHIN = (100, 400)  # the episode lengths of RLinf's and LeRobot's MetaWorld protocols
+
+
+def task_metrics(episodes: Sequence[Episode], max_episode_steps: int,
+                 success_within: Sequence[int] = SUCCESS_WITHIN) -> TaskMetrics:
     if not episodes:
         raise ValueError("no episodes to summarise")
     successes = [e.steps for e in episodes if e.success]
@@ -40,21 +42,24 @@ def task_metrics(episodes: Sequence[EpisodeRecord], max_episode_steps: int) -> T
         success_rate=len(successes) / len(episodes),
         steps_to_success=(sum(successes) / len(successes)) if successes else None,
         steps_failures_as_limit=sum(e.steps if e.success else max_episode_steps for e in episodes) / len(episodes),
+        success_within={str(n): sum(s <= n for s in successes) / len(episodes) for n in success_within},
     )
 
 
-def summarize(episodes: Iterable[EpisodeRecord], tasks: Sequence[str], max_episode_steps: int) -> dict:
+def summarize(episodes: Iterable[Episode], tasks: Sequence[str], max_episode_steps: int,
+              success_within: Sequence[int] = SUCCESS_WITHIN) -> dict:
     episodes = list(episodes)
     per_task = {}
     for task in tasks:
         mine = [e for e in episodes if e.task == task]
-        per_task[task] = dataclasses.asdict(task_metrics(mine, max_episode_steps))
+        per_task[task] = dataclasses.asdict(task_metrics(mine, max_episode_steps, success_within))
     steps = [m["steps_to_success"] for m in per_task.values() if m["steps_to_success"] is not None]
     average = {
         "episodes": sum(m["episodes"] for m in per_task.values()),
         "success_rate": _mean(m["success_rate"] for m in per_task.values()),
         "steps_to_success": _mean(steps) if steps else None,
         "steps_failures_as_limit": _mean(m["steps_failures_as_limit"] for m in per_task.values()),
+        "success_within": {str(n): _mean(m["success_within"][str(n)] for m in per_task.values()) for n in success_within},
     }
     return {"per_task": per_task, "average": average}
 
@@ -70,18 +75,20 @@ def format_table(summary: dict, title: str | None = None) -> str:
     def fmt_steps(x):
         return "-" if x is None else f"{x:.1f}"
 
+    within = list(summary["average"].get("success_within", {}))
     lines = []
     if title:
         lines += [f"**{title}**", ""]
     lines += [
-        "| task | episodes | success | steps to success | steps (failures = limit) |",
-        "|---|---|---|---|---|",
+        "| task | episodes | success | steps to success | steps (failures = limit) |"
+        + "".join(f" success within {n} |" for n in within),
+        "|---|---|---|---|---|" + "---|" * len(within),
     ]
     rows = list(summary["per_task"].items()) + [("**average**", summary["average"])]
     for name, m in rows:
         lines.append(
             f"| {name} | {m['episodes']} | {m['success_rate']:.3f} | {fmt_steps(m['steps_to_success'])} | "
-            f"{m['steps_failures_as_limit']:.1f} |"
+            f"{m['steps_failures_as_limit']:.1f} |" + "".join(f" {m['success_within'][n]:.3f} |" for n in within)
         )
     return "\n".join(lines)
 

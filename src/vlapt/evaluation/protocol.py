@@ -12,17 +12,17 @@ import dataclasses
 import platform
 import time
 from collections import deque
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from vlapt.envs.metaworld_env import MAX_EPISODE_STEPS
-from vlapt.envs.tasks import resolve_tasks
-from vlapt.envs.vector import EnvPool, SlotSpec
-from vlapt.evaluation.agents import Agent, with_episode_limit
-from vlapt.evaluation.metrics import EpisodeRecord, summarize
-from vlapt.rollout.episodes import Episode, run_episodes
+from vlapt.envs import get_suite
+from vlapt.envs.pools import check_backend, make_pool
+from vlapt.evaluation.metrics import SUCCESS_WITHIN, summarize
+from vlapt.interfaces import Agent, Episode, SlotSpec
+from vlapt.rollout.episodes import run_episodes
 
 
 @dataclasses.dataclass
@@ -30,23 +30,26 @@ class EvalConfig:
     suite: str = "mt10"
     tasks: list[str] = dataclasses.field(default_factory=list)  # overrides suite when given
     episodes_per_task: int = 50
-    max_episode_steps: int = MAX_EPISODE_STEPS
+    max_episode_steps: int = 500
     split: str = "eval"  # held-out configurations; "train" only to measure overfitting
     config_seed: int = 0  # which configurations: shared by every run so results compare
     seed: int = 0  # the agent's sampling seed (stochastic policies)
     deterministic: bool = True  # act with the policy's mean chunk
     num_workers: int = 2
+    env_backend: str = "local"  # where env slots run (vlapt.envs.pools)
     envs_per_task: int = 1  # parallel episodes per task (batch size = tasks x envs_per_task)
     # execute only the first k actions of each chunk, then decide again (receding horizon, as LeRobot's
     # n_action_steps or openpi's replan_steps); 0: the whole chunk, open-loop, as in post-training
     execute_steps: int = 0
 
     def validate(self) -> "EvalConfig":
-        resolve_tasks(self.suite, self.tasks)
+        suite = get_suite(self.suite)
+        suite.resolve_tasks(self.tasks)
+        check_backend(self.env_backend)
         if self.episodes_per_task < 1:
             raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
-        if not 1 <= self.max_episode_steps <= MAX_EPISODE_STEPS:
-            raise ValueError(f"max_episode_steps must be in [1, {MAX_EPISODE_STEPS}], got {self.max_episode_steps}")
+        if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
+            raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}], got {self.max_episode_steps}")
         if self.split not in ("train", "eval"):
             raise ValueError(f"split must be 'eval' or 'train', got {self.split!r}")
         if self.envs_per_task < 1:
@@ -59,53 +62,56 @@ class EvalConfig:
 
     @property
     def task_names(self) -> tuple[str, ...]:
-        return resolve_tasks(self.suite, self.tasks)
+        return get_suite(self.suite).resolve_tasks(self.tasks)
 
 
 def evaluate(
     agent: Agent,
     config: EvalConfig,
     progress: bool = True,
-    on_episode: Callable[[EpisodeRecord], None] | None = None,
+    on_episode: Callable[[Episode], None] | None = None,
 ) -> dict:
-    """Run the protocol and return a JSON-ready result (protocol, per-task and average metrics)."""
+    """Run the protocol and return a JSON-ready result (protocol, per-task and average metrics, every episode)."""
     config.validate()
+    suite = get_suite(config.suite)
     actor = RecedingHorizon(agent, config.execute_steps) if config.execute_steps else agent
     tasks = config.task_names
-    env_config = with_episode_limit(actor.observation_config(), config.max_episode_steps)
+    env_config = suite.check_env_config(dataclasses.replace(actor.observation_config(),
+                                                            max_episode_steps=config.max_episode_steps))
     envs_per_task = min(config.envs_per_task, config.episodes_per_task)
-    slots = [SlotSpec(task, env_config, actor.chunk_len, config.config_seed) for task in tasks for _ in range(envs_per_task)]
+    slots = [SlotSpec(suite, task, env_config, actor.chunk_len, config.config_seed) for task in tasks for _ in range(envs_per_task)]
     # slot k of a task runs that task's episodes k, k + E, k + 2E, ...
     queues = [deque(range(k, config.episodes_per_task, envs_per_task)) for _ in tasks for k in range(envs_per_task)]
 
     start = time.perf_counter()
-    records: list[EpisodeRecord] = []
+    episodes: list[Episode] = []
     bar = tqdm(total=len(tasks) * config.episodes_per_task, desc="eval", unit="ep", disable=not progress, dynamic_ncols=True)
 
-    def finished(episode: Episode) -> None:
-        record = EpisodeRecord(episode.task, episode.config_index, episode.success, episode.steps)
-        records.append(record)
+    def finished(episode: Episode, slot: int) -> None:
+        episodes.append(episode)
         if on_episode is not None:
-            on_episode(record)
+            on_episode(episode)
         bar.update(1)
-        bar.set_postfix(success=f"{sum(r.success for r in records) / len(records):.3f}")
+        bar.set_postfix(success=f"{sum(e.success for e in episodes) / len(episodes):.3f}")
 
-    with EnvPool(slots, num_workers=config.num_workers) as pool:
-        env_steps = run_episodes(actor, pool, [s.task for s in slots], queues, config.split, finished)
+    with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
+        env_steps = run_episodes(actor, pool, [s.task for s in slots], queues, config.split, finished,
+                                 config_seed=config.config_seed)
     bar.close()
     wall = time.perf_counter() - start
-    records.sort(key=lambda r: (tasks.index(r.task), r.config_index))
-    summary = summarize(records, tasks, config.max_episode_steps)
+    episodes.sort(key=lambda e: (tasks.index(e.task), e.config_index))
+    summary = summarize(episodes, tasks, config.max_episode_steps, SUCCESS_WITHIN)
     return {
         "agent": actor.name,
         "protocol": {
+            "suite": suite.name,
             "tasks": list(tasks),
             "episodes_per_task": config.episodes_per_task,
             "max_episode_steps": config.max_episode_steps,
             "split": config.split,
             "config_seed": config.config_seed,
             "seed": config.seed,
-            "deterministic": config.deterministic,
+            "deterministic": getattr(agent, "deterministic", config.deterministic),
             "chunk_len": agent.chunk_len,
             "execute_steps": config.execute_steps or agent.chunk_len,
             "camera": env_config.camera if env_config.render else None,
@@ -113,11 +119,24 @@ def evaluate(
             "success": "info['success'] at any step; the first success ends the episode",
         },
         **summary,
-        "episodes": [dataclasses.asdict(r) for r in records],
+        "episodes": [e.summary() for e in episodes],
         "env_steps": env_steps,
         "wall_time_s": wall,
         "machine": machine_description(),
     }
+
+
+def checkpoint_evaluator(tasks, episodes_per_task: int, num_workers: int, suite: str, seed: int = 0,
+                         env_backend: str = "local") -> Callable[[Path], dict]:
+    """What a training loop calls to score a checkpoint it just wrote: deterministic, held-out, no progress bar."""
+    from vlapt.evaluation.agents import CheckpointAgent
+
+    def evaluate_checkpoint(path: Path) -> dict:
+        agent = CheckpointAgent(str(path), deterministic=True, seed=seed)
+        return evaluate(agent, EvalConfig(suite=suite, tasks=list(tasks), episodes_per_task=episodes_per_task,
+                                          num_workers=num_workers, env_backend=env_backend), progress=False)
+
+    return evaluate_checkpoint
 
 
 class RecedingHorizon:

@@ -1,55 +1,72 @@
 """Run whole episodes of an agent over a pool of env slots, one batched decision at a time.
 
-Shared by evaluation (metrics only) and demonstration collection (full trajectories).
-Each slot works through its own queue of configuration indices; a callback sees every
-finished episode and may queue more work (collection keeps going until it has enough
-successes). The order of decisions depends only on the queues, so runs are reproducible.
+Shared by evaluation (outcomes only), demonstration collection and relabelling (recorded
+trajectories). Each slot works through its own queue of configuration indices; a callback sees
+every finished `Episode` (with its slot) and may queue more work (collection keeps going until it has enough
+successes). The order of decisions depends only on the queues, so runs are reproducible. An
+episode lost to an env worker that died is run again from the start on the same configuration.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from vlapt.envs.vector import EnvPool
+from vlapt.interfaces import Agent, EnvPool, Episode
+
+log = logging.getLogger("vlapt.rollout")
+
+# execute(episodes, observations, chunks) -> the chunks the env runs instead of the agent's (whose chunks stay the labels)
+ExecuteFn = Callable[[list[Episode], list[dict], list[np.ndarray]], list[np.ndarray]]
 
 
-@dataclasses.dataclass
-class Episode:
-    slot: int
-    task: str
-    split: str
-    config_index: int
-    success: bool
-    steps: int
-    # With record=True: one entry per decision (observation before it, the agent's actions, rewards).
-    # The agent's actions are what the env executed unless `run_episodes` was given an ``execute``.
-    observations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    actions: list[np.ndarray] = dataclasses.field(default_factory=list)
-    rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
+class _Running:
+    """An episode in flight: its identity and, when recorded, what was seen and done so far."""
+
+    def __init__(self, slot: int, task: str, split: str, index: int):
+        self.slot, self.task, self.split, self.index = slot, task, split, index
+        self.observations: list[dict] = []
+        self.actions: list[np.ndarray] = []
+        self.rewards: list[np.ndarray] = []
+
+    def finish(self, success: bool, steps: int, instruction: str, config_seed: int, source: str, record: bool) -> Episode:
+        episode = Episode(task=self.task, instruction=instruction, success=success, steps=steps, split=self.split,
+                          config_index=self.index, config_seed=config_seed, source=source)
+        if record:
+            obs = self.observations
+            lengths = np.array([len(a) for a in self.actions])
+            episode.images = np.stack([o["image"] for o in obs]) if "image" in obs[0] else None
+            episode.proprio = np.stack([o["proprio"] for o in obs]).astype(np.float32)
+            episode.states = np.stack([o["state"] for o in obs]).astype(np.float32) if "state" in obs[0] else None
+            episode.actions = np.concatenate(self.actions).astype(np.float32)
+            episode.rewards = np.concatenate(self.rewards).astype(np.float32)
+            if np.any(lengths != 1):
+                episode.decision_steps = np.cumsum(lengths) - lengths
+        return episode
 
 
 def run_episodes(
-    agent,
+    agent: Agent,
     pool: EnvPool,
     slot_tasks: Sequence[str],
     queues: Sequence[deque],
     split: str,
-    on_episode: Callable[[Episode], None],
+    on_episode: Callable[[Episode, int], None],
     record: bool = False,
-    execute: Callable[[list[Episode], list[dict], list[np.ndarray]], list[np.ndarray]] | None = None,
+    execute: ExecuteFn | None = None,
+    config_seed: int = 0,
+    source: str = "policy",
 ) -> int:
     """Run until every slot's queue is empty; returns the env steps executed.
 
-    ``execute(episodes, observations, chunks)`` returns, for one decision of all active slots,
-    the chunks the env executes instead of the agent's: noise injection for demonstrations, or
-    another policy acting while the agent (an expert) only labels. The recorded actions stay
-    the agent's, i.e. the labels.
+    ``execute`` returns, for one decision of all active slots, the chunks the env executes
+    instead of the agent's: another policy acting while the agent (an expert) only labels. The
+    recorded actions stay the agent's, i.e. the labels.
     """
-    current: dict[int, Episode] = {}
+    current: dict[int, _Running] = {}
     observations: dict[int, dict] = {}
     env_steps = 0
 
@@ -58,7 +75,7 @@ def run_episodes(
         for i in slot_ids:
             if queues[i]:
                 index = queues[i].popleft()
-                current[i] = Episode(i, slot_tasks[i], split, index, False, 0)
+                current[i] = _Running(i, slot_tasks[i], split, index)
                 requests[i] = {"split": split, "index": index}
             else:
                 current.pop(i, None)
@@ -70,22 +87,27 @@ def run_episodes(
         active = sorted(current)
         chunks = agent.act([observations[i] for i in active], [slot_tasks[i] for i in active])
         executed = execute([current[i] for i in active], [observations[i] for i in active], chunks) if execute else chunks
-        results = pool.step({i: np.asarray(c, dtype=np.float32) for i, c in zip(active, executed)})
+        results = pool.wait(pool.submit({i: np.asarray(c, dtype=np.float32) for i, c in zip(active, executed)}))
         finished = []
         for i, chunk in zip(active, chunks):
-            result = results[i]
-            episode = current[i]
+            result, running = results[i], current[i]
+            if result.info.get("lost"):  # its env worker died: run the configuration again from its start
+                log.warning("episode of %s on configuration %d lost with its env worker; running it again",
+                            running.task, running.index)
+                queues[i].appendleft(running.index)
+                finished.append(i)
+                continue
             steps = result.info["steps"]
             env_steps += steps
             if record:
-                episode.observations.append(observations[i])
-                episode.actions.append(np.asarray(chunk, dtype=np.float32)[:steps])
-                episode.rewards.append(result.info["rewards"])
+                running.observations.append(observations[i])
+                running.actions.append(np.asarray(chunk, dtype=np.float32)[:steps])
+                running.rewards.append(result.info["rewards"])
+            instruction = observations[i]["instruction"]
             observations[i] = result.observation
             if result.terminated or result.truncated:
-                episode.success = bool(result.terminated)
-                episode.steps = int(result.info["episode_steps"])
-                on_episode(episode)
+                on_episode(running.finish(bool(result.terminated), int(result.info["episode_steps"]), instruction,
+                                          config_seed, source, record), i)
                 finished.append(i)
         if finished:
             start_next(finished)

@@ -2,7 +2,7 @@
 
 MetaWorld instructions come from a small closed set of templates, so a word
 vocabulary built from them is exact, tiny, and needs nothing downloaded. The
-vocabulary is stored in :class:`~vlapt.models.config.PolicyConfig` so a
+vocabulary is stored in :class:`~vlapt.policies.vla.config.PolicyConfig` so a
 checkpoint always carries the tokenizer it was trained with.
 """
 

@@ -48,10 +48,10 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class PolicyConfig:
-    """Everything needed to rebuild a :class:`~vlapt.models.vla.VLAPolicy` bit for bit.
+    """Everything needed to rebuild a :class:`~vlapt.policies.vla.VLAPolicy` bit for bit.
 
-    Defaults equal the ``"default"`` preset; use :func:`policy_config_for_size`
-    to start from another one.
+    Defaults equal the ``"default"`` preset with the settings `vlapt sft` trains by default;
+    use :func:`policy_config_for_size` to start from another preset.
     """
 
     size: str = "default"
@@ -68,10 +68,9 @@ class PolicyConfig:
     image_size: int = 96
     image_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     image_grid: int = 4
-    image_keypoints: int = 0  # "conv": extra spatial-softmax keypoint tokens; 0 disables
-    image_film: bool = False  # "conv": condition every conv stage on the instruction (FiLM)
+    image_keypoints: int = 16  # "conv": extra spatial-softmax keypoint tokens (sub-patch positions); 0 disables
 
-    chunk_len: int = 5
+    chunk_len: int = 10
     action_dim: int = 4
     proprio_dim: int = 4
     max_instruction_tokens: int = 16
@@ -80,10 +79,6 @@ class PolicyConfig:
     init_log_std: float = -1.0
     min_log_std: float = -5.0
     max_log_std: float = 1.0
-    # Correlated chunk noise: a second noise term per action dimension, shared by every step of
-    # a chunk, with its own learned log-std. Off: the chunk Gaussian is diagonal.
-    correlated_noise: bool = False
-    init_correlated_log_std: float = -1.5
 
     # Per-dimension normalisation statistics; empty means identity.
     proprio_mean: list[float] = field(default_factory=list)
@@ -92,9 +87,9 @@ class PolicyConfig:
     action_std: list[float] = field(default_factory=list)
 
     # Observation spec the policy was trained on, recorded so users feed it the same inputs.
-    camera: str = "corner"
+    camera: str = ""  # the suite's camera name; "": the suite's default view
     camera_fovy: float = 0.0  # 0: the camera's own field of view
-    proprio_fields: list[str] = field(default_factory=lambda: ["hand_x", "hand_y", "hand_z", "gripper"])
+    proprio_fields: list[str] = field(default_factory=list)  # names of the proprio entries, as the suite reports them
 
     @property
     def vocab_size(self) -> int:
@@ -125,22 +120,12 @@ class PolicyConfig:
                 f"init_log_std ({self.init_log_std}) must lie in [min_log_std, max_log_std] "
                 f"= [{self.min_log_std}, {self.max_log_std}]"
             )
-        if self.correlated_noise and not self.min_log_std <= self.init_correlated_log_std <= self.max_log_std:
-            raise ValueError(
-                f"init_correlated_log_std ({self.init_correlated_log_std}) must lie in [min_log_std, max_log_std] "
-                f"= [{self.min_log_std}, {self.max_log_std}]"
-            )
         if self.image_keypoints < 0:
             raise ValueError(f"image_keypoints must be >= 0, got {self.image_keypoints}")
         if self.image_keypoints and self.vision_backbone != "conv":
             raise ValueError(
                 f"image_keypoints applies to the 'conv' vision backbone only, got vision_backbone="
                 f"{self.vision_backbone!r}; set image_keypoints=0"
-            )
-        if self.image_film and self.vision_backbone != "conv":
-            raise ValueError(
-                f"image_film applies to the 'conv' vision backbone only, got vision_backbone="
-                f"{self.vision_backbone!r}; set image_film=false"
             )
         if self.vocab:
             if self.vocab[:2] != ["[PAD]", "[UNK]"]:

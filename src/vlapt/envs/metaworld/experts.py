@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from vlapt.envs.metaworld_env import EnvConfig
+from vlapt.interfaces import EnvConfig
 
 
 class ScriptedExpert:
@@ -41,11 +41,6 @@ class ScriptedExpert:
 
     def act_one(self, state: np.ndarray, task: str) -> np.ndarray:
         return np.clip(self.raw_action(state, task), -1.0, 1.0)
-
-    def state_policy(self, task: str):
-        """``act(state) -> action`` for ``task``, as `MetaWorldVLAEnv.lookahead` takes it. States are cast to
-        float32, as the expert reads them when it acts or labels (observation["state"])."""
-        return lambda state: self.act_one(np.float32(state), task)
 
     def act(self, observations, tasks):
         return [self.act_one(obs["state"], task)[None] for obs, task in zip(observations, tasks)]
@@ -186,11 +181,7 @@ class FastScriptedExpert(ScriptedExpert):
 EXPERTS = {"scripted": ScriptedExpert, "scripted-fast": FastScriptedExpert}
 
 
-def check_expert(name: str) -> str:
+def make_expert(name: str) -> ScriptedExpert:
     if name not in EXPERTS:
         raise ValueError(f"unknown expert {name!r}; valid experts: {', '.join(EXPERTS)}")
-    return name
-
-
-def make_expert(name: str) -> ScriptedExpert:
-    return EXPERTS[check_expert(name)]()
+    return EXPERTS[name]()

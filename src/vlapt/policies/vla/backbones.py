@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlapt.models.config import PolicyConfig
+from vlapt.policies.vla.config import PolicyConfig
 
 
 class HFVisionEncoder(nn.Module):

@@ -1,4 +1,4 @@
-"""MetaWorld task names, suites and the language instruction written for each task.
+"""MetaWorld task names, the MT10 and MT50 task sets, and the language instruction written for each task.
 
 The instruction is what the policy reads; it names the object and the goal the way a
 person would ask a robot, and is fixed per task so results compare across runs.
@@ -7,7 +7,8 @@ person would ask a robot, and is fixed per task so results compare across runs.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+
+from vlapt.interfaces import UnknownTaskError
 
 INSTRUCTIONS: dict[str, str] = {
     "assembly-v3": "pick up the nut and fit it onto the peg",
@@ -76,17 +77,6 @@ MT10: tuple[str, ...] = (
 )
 MT50: tuple[str, ...] = tuple(INSTRUCTIONS)
 
-SUITES: dict[str, tuple[str, ...]] = {"mt10": MT10, "mt50": MT50}
-
-
-class UnknownTaskError(ValueError):
-    """A task or suite name that MetaWorld (v3) does not have."""
-
-
-def instruction_for(task: str) -> str:
-    check_task(task)
-    return INSTRUCTIONS[task]
-
 
 def check_task(task: str) -> str:
     if task not in INSTRUCTIONS:
@@ -100,28 +90,6 @@ def check_task(task: str) -> str:
     return task
 
 
-def resolve_tasks(suite: str | None = None, tasks: Sequence[str] | str | None = None) -> tuple[str, ...]:
-    """Tasks from an explicit list (comma-separated string or sequence) or a suite name."""
-    if tasks:
-        names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-        names = [n for n in names if n]
-        for name in names:
-            check_task(name)
-        if len(set(names)) != len(names):
-            raise UnknownTaskError(f"task list has duplicates: {names}")
-        return tuple(names)
-    if suite is None:
-        suite = "mt10"
-    key = suite.lower()
-    if key not in SUITES:
-        raise UnknownTaskError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
-    return SUITES[key]
-
-
 def task_index(task: str) -> int:
     """Stable index of a task among the 50 (used to derive per-task seeds)."""
     return MT50.index(check_task(task))
-
-
-def describe(tasks: Iterable[str]) -> list[tuple[str, str]]:
-    return [(t, instruction_for(t)) for t in tasks]

@@ -20,9 +20,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from vlapt.envs.tasks import check_task, task_index
-
-SPLITS: dict[str, int] = {"train": 0, "eval": 1}
+from vlapt.envs.metaworld._raw import make_raw_env
+from vlapt.envs.metaworld.tasks import check_task, task_index
+from vlapt.interfaces import SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,18 +46,14 @@ def check_split(split: str) -> str:
 def _stream(seed: int, task: str, split: str, index: int) -> np.random.Generator:
     if index < 0:
         raise ValueError(f"configuration index must be >= 0, got {index}")
-    entropy = [int(seed) & 0xFFFFFFFF, task_index(task), SPLITS[check_split(split)], int(index)]
+    entropy = [int(seed) & 0xFFFFFFFF, task_index(task), SPLITS.index(check_split(split)), int(index)]
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
 
 @lru_cache(maxsize=64)
 def _sampler_env(task: str):
     """A render-less env of the task, kept per process, used only to draw valid configurations."""
-    from metaworld.env_dict import ENV_CLS_MAP
-
-    from vlapt.envs.metaworld_env import make_goal_observable
-
-    return make_goal_observable(ENV_CLS_MAP[task]())
+    return make_raw_env(task)
 
 
 def draw_configuration(raw_env, task: str, split: str, index: int, seed: int = 0) -> Configuration:

@@ -1,0 +1,78 @@
+"""Env pools: env slots run in place, in worker processes, or (with ``vlapt[ray]``) on a Ray cluster.
+
+``make_pool(slots, backend=...)`` builds one; a backend is a class implementing
+`vlapt.interfaces.EnvPool` whose constructor takes ``(slots, num_workers, **options)``. The
+built-in names resolve lazily, so an optional backend's dependency is imported only when used;
+a backend of your own is named by ``module:Class``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+from vlapt.interfaces import EnvPool, SlotSpec
+
+BACKENDS: dict[str, str] = {
+    "local": "",  # worker processes when num_workers > 0, else in this process
+    "subprocess": "vlapt.envs.pools.subprocess:SubprocessPool",
+    "inprocess": "vlapt.envs.pools.inprocess:InProcessPool",
+    "ray": "vlapt.envs.pools.ray:RayPool",
+}
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS and ":" not in name:
+        raise ValueError(f"unknown env pool backend {name!r}; valid backends: {', '.join(BACKENDS)} "
+                         "(or module:Class of your own EnvPool)")
+    return name
+
+
+def make_pool(slots: Sequence[SlotSpec], num_workers: int = 2, backend: str = "local", **options) -> EnvPool:
+    """An `EnvPool` over ``slots`` from the named backend."""
+    check_backend(backend)
+    if not slots:
+        raise ValueError("an env pool needs at least one slot")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if backend == "local":
+        backend = "subprocess" if num_workers > 0 else "inprocess"
+    module, _, name = (BACKENDS.get(backend) or backend).partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        hint = " (pip install 'vlapt[ray]')" if backend == "ray" else ""
+        raise ValueError(f"env pool backend {backend!r} cannot be imported: {exc}{hint}") from exc
+    return cls(list(slots), num_workers, **options)
+
+
+def spread_groups(owner: Sequence[int], count: int) -> list[list[int]]:
+    """Slots (``owner[i]`` is slot i's worker) split into ``count`` groups, each spread over every worker."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    groups: list[list[int]] = [[] for _ in range(count)]
+    placed: dict[int, int] = {}  # worker -> its slots placed so far
+    for slot, worker in enumerate(owner):
+        groups[placed.get(worker, 0) % count].append(slot)
+        placed[worker] = placed.get(worker, 0) + 1
+    return [g for g in groups if g]
+
+
+def run_slot_commands(envs: dict, command: str, payload: dict) -> dict:
+    """The commands every backend's slots answer, on the envs one process owns."""
+    from vlapt.interfaces import StepResult
+
+    if command == "reset":
+        return {i: envs[i].reset(options=options) for i, options in payload.items()}
+    if command == "step":
+        out = {}
+        for i, (action, reset_options) in payload.items():
+            result = StepResult(*envs[i].step(action))
+            if (result.terminated or result.truncated) and reset_options is not None:
+                result = result._replace(reset_observation=envs[i].reset(options=reset_options)[0])
+            out[i] = result
+        return out
+    raise ValueError(f"unknown slot command {command!r}")
+
+
+__all__ = ["BACKENDS", "check_backend", "make_pool", "run_slot_commands", "spread_groups"]

@@ -1,0 +1,258 @@
+"""Env slots spread over worker processes on this machine: the default pool.
+
+Each call sends one batched message per worker and the workers run their slots in parallel.
+Calls can be submitted without waiting (`submit`): each worker answers its commands in order,
+so the caller can step one group of slots while it computes the next actions of another.
+
+A watchdog guards every answer: a worker that dies (SIGKILL, a crash in the simulator) or
+stays silent past ``timeout_s`` (hung, stopped) is killed and replaced, up to ``max_restarts``
+times in the pool's life. Its slots' episodes in flight are lost: each such slot answers its
+pending step with ``truncated=True`` and ``info["lost"] = True`` (no reward, no steps), so a
+caller can drop the partial episode instead of learning from it, and ``lost_episodes`` counts
+them. Past the restart budget the pool raises `WorkerError`, naming the worker and its tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from vlapt.envs.pools import run_slot_commands, spread_groups
+from vlapt.interfaces import SlotSpec, StepResult
+
+log = logging.getLogger("vlapt.envs.pool")
+
+
+class WorkerError(RuntimeError):
+    """An env worker failed for good; the message names it, its tasks and the cause."""
+
+
+def _worker(conn, specs: dict[int, SlotSpec]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; workers end when it closes them
+    try:
+        envs = {i: spec.build() for i, spec in specs.items()}
+    except BaseException:  # report construction errors instead of dying silently
+        conn.send(("error", traceback.format_exc()))
+        conn.close()
+        return
+    conn.send(("ok", None))
+    while True:
+        try:
+            command, payload = conn.recv()
+        except (EOFError, OSError):
+            break
+        if command == "close":
+            for env in envs.values():
+                env.close()
+            conn.send(("ok", None))
+            break
+        try:
+            conn.send(("ok", run_slot_commands(envs, command, payload)))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+    conn.close()
+
+
+class _WorkerGone(Exception):
+    """The worker died or did not answer in time (the message says which)."""
+
+
+class SubprocessPool:
+    """`EnvPool` over ``num_workers`` processes (slot i lives in worker i mod num_workers)."""
+
+    def __init__(self, slots: list[SlotSpec], num_workers: int = 2, timeout_s: float = 300.0,
+                 start_timeout_s: float = 900.0, max_restarts: int = 3):
+        if num_workers < 1:
+            raise ValueError(f"a subprocess pool needs num_workers >= 1, got {num_workers}")
+        if timeout_s <= 0 or start_timeout_s <= 0 or max_restarts < 0:
+            raise ValueError("timeout_s and start_timeout_s must be > 0 and max_restarts >= 0")
+        self.specs = list(slots)
+        self.num_workers = min(num_workers, len(self.specs))
+        self.timeout_s, self.start_timeout_s, self.restarts_left = timeout_s, start_timeout_s, max_restarts
+        self.lost_episodes = 0
+        self._owner = [i % self.num_workers for i in range(len(self.specs))]
+        self._ctx = mp.get_context("spawn")
+        self._conns: list = [None] * self.num_workers
+        self._procs: list = [None] * self.num_workers
+        # per worker: (ticket, command, payload) sent and not yet received, in order
+        self._outstanding: list[deque] = [deque() for _ in range(self.num_workers)]
+        self._arrived: dict[tuple[int, int], Any] = {}  # (worker, ticket) -> its part of the answer
+        self._next_ticket = 0
+        try:
+            for w in range(self.num_workers):
+                self._spawn(w)
+            for w in range(self.num_workers):
+                self._await_ready(w)
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    # -- the EnvPool protocol ------------------------------------------------------------------
+    def reset(self, requests: dict[int, dict]) -> dict[int, tuple[dict, dict]]:
+        return self.wait(self._submit("reset", requests))
+
+    def submit(self, actions: dict[int, np.ndarray], reset_options: dict[int, dict] | None = None) -> tuple:
+        return self._submit("step", {i: (a, None if reset_options is None else reset_options.get(i))
+                                     for i, a in actions.items()})
+
+    def wait(self, ticket: tuple) -> dict[int, Any]:
+        number, workers, slots = ticket
+        merged: dict[int, Any] = {}
+        for w in workers:
+            merged.update(self._receive_ticket(w, number))
+        return {i: merged[i] for i in slots}
+
+    def groups(self, count: int) -> list[list[int]]:
+        return spread_groups(self._owner, count)
+
+    def close(self) -> None:
+        for w in range(self.num_workers):
+            conn, proc = self._conns[w], self._procs[w]
+            if conn is None:
+                continue
+            try:
+                for _ in self._outstanding[w]:  # answers nobody waited for
+                    if conn.poll(self.timeout_s):
+                        conn.recv()
+                conn.send(("close", None))
+                if conn.poll(10):
+                    conn.recv()
+            except (OSError, EOFError):
+                pass
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+            conn.close()
+            self._conns[w] = self._procs[w] = None
+        self._outstanding = [deque() for _ in range(self.num_workers)]
+        self._arrived = {}
+
+    def __enter__(self) -> "SubprocessPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def worker_pid(self, worker: int) -> int:
+        return self._procs[worker].pid
+
+    # -- internals -------------------------------------------------------------------------------
+    def _tasks_of(self, worker: int) -> str:
+        return ", ".join(sorted({self.specs[i].task for i in range(len(self.specs)) if self._owner[i] == worker}))
+
+    def _spawn(self, w: int) -> None:
+        mine = {i: s for i, s in enumerate(self.specs) if self._owner[i] == w}
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker, args=(child, mine), daemon=True, name=f"vlapt-env-{w}")
+        proc.start()
+        child.close()
+        self._conns[w], self._procs[w] = parent, proc
+
+    def _await_ready(self, w: int) -> None:
+        try:
+            self._recv(w, self.start_timeout_s, "start")
+        except _WorkerGone as exc:
+            raise WorkerError(f"env worker {w} (tasks: {self._tasks_of(w)}) failed to start: {exc}") from None
+
+    def _submit(self, command: str, payload: dict[int, Any]) -> tuple:
+        unknown = [i for i in payload if not 0 <= i < len(self.specs)]
+        if unknown:
+            raise IndexError(f"no env slots {unknown}; the pool has {len(self.specs)}")
+        number = self._next_ticket
+        self._next_ticket += 1
+        per_worker: dict[int, dict] = {}
+        for i, value in payload.items():
+            per_worker.setdefault(self._owner[i], {})[i] = value
+        for w, part in per_worker.items():
+            self._outstanding[w].append((number, command, part))
+            try:
+                self._conns[w].send((command, part))
+            except (OSError, EOFError, ValueError):
+                pass  # a dead worker: found and handled when its answer is awaited
+        return number, list(per_worker), list(payload)
+
+    def _receive_ticket(self, w: int, number: int) -> Any:
+        """Receive from worker ``w`` until ticket ``number``'s answer is in, keeping earlier answers for their waiters."""
+        while (w, number) not in self._arrived:
+            oldest, command, part = self._outstanding[w][0]
+            try:
+                answer = self._recv(w, self.timeout_s, command)
+            except _WorkerGone as exc:
+                self._replace(w, str(exc))
+                continue  # _replace answered every outstanding ticket of this worker
+            self._outstanding[w].popleft()
+            self._arrived[(w, oldest)] = answer
+        return self._arrived.pop((w, number))
+
+    def _recv(self, w: int, timeout: float, what: str) -> Any:
+        conn, proc = self._conns[w], self._procs[w]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+                    status, value = conn.recv()
+                    break
+            except (EOFError, OSError):
+                raise _WorkerGone(f"it died (exit code {proc.exitcode})") from None
+            if not proc.is_alive():
+                raise _WorkerGone(f"it died (exit code {proc.exitcode})")
+            if time.monotonic() >= deadline:
+                raise _WorkerGone(f"it did not answer a {what!r} request within {timeout:g} s (hung or stopped)")
+        if status == "error":
+            raise WorkerError(f"env worker {w} (tasks: {self._tasks_of(w)}) failed:\n{value}")
+        return value
+
+    def _replace(self, w: int, cause: str) -> None:
+        """Kill worker ``w``, start a new one for its slots, and answer its outstanding requests."""
+        tasks = self._tasks_of(w)
+        proc = self._procs[w]
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=10)
+        self._conns[w].close()
+        if self.restarts_left <= 0:
+            self._conns[w] = self._procs[w] = None
+            raise WorkerError(f"env worker {w} (tasks: {tasks}) failed: {cause}; no restarts left "
+                              "(raise the pool's max_restarts, or look for what kills or stalls the simulator)")
+        self.restarts_left -= 1
+        pending = list(self._outstanding[w])
+        self._outstanding[w].clear()
+        lost = sorted({i for _, command, part in pending if command == "step" for i in part})
+        log.warning("env worker %d (tasks: %s) %s; restarting it (%d restarts left); %d episode(s) in flight lost",
+                    w, tasks, cause, self.restarts_left, len(lost))
+        self._spawn(w)
+        self._await_ready(w)
+        self.lost_episodes += len(lost)
+        envs_reset = set()
+        for number, command, part in pending:
+            if command == "reset":  # resets are determined by their options: run them again
+                self._arrived[(w, number)] = self._direct(w, "reset", part)
+                envs_reset.update(part)
+                continue
+            answers = {}
+            for i, (_, reset_options) in part.items():
+                info = {"rewards": np.zeros(0, np.float32), "steps": 0, "success": False, "episode_steps": 0, "lost": True}
+                first = None
+                if reset_options is not None and i not in envs_reset:
+                    first = self._direct(w, "reset", {i: reset_options})[i][0]
+                    envs_reset.add(i)
+                answers[i] = StepResult(first if first is not None else {}, 0.0, False, True, info, first)
+            self._arrived[(w, number)] = answers
+
+    def _direct(self, w: int, command: str, part: dict) -> Any:
+        self._conns[w].send((command, part))
+        try:
+            return self._recv(w, self.timeout_s, command)
+        except _WorkerGone as exc:
+            raise WorkerError(f"env worker {w} (tasks: {self._tasks_of(w)}) failed again right after a restart: {exc}") from None

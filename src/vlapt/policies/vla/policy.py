@@ -1,0 +1,380 @@
+"""The VLA policy: a vision-language-action actor-critic over action chunks (a `ChunkPolicy`).
+
+Observation tokens (instruction words, image tokens, proprioception) are mixed by an
+Octo-style readout transformer: two learned readout tokens gather what the action and value
+heads need, and observation tokens never attend to readouts, so a head cannot change the
+features another head sees.
+
+The action distribution is a diagonal Gaussian over the whole chunk of ``chunk_len``
+actions, in normalised action space, with a state-independent learned standard deviation:
+PPO needs exact log-likelihoods and entropies of chunks, which this gives in closed form,
+and the chunk's log-likelihood is the sum over its ``h x A`` entries.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkSample, EnvConfig
+from vlapt.policies.base import ChunkPolicyBase
+from vlapt.policies.checkpoint import CheckpointError, check_state_matches, write_checkpoint
+from vlapt.policies.vla.config import PolicyConfig
+from vlapt.policies.vla.network import Transformer, _mlp_head, build_vision_backbone
+from vlapt.policies.vla.tokenizer import Tokenizer
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+# Token types, in trunk order.
+_LANGUAGE, _IMAGE, _PROPRIO, _ACTION_READOUT, _VALUE_READOUT = range(5)
+
+BATCH_KEYS = ("image", "proprio", "instruction_ids", "instruction_mask")
+POLICY_TYPE = "vla"
+
+
+class PolicyOutput(NamedTuple):
+    mean: torch.Tensor  # (B, h, A), normalised action space
+    log_std: torch.Tensor  # (B, h, A), already clamped
+    value: torch.Tensor  # (B,)
+    features: torch.Tensor  # (B, d_model) the action readout's trunk features, what the action head reads
+
+
+def make_batch(observations: Mapping[str, Any], tokenizer: Tokenizer, config: PolicyConfig,
+               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """One observation or a batch of them -> the tensor batch the network reads.
+
+    ``observations`` holds ``"image"`` (uint8, ``(H, W, 3)`` or ``(B, H, W, 3)``), ``"proprio"``
+    (``(P,)`` or ``(B, P)``) and ``"instruction"`` (a str shared by the batch, or B strs). Shapes
+    are checked against ``config`` so a wrong camera resolution or proprio layout fails here
+    rather than as a silent mis-prediction.
+    """
+    missing = [key for key in ("image", "proprio", "instruction") if key not in observations]
+    if missing:
+        raise ValueError(f"observation is missing {missing}; expected keys 'image', 'proprio', 'instruction'")
+    size, proprio_dim = config.image_size, config.proprio_dim
+    image = np.asarray(observations["image"])
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[1:] != (size, size, 3):
+        camera = config.camera or "default"
+        raise ValueError(f"observation 'image' must have shape ({size}, {size}, 3) or (B, {size}, {size}, 3), "
+                         f"got {image.shape}; render the {camera!r} camera at {size}x{size} RGB")
+    if image.dtype != np.uint8:
+        raise ValueError(f"observation 'image' must be uint8 RGB in 0-255, got dtype {image.dtype}")
+    batch_size = image.shape[0]
+    proprio = np.asarray(observations["proprio"], dtype=np.float32)
+    if proprio.ndim == 1:
+        proprio = proprio[None]
+    if proprio.shape != (batch_size, proprio_dim):
+        raise ValueError(f"observation 'proprio' must have shape ({proprio_dim},) or (B, {proprio_dim}) with "
+                         f"B={batch_size} matching the images, got {np.asarray(observations['proprio']).shape} "
+                         f"(fields: {config.proprio_fields})")
+    instructions = observations["instruction"]
+    if isinstance(instructions, str):
+        instructions = [instructions] * batch_size
+    else:
+        instructions = [str(text) for text in np.asarray(instructions, dtype=object).reshape(-1)]
+        if len(instructions) != batch_size:
+            raise ValueError(f"got {len(instructions)} instructions for a batch of {batch_size} images")
+    ids, mask = tokenizer.encode(instructions, config.max_instruction_tokens)
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image)).to(device),
+        "proprio": torch.from_numpy(np.ascontiguousarray(proprio)).to(device),
+        "instruction_ids": ids.to(device),
+        "instruction_mask": mask.to(device),
+    }
+
+
+class VLAPolicy(ChunkPolicyBase):
+    """Actor-critic VLA policy over action chunks; see the module docstring for the design."""
+
+    policy_type = POLICY_TYPE
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        config = copy.deepcopy(config).validate()
+        self.config = config
+        self.tokenizer = Tokenizer(config.vocab)
+        d = config.d_model
+
+        self.vision = build_vision_backbone(config)
+        self.image_pos = nn.Parameter(torch.zeros(1, self.vision.num_tokens, d))
+
+        self.token_embed = nn.Embedding(config.vocab_size, d)
+        self.language_pos = nn.Parameter(torch.zeros(1, config.max_instruction_tokens, d))
+        self.language_encoder = Transformer(config.language_layers, d, config.n_heads, config.mlp_ratio, config.dropout)
+
+        self.proprio_embed = nn.Linear(config.proprio_dim, d)
+        self.readouts = nn.Parameter(torch.zeros(1, 2, d))
+        self.token_type = nn.Embedding(5, d)
+        self.trunk = Transformer(config.n_layers, d, config.n_heads, config.mlp_ratio, config.dropout)
+
+        self.action_head = _mlp_head(d, config.chunk_len * config.action_dim)
+        self.value_head = _mlp_head(d, 1)
+        self.log_std = nn.Parameter(torch.full((config.chunk_len, config.action_dim), float(config.init_log_std)))
+
+        # Statistics live in the config; buffers are non-persistent so weights files hold only learned state.
+        self.register_buffer("proprio_mean", _stat(config.proprio_mean, config.proprio_dim, 0.0), persistent=False)
+        self.register_buffer("proprio_std", _stat(config.proprio_std, config.proprio_dim, 1.0), persistent=False)
+        self.register_buffer("action_mean", _stat(config.action_mean, config.action_dim, 0.0), persistent=False)
+        self.register_buffer("action_std", _stat(config.action_std, config.action_dim, 1.0), persistent=False)
+
+        self.register_buffer("_static_allowed", self._readout_mask(), persistent=False)
+        self.register_buffer("_token_types", self._trunk_token_types(), persistent=False)
+        self._init_weights()
+
+    # -- construction helpers ----------------------------------------------------------------------
+    def _init_weights(self) -> None:
+        for name, module in self.named_modules():
+            if name.startswith("vision"):
+                continue  # backbones keep their own (possibly pretrained) weights
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+        for param in (self.image_pos, self.language_pos, self.readouts):
+            nn.init.trunc_normal_(param, std=0.02)
+        # Near-zero outputs at init: initial actions sit at the data mean and values near zero.
+        nn.init.normal_(self.action_head[-1].weight, std=1e-3)
+        nn.init.normal_(self.value_head[-1].weight, std=1e-2)
+
+    def _readout_mask(self) -> torch.Tensor:
+        """Which trunk token may attend to which, before language padding is applied."""
+        n_obs = self.config.max_instruction_tokens + self.vision.num_tokens + 1
+        size = n_obs + 2
+        allowed = torch.zeros(size, size, dtype=torch.bool)
+        allowed[:, :n_obs] = True  # everyone sees observations
+        allowed[n_obs, n_obs] = True  # each readout also sees itself, never the other readout
+        allowed[n_obs + 1, n_obs + 1] = True
+        return allowed
+
+    def _trunk_token_types(self) -> torch.Tensor:
+        return torch.cat([
+            torch.full((self.config.max_instruction_tokens,), _LANGUAGE),
+            torch.full((self.vision.num_tokens,), _IMAGE),
+            torch.tensor([_PROPRIO, _ACTION_READOUT, _VALUE_READOUT]),
+        ])
+
+    @property
+    def chunk_len(self) -> int:
+        return self.config.chunk_len
+
+    @property
+    def action_dim(self) -> int:
+        return self.config.action_dim
+
+    # -- the network -------------------------------------------------------------------------------
+    def make_batch(self, observations: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return make_batch(observations, self.tokenizer, self.config, self.device)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> PolicyOutput:
+        image, proprio, ids, mask = self._check_batch(batch)
+        batch_size, n_words = ids.shape
+
+        words = self.token_embed(ids) + self.language_pos[:, :n_words]
+        word_allowed = mask[:, None, None, :] | torch.eye(n_words, dtype=torch.bool, device=ids.device)
+        words = self.language_encoder(words, word_allowed)
+
+        patches = self.vision(image) + self.image_pos
+        proprio = (proprio.float() - self.proprio_mean) / self.proprio_std
+        state = self.proprio_embed(proprio)[:, None]
+        readouts = self.readouts.expand(batch_size, -1, -1)
+
+        # The layout buffers are built for max_instruction_tokens words; shorter instructions drop leading rows.
+        drop = self.config.max_instruction_tokens - n_words
+        tokens = torch.cat([words, patches, state, readouts], dim=1) + self.token_type(self._token_types[drop:])
+        key_valid = torch.cat([mask, mask.new_ones(batch_size, tokens.shape[1] - n_words)], dim=1)
+        allowed = self._static_allowed[drop:, drop:][None, None] & key_valid[:, None, None, :]
+        features = self.trunk(tokens, allowed)
+
+        action_readout, value_readout = features[:, -2], features[:, -1]
+        mean = self.action_head(action_readout).view(batch_size, self.config.chunk_len, self.config.action_dim)
+        value = self.value_head(value_readout).squeeze(-1)
+        log_std = self.clamped_log_std().expand_as(mean)
+        return PolicyOutput(mean=mean, log_std=log_std, value=value, features=action_readout)
+
+    def _check_batch(self, batch: dict[str, torch.Tensor]):
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"policy batch is missing {missing}; build it with make_batch")
+        image, proprio, ids, mask = (batch[k] for k in BATCH_KEYS)
+        size = self.config.image_size
+        if image.dtype != torch.uint8:
+            raise ValueError(f"batch['image'] must be uint8 (0-255 RGB), got {image.dtype}")
+        if image.dim() != 4 or image.shape[1:] != (size, size, 3):
+            raise ValueError(f"batch['image'] must have shape (B, {size}, {size}, 3), got {tuple(image.shape)}")
+        if proprio.dim() != 2 or proprio.shape[1] != self.config.proprio_dim:
+            raise ValueError(f"batch['proprio'] must have shape (B, {self.config.proprio_dim}), got {tuple(proprio.shape)}")
+        if ids.dim() != 2 or ids.shape != mask.shape or ids.shape[1] > self.config.max_instruction_tokens:
+            raise ValueError("batch['instruction_ids'] and ['instruction_mask'] must share shape (B, L) with "
+                             f"L <= {self.config.max_instruction_tokens}, got {tuple(ids.shape)} and {tuple(mask.shape)}")
+        if not (image.shape[0] == proprio.shape[0] == ids.shape[0]):
+            raise ValueError(f"batch sizes differ: image {image.shape[0]}, proprio {proprio.shape[0]}, instruction {ids.shape[0]}")
+        return image, proprio, ids, mask.bool()
+
+    # -- the chunk distribution --------------------------------------------------------------------
+    def clamped_log_std(self) -> torch.Tensor:
+        return self.log_std.clamp(self.config.min_log_std, self.config.max_log_std)
+
+    @staticmethod
+    def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Gaussian log-density of whole chunks ``(B, h, A)`` -> ``(B,)``: the sum over the ``h * A`` entries."""
+        z = (actions - mean) * torch.exp(-log_std)
+        return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(dim=(-2, -1))
+
+    @staticmethod
+    def chunk_entropy(log_std: torch.Tensor) -> torch.Tensor:
+        return (log_std + 0.5 + _LOG_SQRT_2PI).sum(dim=(-2, -1))
+
+    def _scored_steps(self, steps: int) -> int:
+        if not 0 <= steps <= self.chunk_len:
+            raise ValueError(f"steps must be in [0, {self.chunk_len}] (0: the whole chunk), got {steps}")
+        return steps or self.chunk_len
+
+    # -- the ChunkPolicy interface -----------------------------------------------------------------
+    def observation_config(self) -> EnvConfig:
+        c = self.config
+        return EnvConfig(camera=c.camera, camera_fovy=c.camera_fovy, image_size=c.image_size, render=True)
+
+    def act(self, observations, deterministic: bool = False, generator: torch.Generator | None = None) -> ChunkSample:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                out = self(self.make_batch(observations))
+                if deterministic:
+                    actions = out.mean
+                else:
+                    noise = torch.randn(out.mean.shape, generator=generator, device=out.mean.device, dtype=out.mean.dtype)
+                    actions = out.mean + noise * out.log_std.exp()
+                log_prob = self.chunk_log_prob(out.mean, out.log_std, actions)
+                env_actions = self.unnormalize_actions(actions)
+        finally:
+            self.train(was_training)
+        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), out.value.cpu().numpy())
+
+    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0) -> ChunkEvaluation:
+        out = self(self.make_batch(observations))
+        if actions.shape != out.mean.shape:
+            raise ValueError(f"actions must have shape (B, chunk_len, action_dim) = {tuple(out.mean.shape)}, "
+                             f"got {tuple(actions.shape)}")
+        k = self._scored_steps(steps)
+        actions = actions.to(out.mean.device, out.mean.dtype)
+        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k])
+        return ChunkEvaluation(log_prob, self.chunk_entropy(out.log_std[:, :k]), out.value)
+
+    def value(self, observations) -> np.ndarray:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self(self.make_batch(observations)).value.cpu().numpy()
+        finally:
+            self.train(was_training)
+
+    def bc_loss(self, observations, actions: torch.Tensor, pad: torch.Tensor) -> BCLoss:
+        """Chunk Gaussian NLL of env-unit chunks (trains the mean and a calibrated std), padding masked out."""
+        out = self(self.make_batch(observations))
+        target = self.normalize_actions(actions.to(out.mean.device))
+        valid = (~pad.to(out.mean.device)).unsqueeze(-1).float().expand_as(target)
+        count = valid.sum().clamp_min(1.0)
+        sq = (out.mean - target).square()
+        mse = (sq * valid).sum() / count
+        log_var = 2.0 * out.log_std
+        nll = 0.5 * sq * torch.exp(-log_var) + 0.5 * log_var + 0.5 * math.log(2 * math.pi)
+        return BCLoss((nll * valid).sum() / count, mse.detach(), out.features)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        critic = list(self.value_head.parameters())
+        ids = {id(p) for p in critic}
+        return {"actor": [p for p in self.parameters() if id(p) not in ids], "critic": critic}
+
+    def reset_exploration(self, log_std: float) -> None:
+        with torch.no_grad():
+            self.log_std.fill_(log_std)
+
+    def exploration_std(self) -> float:
+        return float(self.clamped_log_std().detach().exp().mean())
+
+    def unknown_words(self, instructions: list[str]) -> list[str]:
+        known = set(self.tokenizer.vocab)
+        return [w for text in instructions for w in Tokenizer.split(text) if w not in known]
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+        return write_checkpoint(path, POLICY_TYPE, dataclasses.asdict(self.config), self.state_dict(), metadata)
+
+    # -- action normalisation ----------------------------------------------------------------------
+    def normalize_actions(self, actions):
+        """Env actions ``(..., A)`` -> the space the Gaussian lives in; keeps numpy/torch type."""
+        return self._affine(actions, inverse=False)
+
+    def unnormalize_actions(self, actions):
+        """Inverse of :meth:`normalize_actions`; does not clip (the env and `predict` do)."""
+        return self._affine(actions, inverse=True)
+
+    def _affine(self, actions, inverse: bool):
+        mean, std = self.config.action_mean, self.config.action_std
+        if actions.shape[-1] != self.config.action_dim:
+            raise ValueError(f"actions must end in action_dim={self.config.action_dim}, got shape {tuple(actions.shape)}")
+        if isinstance(actions, torch.Tensor):
+            if not mean:
+                return actions
+            m, s = self.action_mean.to(actions.device), self.action_std.to(actions.device)
+        else:
+            actions = np.asarray(actions, dtype=np.float32)
+            if not mean:
+                return actions
+            m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+        return actions * s + m if inverse else (actions - m) / s
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"VLAPolicy(size={c.size!r}, params={self.num_parameters():,}, chunk_len={c.chunk_len}, "
+                f"image_size={c.image_size}, camera={c.camera!r})")
+
+
+def _stat(values: list[float], dim: int, fill: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32) if values else torch.full((dim,), fill)
+
+
+# Fields of older checkpoints for options that no longer exist, with the value that meant "off".
+_RETIRED_FIELDS = {"correlated_noise": False, "init_correlated_log_std": None, "image_film": False}
+
+
+def config_from_document(document: dict, where: str) -> PolicyConfig:
+    fields = dict(document["policy"])
+    for name, off in _RETIRED_FIELDS.items():
+        if name in fields:
+            value = fields.pop(name)
+            if off is not None and value != off:
+                raise CheckpointError(f"{where} was trained with {name}={value!r}, an option this vlapt version no longer "
+                                      "has; load it with the version that wrote it")
+    known = {f.name for f in dataclasses.fields(PolicyConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(f"{where} has unknown policy config field(s) {unknown}; it was written by a different "
+                              f"vlapt version (known fields: {sorted(known)})")
+    try:
+        return PolicyConfig(**fields).validate()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where} holds an invalid policy config: {exc}") from exc
+
+
+def load_vla(document: dict, tensors: dict[str, torch.Tensor], where: str) -> VLAPolicy:
+    """The `load_policy` loader of ``policy_type: vla`` checkpoints."""
+    config = config_from_document(document, where)
+    try:
+        policy = VLAPolicy(config)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot build the policy described by {where}: {exc}") from exc
+    check_state_matches(policy, tensors, where)
+    policy.load_state_dict(tensors, strict=True)
+    return policy
