@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vlapt.models import MODEL_SIZES, Policy, Tokenizer, VLAPolicy, make_batch, policy_config_for_size
+from vlapt.policies.vla import MODEL_SIZES, Tokenizer, VLAPolicy, policy_config_for_size
 
 INSTRUCTIONS = [
     "pick up the puck and place it at the goal",
@@ -70,8 +70,8 @@ def bench_size(size: str, args: argparse.Namespace, tokenizer: Tokenizer, device
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     config = policy_config_for_size(size, image_size=args.image_size, vocab=tokenizer.vocab)
-    model = VLAPolicy(config)
-    policy = Policy(model, tokenizer, device=device, seed=args.seed)
+    model = VLAPolicy(config).to(device)
+    policy = model
 
     batch_obs = random_observations(args.batch, config.image_size, config.proprio_dim, rng)
     single_obs = {key: value[0] for key, value in batch_obs.items()}
@@ -80,12 +80,11 @@ def bench_size(size: str, args: argparse.Namespace, tokenizer: Tokenizer, device
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    train_batch = make_batch(batch_obs, tokenizer, config, device)
     actions = torch.randn(args.batch, config.chunk_len, config.action_dim, device=device)
     returns = torch.randn(args.batch, device=device)
 
     def train_step() -> None:
-        log_prob, _, value = model.evaluate_actions(train_batch, actions)
+        log_prob, _, value = model.evaluate(batch_obs, actions)
         loss = -log_prob.mean() + 0.5 * (value - returns).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 import vlapt  # noqa: F401
-from vlapt.envs import MT10, EnvPool, SlotSpec
-from vlapt.algorithms.ppo_sbc import ppo_losses, rollout_functions
-from vlapt.evaluation.agents import env_config_for_policy
-from vlapt.models import Tokenizer, VLAPolicy, load_pretrained, make_batch, policy_config_for_size
+from vlapt.algorithms.ppo_sbc import ppo_losses
+from vlapt.envs import get_suite
+from vlapt.envs.pools import make_pool
+from vlapt.interfaces import EnvPool, SlotSpec
+from vlapt.policies import load_policy
+from vlapt.policies.vla import Tokenizer, VLAPolicy, policy_config_for_size
 from vlapt.rollout.chunked import ChunkedRollout
 
 
@@ -48,9 +50,12 @@ class RecordingPool:
         self.resets.append(dict(requests))
         return self.pool.reset(requests)
 
-    def submit_step(self, actions: dict, reset_options: dict):
-        self.steps.append(({i: np.array(a) for i, a in actions.items()}, dict(reset_options)))
-        return self.pool.submit_step(actions, reset_options)
+    def submit(self, actions: dict, reset_options: dict | None = None):
+        self.steps.append(({i: np.array(a) for i, a in actions.items()}, dict(reset_options or {})))
+        return self.pool.submit(actions, reset_options)
+
+    def wait(self, ticket):
+        return self.pool.wait(ticket)
 
     def replay(self) -> tuple[float, int]:
         """The recorded work again, without a policy: (env steps/s, env steps)."""
@@ -59,11 +64,11 @@ class RecordingPool:
         steps, in_flight = 0, []
         start = time.perf_counter()
         for actions, reset_options in self.steps:
-            in_flight.append(self.pool.submit_step(actions, reset_options))
+            in_flight.append(self.pool.submit(actions, reset_options))
             if len(in_flight) > 2:
-                steps += sum(r.info["steps"] for r, _ in in_flight.pop(0).wait().values())
-        for call in in_flight:
-            steps += sum(r.info["steps"] for r, _ in call.wait().values())
+                steps += sum(r.info["steps"] for r in self.pool.wait(in_flight.pop(0)).values())
+        for ticket in in_flight:
+            steps += sum(r.info["steps"] for r in self.pool.wait(ticket).values())
         return steps / (time.perf_counter() - start), steps
 
 
@@ -80,32 +85,32 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2],
                         help="rollout slot groups to time (1: lockstep; 2: inference overlaps env steps)")
     parser.add_argument("--minibatch", type=int, default=128)
+    parser.add_argument("--backend", default="local", help="env pool backend (vlapt.envs.pools): local, ray, ...")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    suite = get_suite("mt10")
     if args.policy:
-        model = load_pretrained(args.policy)
+        model = load_policy(args.policy)
     else:
         torch.manual_seed(0)
-        model = VLAPolicy(policy_config_for_size("default", vocab=Tokenizer.build(["a"]).vocab))
+        model = VLAPolicy(policy_config_for_size("default", vocab=Tokenizer.build(suite.vocabulary()).vocab,
+                                                 proprio_dim=4, action_dim=4))
     config = model.config
-    tokenizer = Tokenizer(config.vocab)
     h = config.chunk_len
-    env_config = env_config_for_policy(config)
-    slots = [SlotSpec(t, env_config, h) for t in MT10 for _ in range(args.envs_per_task)]
+    env_config = suite.check_env_config(model.observation_config())
+    slots = [SlotSpec(suite, t, env_config, h) for t in suite.tasks for _ in range(args.envs_per_task)]
     rng = np.random.default_rng(0)
     generator = torch.Generator().manual_seed(0)
 
-    act, value = rollout_functions(model, tokenizer, generator)
-
-    with EnvPool(slots, num_workers=args.workers) as pool:
+    with make_pool(slots, num_workers=args.workers, backend=args.backend) as pool:
 
         def raw_steps_per_s() -> float:
             """Random chunks on the same slots, no policy: what the workers alone can do."""
             pool.reset({i: {"split": "train", "index": i} for i in range(len(slots))})
             steps, start = 0, time.perf_counter()
             for _ in range(args.decisions):
-                results = pool.step({i: rng.uniform(-1, 1, (h, 4)) for i in range(len(slots))})
+                results = pool.wait(pool.submit({i: rng.uniform(-1, 1, (h, 4)) for i in range(len(slots))}))
                 steps += sum(r.info["steps"] for r in results.values())
                 ended = [i for i, r in results.items() if r.terminated or r.truncated]
                 if ended:
@@ -120,7 +125,7 @@ def main() -> None:
                 torch.set_num_threads(args.rollout_threads)
                 rollout = ChunkedRollout(recorder, [s.task for s in slots], 0.99, h, groups=groups)
                 start = time.perf_counter()
-                batch, finished = rollout.collect(act, value, args.decisions)
+                batch, finished = rollout.collect(model, args.decisions, generator)
                 loop = batch.steps.sum() / (time.perf_counter() - start)
                 torch.set_num_threads(args.threads)
                 replay, replay_steps = recorder.replay()
@@ -131,14 +136,12 @@ def main() -> None:
         raw = float(np.mean(raw_runs))
 
     n = batch.actions.shape[0] * batch.actions.shape[1]
-    flat_images = batch.images.reshape(n, *batch.images.shape[2:])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     model.train()
     start, seen = time.perf_counter(), 0
     for k in range(0, n - args.minibatch + 1, args.minibatch):
         idx = np.arange(k, k + args.minibatch)
-        mb = make_batch({"image": flat_images[idx], "proprio": batch.proprio.reshape(n, -1)[idx],
-                         "instruction": "pick up the puck and place it at the goal"}, tokenizer, config)
+        mb = batch.observations(idx)
         acts = torch.from_numpy(batch.actions.reshape(n, h, 4)[idx])
         zeros = torch.zeros(len(idx))
         pl, vl, *_ = ppo_losses(model, mb, acts, zeros, zeros, zeros + 1, zeros, 0.2, 0.2)

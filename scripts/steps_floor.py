@@ -35,8 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 import vlapt  # noqa: F401  (before mujoco: headless rendering setup)
-from vlapt.envs import MetaWorldVLAEnv, resolve_tasks
-from vlapt.envs.experts import ScriptedExpert
+from vlapt.envs import get_suite
+from vlapt.envs.metaworld.env import MetaWorldVLAEnv
+from vlapt.envs.metaworld.experts import ScriptedExpert
 
 STEP = 0.01  # MetaWorld's action_scale: the most the mocap target moves per axis per env step (m)
 TOUCH = 0.0015  # the object counts as touched at the first step it moves this far (m), after it settles
@@ -138,7 +139,7 @@ def main() -> int:
             return 2
     else:
         per_task = {task: run_task(task, args.episodes, args.config_seed)
-                    for task in tqdm(resolve_tasks(args.suite), desc="tasks", unit="task")}
+                    for task in tqdm(get_suite(args.suite).resolve_tasks(), desc="tasks", unit="task")}
         solved = [row for row in per_task.values() if row["floor"] is not None]
         average = {key: float(np.mean([row[key] for row in solved]))
                    for key in ("expert_steps", "floor", "approach", "carry")}

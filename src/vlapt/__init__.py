@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 
 def load_policy(path, device: str = "cpu", seed: int = 0):
-    """Load a policy checkpoint directory (safetensors + JSON) for inference."""
-    from vlapt.models import load_policy as _load
+    """Load a policy checkpoint directory (safetensors + JSON), any family, ready for ``predict``."""
+    from vlapt.policies import load_policy as _load
 
     return _load(path, device=device, seed=seed)

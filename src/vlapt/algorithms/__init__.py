@@ -1,7 +1,7 @@
 """Training algorithms: supervised fine-tuning and post-training methods, one module each.
 
-`vlapt train algorithm=NAME` runs ``vlapt.algorithms.NAME`` (``ppo`` is ``ppo_sbc``), or any
-module named by its dotted path; an algorithm module defines
+`vlapt train algorithm=NAME` runs ``vlapt.algorithms.NAME`` (``ppo`` is ``ppo_sbc``), or else the
+importable module NAME of your own; an algorithm module defines
 ``ALGORITHM = Algorithm(name, ConfigClass, train)`` with
 ``train(config, progress=True, evaluator=None) -> Path`` (the final policy's directory).
 """
@@ -22,17 +22,18 @@ ALIASES = {"ppo": "vlapt.algorithms.ppo_sbc"}
 
 
 def get_algorithm(name: str) -> Algorithm:
-    module = ALIASES.get(name) or (name if "." in name else f"vlapt.algorithms.{name}")
-    try:
-        found = getattr(importlib.import_module(module), "ALGORITHM", None)
-    except ModuleNotFoundError as exc:
-        if not exc.name or not module.startswith(exc.name):
-            raise
-        found = None
-    if not isinstance(found, Algorithm):
-        raise ValueError(f"unknown algorithm {name!r}: {module} defines no ALGORITHM; built in: "
-                         f"{', '.join(built_in())} (or the dotted path of a module of your own)")
-    return found
+    candidates = [ALIASES[name]] if name in ALIASES else [f"vlapt.algorithms.{name}", name]
+    for module in candidates:
+        try:
+            found = getattr(importlib.import_module(module), "ALGORITHM", None)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not module.startswith(exc.name):
+                raise  # the module exists but one of its own imports is missing
+            continue
+        if isinstance(found, Algorithm):
+            return found
+    raise ValueError(f"unknown algorithm {name!r}; built in: {', '.join(built_in())} (or an importable module of your "
+                     "own that defines ALGORITHM = vlapt.algorithms.Algorithm(...))")
 
 
 def built_in() -> list[str]:

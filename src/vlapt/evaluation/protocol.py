@@ -30,7 +30,7 @@ class EvalConfig:
     suite: str = "mt10"
     tasks: list[str] = dataclasses.field(default_factory=list)  # overrides suite when given
     episodes_per_task: int = 50
-    max_episode_steps: int = 500
+    max_episode_steps: int = 0  # 0: the suite's own limit (MetaWorld: 500)
     split: str = "eval"  # held-out configurations; "train" only to measure overfitting
     config_seed: int = 0  # which configurations: shared by every run so results compare
     seed: int = 0  # the agent's sampling seed (stochastic policies)
@@ -48,8 +48,9 @@ class EvalConfig:
         check_backend(self.env_backend)
         if self.episodes_per_task < 1:
             raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
-        if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
-            raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}], got {self.max_episode_steps}")
+        if not 0 <= self.max_episode_steps <= suite.max_episode_steps:
+            raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}] (0: the suite's limit), "
+                             f"got {self.max_episode_steps}")
         if self.split not in ("train", "eval"):
             raise ValueError(f"split must be 'eval' or 'train', got {self.split!r}")
         if self.envs_per_task < 1:
@@ -76,8 +77,8 @@ def evaluate(
     suite = get_suite(config.suite)
     actor = RecedingHorizon(agent, config.execute_steps) if config.execute_steps else agent
     tasks = config.task_names
-    env_config = suite.check_env_config(dataclasses.replace(actor.observation_config(),
-                                                            max_episode_steps=config.max_episode_steps))
+    limit = config.max_episode_steps or suite.max_episode_steps
+    env_config = suite.check_env_config(dataclasses.replace(actor.observation_config(), max_episode_steps=limit))
     envs_per_task = min(config.envs_per_task, config.episodes_per_task)
     slots = [SlotSpec(suite, task, env_config, actor.chunk_len, config.config_seed) for task in tasks for _ in range(envs_per_task)]
     # slot k of a task runs that task's episodes k, k + E, k + 2E, ...
@@ -100,14 +101,14 @@ def evaluate(
     bar.close()
     wall = time.perf_counter() - start
     episodes.sort(key=lambda e: (tasks.index(e.task), e.config_index))
-    summary = summarize(episodes, tasks, config.max_episode_steps, SUCCESS_WITHIN)
+    summary = summarize(episodes, tasks, limit, SUCCESS_WITHIN)
     return {
         "agent": actor.name,
         "protocol": {
             "suite": suite.name,
             "tasks": list(tasks),
             "episodes_per_task": config.episodes_per_task,
-            "max_episode_steps": config.max_episode_steps,
+            "max_episode_steps": limit,
             "split": config.split,
             "config_seed": config.config_seed,
             "seed": config.seed,

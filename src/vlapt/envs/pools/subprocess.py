@@ -191,6 +191,9 @@ class SubprocessPool:
             except _WorkerGone as exc:
                 self._replace(w, str(exc))
                 continue  # _replace answered every outstanding ticket of this worker
+            except WorkerError:
+                self._outstanding[w].popleft()  # it answered, with an error: that request is done
+                raise
             self._outstanding[w].popleft()
             self._arrived[(w, oldest)] = answer
         return self._arrived.pop((w, number))

@@ -55,6 +55,9 @@ def make_batch(observations: Mapping[str, Any], tokenizer: Tokenizer, config: Po
     are checked against ``config`` so a wrong camera resolution or proprio layout fails here
     rather than as a silent mis-prediction.
     """
+    if not isinstance(config, PolicyConfig):
+        raise TypeError(f"make_batch(observations, tokenizer, config, device): config must be a PolicyConfig, "
+                        f"got {type(config).__name__} (a policy builds its own batches: policy.make_batch(observations))")
     missing = [key for key in ("image", "proprio", "instruction") if key not in observations]
     if missing:
         raise ValueError(f"observation is missing {missing}; expected keys 'image', 'proprio', 'instruction'")
@@ -351,6 +354,7 @@ _RETIRED_FIELDS = {"correlated_noise": False, "init_correlated_log_std": None, "
 
 def config_from_document(document: dict, where: str) -> PolicyConfig:
     fields = dict(document["policy"])
+    fields.setdefault("image_keypoints", 0)  # written before keypoint tokens existed (then the default): none
     for name, off in _RETIRED_FIELDS.items():
         if name in fields:
             value = fields.pop(name)
