@@ -6,7 +6,8 @@ import pytest
 
 import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
 from vlapt.cli.main import main
-from vlapt.envs import MT10, instruction_for
+from vlapt.envs import get_suite
+from vlapt.envs.metaworld.tasks import MT10
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +36,13 @@ def test_tasks_lists_the_suite(capsys):
     assert len(lines) == 10
     for line, task in zip(lines, MT10):
         assert line.split()[0] == task
-        assert line.endswith(instruction_for(task))
+        assert line.endswith(get_suite("mt10").instruction(task))
+
+
+def test_tasks_lists_every_task_of_mt50(capsys):
+    assert main(["tasks", "--suite", "MT50"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(get_suite("mt50").tasks) and len(lines) == 50
 
 
 def test_tasks_unknown_suite(capsys):
@@ -53,9 +60,11 @@ def test_tasks_unknown_suite(capsys):
         (["no_such_option=3"], ["no_such_option", "episodes_per_task"]),  # lists the valid options
         (["episodes_per_task=many"], ["episodes_per_task", "many"]),
         (["split=test"], ["split", "eval"]),
+        (["env_backend=threads"], ["threads", "valid backends", "subprocess", "inprocess"]),
         (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
     ],
-    ids=["unknown-task", "unknown-suite", "zero-episodes", "unknown-key", "wrong-type", "bad-split", "missing-config"],
+    ids=["unknown-task", "unknown-suite", "zero-episodes", "unknown-key", "wrong-type", "bad-split", "bad-backend",
+         "missing-config"],
 )
 def test_eval_bad_input(capsys, tmp_path, extra, expected):
     # a valid task list unless the case is about tasks or suites (an explicit task list overrides the suite)
@@ -128,8 +137,10 @@ def test_eval_scripted_writes_results(capsys, tmp_path):
     assert result["per_task"]["reach-v3"]["success_rate"] == 1.0
     assert result["average"]["success_rate"] == 1.0
     assert [e["config_index"] for e in result["episodes"]] == [0, 1]
+    assert result["protocol"]["suite"] == "mt10"
+    assert set(result["per_task"]["reach-v3"]["success_within"]) == {"100", "400"}
     assert "| reach-v3 | 2 | 1.000 |" in out
-    assert "| **average** |" in out
+    assert "| **average** |" in out and "success within 100 | success within 400 |" in out
     assert str(output) in out
     assert _files(tmp_path) == ["tmp/x.json"], "only the results file is written (atomically, no temp left)"
 
@@ -180,3 +191,25 @@ def test_relabel_without_a_policy_or_with_a_missing_one(capsys, tmp_path):
                         "--output", str(tmp_path / "r.hdf5"), "--quiet"])
     assert "none" in err
     assert _files(tmp_path) == []
+
+
+# -- train and sft: bad input ------------------------------------------------------------------------------
+def test_train_unknown_algorithm(capsys, tmp_path):
+    err = _bad(capsys, ["train", "--algorithm", "nope", "--output-dir", "run", "--quiet"])
+    assert "unknown algorithm 'nope'" in err and "ppo" in err
+    assert _files(tmp_path) == []
+
+
+def test_sft_on_a_dataset_that_is_missing_or_incomplete(capsys, tmp_path):
+    import h5py
+
+    err = _bad(capsys, ["sft", "--dataset", "missing.hdf5", "--output-dir", "run", "--quiet"])
+    assert "missing.hdf5" in err and "not found" in err
+    damaged = tmp_path / "damaged.hdf5"
+    with h5py.File(damaged, "w") as f:  # what an interrupted writer would leave: no mask/ index
+        f.create_group("data").attrs["format"] = "vlapt-demos"
+        f["data"].attrs["env_args"] = json.dumps({"tasks": ["reach-v3"]})
+    err = _bad(capsys, ["sft", "--dataset", str(damaged), "--output-dir", "run", "--quiet"])
+    assert str(damaged) in err and "mask/" in err and "collect it again" in err
+    assert _files(tmp_path) == ["damaged.hdf5"], "no run directory for bad input"
+

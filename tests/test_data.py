@@ -1,4 +1,4 @@
-"""Demonstration data: collection, the HDF5 format, replay of stored actions, the chunk dataset."""
+"""Demonstration data: collection, the HDF5 format, replay of stored actions, chunk targets, the chunk dataset."""
 
 import json
 import os
@@ -10,11 +10,14 @@ import torch
 
 import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
 import vlapt.data.collect as collect_module
-from vlapt.data import DatasetError, DemoWriter, EpisodeData, env_args, read_episodes
-from vlapt.data.collect import CollectConfig, CollectionError, collect
+from vlapt.data import DatasetError, DemoWriter, dataset_suite, env_args, read_episodes
+from vlapt.data.chunks import chunk_targets
+from vlapt.data.collect import CollectConfig, CollectionError, collect, dataset_env_args
 from vlapt.data.dataset import ChunkDataset
-from vlapt.data.format import check_writable
-from vlapt.envs import EnvConfig, MetaWorldVLAEnv
+from vlapt.data.format import check_writable, open_dataset
+from vlapt.envs import get_suite
+from vlapt.envs.metaworld.env import MetaWorldVLAEnv
+from vlapt.interfaces import EnvConfig, Episode, UnknownTaskError
 
 IMAGE_SIZE = 32
 
@@ -32,23 +35,24 @@ def dataset(tmp_path_factory):
     return path, summary
 
 
-def _episode(task="reach-v3", length=5, seed=0, states=True, index=0) -> EpisodeData:
+def _episode(task="reach-v3", length=5, seed=0, states=True, index=0) -> Episode:
     rng = np.random.default_rng(seed)
     rewards = np.zeros(length, dtype=np.float32)
     rewards[-1] = 1.0
-    return EpisodeData(
+    return Episode(
         task=task,
         instruction=f"instruction of {task}",
+        success=True,
+        steps=length,
+        split="train",
+        config_index=index,
+        config_seed=7,
+        source="hand-made",
         images=rng.integers(0, 256, (length, 8, 8, 3), dtype=np.uint8),
         proprio=rng.standard_normal((length, 4)).astype(np.float32),
         actions=rng.uniform(-1, 1, (length, 4)).astype(np.float32),
         rewards=rewards,
         states=rng.standard_normal((length, 39)).astype(np.float32) if states else None,
-        success=True,
-        config_split="train",
-        config_index=index,
-        config_seed=7,
-        source="hand-made",
     )
 
 
@@ -63,7 +67,8 @@ def test_collected_dataset_reads_back(dataset):
     for e in episodes:
         T = len(e)
         assert T > 1
-        assert e.task == "reach-v3" and e.instruction == vlapt.envs.instruction_for("reach-v3")
+        assert isinstance(e, Episode) and e.steps == T and e.decision_steps is None
+        assert e.task == "reach-v3" and e.instruction == get_suite("mt10").instruction("reach-v3")
         assert e.images.shape == (T, IMAGE_SIZE, IMAGE_SIZE, 3) and e.images.dtype == np.uint8
         assert e.images.std() > 0, "images should show a scene, not a blank frame"
         assert e.proprio.shape == (T, 4) and e.proprio.dtype == np.float32
@@ -72,7 +77,7 @@ def test_collected_dataset_reads_back(dataset):
         assert np.all(e.actions >= -1.0) and np.all(e.actions <= 1.0)
         assert e.rewards.shape == (T,)
         assert e.rewards[-1] == 1.0 and np.count_nonzero(e.rewards) == 1
-        assert e.success and e.config_split == "train" and e.config_seed == 0 and e.source == "scripted"
+        assert e.success and e.split == "train" and e.config_seed == 0 and e.source == "scripted"
         # the stored proprioception is the first 4 entries of the privileged state
         np.testing.assert_array_equal(e.proprio, e.states[:, :4])
     assert [e.config_index for e in episodes] == [0, 1]
@@ -96,13 +101,18 @@ def test_collected_file_has_robomimic_layout(dataset):
             dones = g["dones"][()]
             assert dones.shape == (T,) and dones[-1] == 1 and dones[:-1].sum() == 0
             assert int(g.attrs["num_samples"]) == T
-            assert g.attrs["task"] == "reach-v3"
+            assert g.attrs["task"] == "reach-v3" and g.attrs["config_split"] == "train"
         assert int(data.attrs["total"]) == sum(len(e) for e in episodes)
         assert [n.decode() for n in f["mask/reach-v3"][()]] == ["demo_0", "demo_1"]
         args = json.loads(data.attrs["env_args"])
     assert args["camera"] == "corner" and args["image_size"] == IMAGE_SIZE
     assert args["tasks"] == ["reach-v3"] and args["config_split"] == "train"
+    assert args["env_name"] == "metaworld" and args["suite"] == "mt10"
+    assert args["action_dim"] == 4 and args["state_dim"] == 39
+    assert args["proprio_fields"] == ["hand_x", "hand_y", "hand_z", "gripper"]
+    assert args["expert"] == "scripted" and args["camera_fovy"] == 30.0
     assert env_args(path) == args
+    assert dataset_suite(args) is get_suite("mt10")
 
 
 def test_demos_per_task_selects_the_first(dataset):
@@ -139,9 +149,22 @@ def test_demo_writer_round_trip(tmp_path):
             assert got.states is None
         else:
             np.testing.assert_array_equal(got.states, want.states)
-        for key in ("task", "instruction", "success", "config_split", "config_index", "config_seed", "source"):
+        for key in ("task", "instruction", "success", "steps", "split", "config_index", "config_seed", "source"):
             assert getattr(got, key) == getattr(want, key), key
     assert env_args(path) == {"camera": "corner", "image_size": 8}
+
+
+def test_demo_writer_takes_only_per_step_episodes(tmp_path):
+    """A chunked policy's recorded episode (one observation per decision) is not a per-step demonstration."""
+    chunked = _episode(length=6)
+    chunked.decision_steps = np.array([0, 3])
+    per_step = _episode(length=3)
+    per_step.decision_steps = np.arange(3)  # every step a decision, spelled out: the same as None
+    with DemoWriter(tmp_path / "d.hdf5", {}) as writer:
+        with pytest.raises(ValueError, match="per-step"):
+            writer.add(chunked)
+        assert writer.add(per_step) == "demo_0"
+    assert [len(e) for e in read_episodes(tmp_path / "d.hdf5")] == [3]
 
 
 def test_demo_writer_abort_leaves_nothing(tmp_path):
@@ -153,56 +176,13 @@ def test_demo_writer_abort_leaves_nothing(tmp_path):
     assert list(path.parent.iterdir()) == []
 
 
-# -- noise injection -------------------------------------------------------------------------------
-def test_noise_injection_is_held_clipped_and_reproducible_per_episode():
-    from vlapt.data.collect import NoiseInjection
-    from vlapt.rollout.episodes import Episode
-
-    def run(seed, index, steps=12):
-        noise = NoiseInjection(std=0.5, hold=4, seed=seed)
-        episode = Episode(0, "push-v3", "train", index, False, 0)
-        zero = np.zeros((1, 4), np.float32)
-        return np.concatenate([noise.perturb(episode, zero) for _ in range(steps)])
-
-    a = run(0, 3)
-    assert np.array_equal(a, run(0, 3)), "same episode identity, same noise"
-    assert not np.array_equal(a, run(0, 4)) and not np.array_equal(a, run(1, 3))
-    for start in (0, 4, 8):  # each draw held for 4 steps, then a new one
-        assert np.all(a[start : start + 4] == a[start])
-    assert not np.array_equal(a[0], a[4])
-    big = NoiseInjection(std=10.0, hold=1, seed=0).perturb(Episode(0, "push-v3", "train", 0, False, 0), np.ones((50, 4), np.float32))
-    assert big.min() >= -1.0 and big.max() <= 1.0 and big.min() < 0.9, "executed actions stay in the action space"
-
-
-def test_noisy_collection_stores_the_experts_labels_on_perturbed_states(tmp_path, dataset):
-    from vlapt.envs.experts import ScriptedExpert
-
-    path = tmp_path / "noisy.hdf5"
-    collect(_config(path, action_noise=0.3, action_noise_hold=5), progress=False)
-    noisy, clean = read_episodes(path), read_episodes(dataset[0])
-    assert [e.config_index for e in noisy] == [e.config_index for e in clean], "same configurations"
-    expert = ScriptedExpert()
-    for episode, reference in zip(noisy, clean):
-        # every stored action is the expert's own action at the stored state: the label, not what was executed
-        labels = np.stack([expert.act_one(state, episode.task) for state in episode.states])
-        np.testing.assert_allclose(episode.actions, labels, atol=1e-6)
-        n = min(len(episode.states), len(reference.states))
-        assert not np.allclose(episode.states[:n, :3], reference.states[:n, :3]), "the noise moved the hand"
-    with h5py.File(path) as f:
-        noise = json.loads(f["data"].attrs["env_args"])["action_noise"]
-    assert noise["std"] == 0.3 and noise["hold_steps"] == 5
-    with pytest.raises(ValueError, match="action_noise"):
-        collect(_config(tmp_path / "bad.hdf5", action_noise=-0.1), progress=False)
-    assert not (tmp_path / "bad.hdf5").exists()
-
-
 # -- replay ----------------------------------------------------------------------------------------
 def test_stored_actions_replay_to_success_at_the_last_step(dataset):
     path, _ = dataset
     env = MetaWorldVLAEnv("reach-v3", EnvConfig(render=False, privileged_state=True), chunk_len=1)
     try:
         for e in read_episodes(path):
-            obs, info = env.reset(options={"split": e.config_split, "index": e.config_index})
+            obs, info = env.reset(options={"split": e.split, "index": e.config_index})
             assert info["configuration"]["split"] == "train"
             np.testing.assert_allclose(obs["state"], e.states[0], atol=1e-6)
             T = len(e)
@@ -215,6 +195,26 @@ def test_stored_actions_replay_to_success_at_the_last_step(dataset):
             assert terminated and step_info["success"] and env.episode_steps == T
     finally:
         env.close()
+
+
+# -- chunk targets ----------------------------------------------------------------------------------
+def test_chunk_targets_follow_each_start_and_pad_past_the_end():
+    actions = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)  # row t is [2t, 2t + 1]
+    targets, pad = chunk_targets(actions, np.arange(5), 3)
+    assert targets.shape == (5, 3, 2) and targets.dtype == np.float32 and pad.shape == (5, 3) and pad.dtype == bool
+    np.testing.assert_array_equal(targets[1], actions[1:4])
+    assert pad[:3].sum() == 0 and pad[3].tolist() == [False, False, True] and pad[4].tolist() == [False, True, True]
+    np.testing.assert_array_equal(targets[4], actions[[4, 4, 4]])  # past the end: the last action, repeated
+    # a chunked policy's decisions: one chunk per decision, from that decision's step
+    targets, pad = chunk_targets(actions, np.array([0, 2, 4]), 2)
+    np.testing.assert_array_equal(targets, actions[[[0, 1], [2, 3], [4, 4]]])
+    assert pad.tolist() == [[False, False], [False, False], [False, True]]
+    targets, pad = chunk_targets(actions.astype(np.float64), np.array([3]), 1)
+    assert targets.dtype == np.float32 and targets.shape == (1, 1, 2) and not pad.any()
+    with pytest.raises(ValueError, match="chunk_len"):
+        chunk_targets(actions, np.arange(5), 0)
+    with pytest.raises(ValueError, match="no actions"):
+        chunk_targets(np.zeros((0, 2), np.float32), np.zeros(0, int), 2)
 
 
 # -- ChunkDataset ------------------------------------------------------------------------------------
@@ -341,16 +341,16 @@ def test_unwritable_parent(tmp_path):
 
 def test_failed_collection_leaves_no_file(tmp_path, monkeypatch):
     out_dir = tmp_path / "out"
-    original = collect_module._to_episode_data
+    original = collect_module.DemoWriter.add
     calls = []
 
-    def failing(episode, config_seed):
+    def failing(writer, episode):
         calls.append(episode.config_index)
         if len(calls) == 2:
             raise RuntimeError("disk on fire")
-        return original(episode, config_seed)
+        return original(writer, episode)
 
-    monkeypatch.setattr(collect_module, "_to_episode_data", failing)
+    monkeypatch.setattr(collect_module.DemoWriter, "add", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         collect(_config(out_dir / "d.hdf5"), progress=False)
     assert len(calls) == 2, "the first episode was written before the failure"
@@ -401,3 +401,49 @@ def test_reading_bad_files(tmp_path):
         read_episodes(foreign)
     with pytest.raises(DatasetError):
         read_episodes(tmp_path)  # a directory
+
+
+def _damaged_copy(source, target, edit):
+    """A copy of a dataset with ``edit(h5py.File)`` applied to it."""
+    import shutil
+
+    shutil.copyfile(source, target)
+    with h5py.File(target, "a") as f:
+        edit(f)
+    return target
+
+
+@pytest.mark.parametrize("damage,where", [
+    (lambda f: f.__delitem__("mask"), "mask/"),
+    (lambda f: f["data"].attrs.__delitem__("env_args"), "env_args"),
+], ids=["no-mask", "no-env-args"])
+def test_an_incomplete_file_is_a_dataset_error_that_says_what_to_do(dataset, tmp_path, damage, where):
+    path = _damaged_copy(dataset[0], tmp_path / "damaged.hdf5", damage)
+    for read in (read_episodes, env_args, open_dataset):
+        with pytest.raises(DatasetError, match="collect it again") as caught:
+            read(path)
+        assert where in str(caught.value) and str(path) in str(caught.value)
+    assert issubclass(DatasetError, ValueError), "the command line answers it with exit status 2"
+
+
+@pytest.mark.parametrize("member", ["actions", "obs/image", "obs/proprio", "rewards"])
+def test_a_demo_missing_an_array_is_a_dataset_error(dataset, tmp_path, member):
+    path = _damaged_copy(dataset[0], tmp_path / "damaged.hdf5", lambda f: f["data/demo_1"].__delitem__(member))
+    with pytest.raises(DatasetError, match=f"demo_1 has no {member}.*collect it again"):
+        read_episodes(path)
+    assert len(read_episodes(path, demos_per_task=1)) == 1, "the intact demo before it still reads"
+    with pytest.raises(DatasetError, match="demo_1"):
+        ChunkDataset.from_file(path, chunk_len=2)
+
+
+def test_dataset_suite_names_the_suite_a_dataset_was_collected_in():
+    args = dataset_env_args(get_suite("mt50"), ["door-lock-v3"], EnvConfig(image_size=IMAGE_SIZE), 3)
+    assert args["suite"] == "mt50" and args["env_name"] == "metaworld" and args["config_seed"] == 3
+    assert args["camera"] == "corner", "the suite's default camera is written, not an empty name"
+    assert dataset_suite(args) is get_suite("mt50")
+    assert dataset_suite({"suite": "mt10", "env_name": "metaworld"}) is get_suite("mt10")
+    # files written before suites existed name only the simulator: MetaWorld's datasets are read as MT50's
+    assert dataset_suite({"env_name": "metaworld"}) is get_suite("mt50")
+    assert dataset_suite({}) is get_suite("mt50")
+    with pytest.raises(UnknownTaskError, match="mt11"):
+        dataset_suite({"suite": "mt11"})

@@ -6,22 +6,29 @@ import numpy as np
 import pytest
 
 import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
-from vlapt.envs import EnvConfig, MetaWorldVLAEnv
-from vlapt.evaluation import EpisodeRecord, EvalConfig, ScriptedExpert, evaluate, format_table, summarize, task_metrics
+from vlapt.envs.metaworld.env import MetaWorldVLAEnv
+from vlapt.envs.metaworld.experts import FastScriptedExpert, ScriptedExpert
+from vlapt.envs.pools.inprocess import InProcessPool
+from vlapt.evaluation import EvalConfig, evaluate, format_table, summarize, task_metrics
+from vlapt.interfaces import EnvConfig, Episode
 
 TASKS = ["reach-v3", "drawer-close-v3"]
 EPISODES = 3
 
 
 # -- metrics ------------------------------------------------------------------------------------------
+def _episode(task, index, success, steps):
+    return Episode(task=task, instruction=f"do {task}", success=success, steps=steps, split="eval", config_index=index)
+
+
 def _records():
     return [
-        EpisodeRecord("a", 0, True, 10),
-        EpisodeRecord("a", 1, True, 30),
-        EpisodeRecord("a", 2, False, 100),  # failures end at the limit anyway
-        EpisodeRecord("a", 3, False, 100),
-        EpisodeRecord("b", 0, False, 100),
-        EpisodeRecord("b", 1, False, 100),
+        _episode("a", 0, True, 10),
+        _episode("a", 1, True, 30),
+        _episode("a", 2, False, 100),  # failures end at the limit anyway
+        _episode("a", 3, False, 100),
+        _episode("b", 0, False, 100),
+        _episode("b", 1, False, 100),
     ]
 
 
@@ -40,13 +47,13 @@ def test_task_metrics():
 
 def test_failures_count_as_the_limit_not_their_own_steps():
     # a failure recorded with fewer steps than the limit still counts as the limit
-    m = task_metrics([EpisodeRecord("a", 0, True, 20), EpisodeRecord("a", 1, False, 7)], max_episode_steps=50)
+    m = task_metrics([_episode("a", 0, True, 20), _episode("a", 1, False, 7)], max_episode_steps=50)
     assert m.steps_failures_as_limit == pytest.approx((20 + 50) / 2)
     assert m.steps_to_success == pytest.approx(20.0)
 
 
 def test_summarize_averages_over_tasks():
-    records = _records() + [EpisodeRecord("c", 0, True, 40)]
+    records = _records() + [_episode("c", 0, True, 40)]
     summary = summarize(records, ["a", "b", "c"], max_episode_steps=100)
     assert list(summary["per_task"]) == ["a", "b", "c"]
     assert summary["per_task"]["c"]["success_rate"] == 1.0
@@ -60,10 +67,39 @@ def test_summarize_averages_over_tasks():
 
 
 def test_summarize_without_any_success():
-    summary = summarize([EpisodeRecord("b", 0, False, 100)], ["b"], max_episode_steps=100)
+    summary = summarize([_episode("b", 0, False, 100)], ["b"], max_episode_steps=100)
     assert summary["average"]["steps_to_success"] is None
     assert summary["average"]["success_rate"] == 0.0
     assert not math.isnan(summary["average"]["steps_failures_as_limit"])
+    assert summary["average"]["success_within"] == {"100": 0.0, "400": 0.0}
+
+
+def test_success_within_counts_successes_up_to_each_step_limit():
+    episodes = [_episode("a", 0, True, 60), _episode("a", 1, True, 100),  # within 100: the limit itself counts
+                _episode("a", 2, True, 101), _episode("a", 3, True, 400), _episode("a", 4, True, 450),
+                _episode("a", 5, False, 90), _episode("a", 6, False, 500),  # failures never count, however short
+                _episode("a", 7, False, 500)]
+    m = task_metrics(episodes, max_episode_steps=500)
+    assert m.success_within == {"100": 2 / 8, "400": 4 / 8}
+    assert m.success_rate == 5 / 8, "the rate within the whole limit is the success rate"
+    assert task_metrics(episodes, 500, success_within=(50, 450)).success_within == {"50": 0.0, "450": 5 / 8}
+    summary = summarize(episodes + [_episode("b", 0, True, 80), _episode("b", 1, True, 300)], ["a", "b"], 500)
+    assert summary["per_task"]["a"]["success_within"] == {"100": 0.25, "400": 0.5}
+    assert summary["per_task"]["b"]["success_within"] == {"100": 0.5, "400": 1.0}
+    # averaged over tasks, like the success rate
+    assert summary["average"]["success_within"] == {"100": pytest.approx((0.25 + 0.5) / 2), "400": pytest.approx(0.75)}
+
+
+def test_episode_summary_is_what_a_result_keeps_per_episode():
+    episode = Episode(task="a", instruction="do a", success=np.bool_(True), steps=np.int64(42), split="eval",
+                      config_index=7, images=np.zeros((3, 8, 8, 3), np.uint8), actions=np.zeros((42, 4), np.float32))
+    summary = episode.summary()
+    assert summary == {"task": "a", "config_index": 7, "success": True, "steps": 42}
+    assert type(summary["success"]) is bool and type(summary["steps"]) is int, "JSON-ready, not numpy scalars"
+    assert len(episode) == 42
+    np.testing.assert_array_equal(episode.decisions, np.arange(42))  # per step unless decision_steps says otherwise
+    episode.decision_steps = np.array([0, 10, 20])
+    np.testing.assert_array_equal(episode.decisions, [0, 10, 20])
 
 
 def test_format_table():
@@ -73,9 +109,11 @@ def test_format_table():
     assert lines[0] == "**my title**"
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| task")]
     assert [r.split("|")[1].strip() for r in rows] == ["a", "b", "**average**"]
-    assert "| a | 4 | 0.500 | 20.0 | 60.0 |" in lines
-    assert "| b | 2 | 0.000 | - | 100.0 |" in lines
-    assert "| **average** | 6 | 0.250 | 20.0 | 80.0 |" in lines
+    assert lines[2] == ("| task | episodes | success | steps to success | steps (failures = limit) |"
+                        " success within 100 | success within 400 |")
+    assert "| a | 4 | 0.500 | 20.0 | 60.0 | 0.500 | 0.500 |" in lines
+    assert "| b | 2 | 0.000 | - | 100.0 | 0.000 | 0.000 |" in lines
+    assert "| **average** | 6 | 0.250 | 20.0 | 80.0 | 0.250 | 0.250 |" in lines
     assert "my title" not in format_table(summary)
 
 
@@ -86,8 +124,6 @@ def serial_result():
 
 
 def test_fast_expert_cuts_the_experts_steps_and_leaves_other_tasks_to_them(serial_result):
-    from vlapt.envs.experts import FastScriptedExpert
-
     fast = evaluate(FastScriptedExpert(), EvalConfig(tasks=TASKS + ["door-open-v3"], episodes_per_task=EPISODES,
                                                      num_workers=0), progress=False)
     assert fast["agent"] == "scripted-fast"
@@ -104,6 +140,8 @@ def test_scripted_expert_solves_easy_tasks(serial_result):
     r = serial_result
     assert r["agent"] == "scripted"
     assert r["protocol"]["split"] == "eval" and r["protocol"]["tasks"] == TASKS
+    assert r["protocol"]["suite"] == "mt10" and r["protocol"]["max_episode_steps"] == 500
+    assert r["protocol"]["camera"] is None, "the scripted expert renders nothing"
     assert r["protocol"]["episodes_per_task"] == EPISODES
     assert list(r["per_task"]) == TASKS
     for task in TASKS:
@@ -113,6 +151,10 @@ def test_scripted_expert_solves_easy_tasks(serial_result):
     episodes = r["episodes"]
     assert [(e["task"], e["config_index"]) for e in episodes] == [(t, i) for t in TASKS for i in range(EPISODES)]
     assert all(e["success"] and 0 < e["steps"] < 500 for e in episodes)
+    for task in TASKS:  # success within N steps, from the same episodes
+        steps = [e["steps"] for e in episodes if e["task"] == task]
+        assert r["per_task"][task]["success_within"] == {n: sum(s <= int(n) for s in steps) / EPISODES
+                                                          for n in ("100", "400")}
     assert r["env_steps"] == sum(e["steps"] for e in episodes)
     # configurations differ, so episode lengths are not all the same
     assert len({e["steps"] for e in episodes if e["task"] == "reach-v3"}) > 1
@@ -122,17 +164,53 @@ def test_on_episode_callback_sees_every_episode():
     seen = []
     result = evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v3"], episodes_per_task=2, num_workers=0),
                       progress=False, on_episode=seen.append)
+    assert all(isinstance(r, Episode) for r in seen)
     assert sorted((r.task, r.config_index) for r in seen) == [("reach-v3", 0), ("reach-v3", 1)]
     assert [r.steps for r in sorted(seen, key=lambda r: r.config_index)] == [e["steps"] for e in result["episodes"]]
+    ordered = sorted(seen, key=lambda r: r.config_index)
+    assert [r.summary() for r in ordered] == result["episodes"]
+    assert all(r.split == "eval" and r.instruction == "reach the goal position with the gripper" for r in seen)
+    assert all(r.images is None and r.actions is None for r in seen), "evaluation records outcomes, not trajectories"
 
 
-@pytest.mark.parametrize("workers,envs_per_task", [(0, 1), (2, 2)])
-def test_evaluation_is_deterministic_and_independent_of_parallelism(serial_result, workers, envs_per_task):
-    config = EvalConfig(tasks=TASKS, episodes_per_task=EPISODES, num_workers=workers, envs_per_task=envs_per_task)
+@pytest.mark.parametrize("workers,envs_per_task,backend", [(0, 1, "local"), (2, 2, "local"), (1, 2, "subprocess"),
+                                                            (2, 1, "inprocess")])
+def test_evaluation_is_deterministic_and_independent_of_parallelism(serial_result, workers, envs_per_task, backend):
+    config = EvalConfig(tasks=TASKS, episodes_per_task=EPISODES, num_workers=workers, envs_per_task=envs_per_task,
+                        env_backend=backend)
     again = evaluate(ScriptedExpert(), config, progress=False)
     assert again["episodes"] == serial_result["episodes"]
     assert again["per_task"] == serial_result["per_task"]
     assert again["env_steps"] == serial_result["env_steps"]
+
+
+class LosingPool(InProcessPool):
+    """An in-process pool whose slot 0 loses its episode once, at its third step, as if its env worker had died."""
+
+    def __init__(self, slots, num_workers=0):
+        super().__init__(slots, num_workers)
+        self.steps_of_slot_0, self.lost = 0, 0
+
+    def submit(self, actions, reset_options=None):
+        ticket = super().submit(actions, reset_options)
+        if 0 in actions:
+            self.steps_of_slot_0 += 1
+            if self.steps_of_slot_0 == 3:
+                info = {"rewards": np.zeros(0, np.float32), "steps": 0, "success": False, "episode_steps": 0, "lost": True}
+                self._answers[ticket][0] = self._answers[ticket][0]._replace(truncated=True, info=info)
+                self.lost += 1
+        return ticket
+
+
+def test_an_episode_lost_with_its_worker_is_run_again_from_its_start(serial_result):
+    seen = []
+    result = evaluate(ScriptedExpert(), EvalConfig(tasks=TASKS, episodes_per_task=EPISODES, num_workers=0,
+                                                   env_backend="test_evaluation:LosingPool"),
+                      progress=False, on_episode=seen.append)
+    assert result["episodes"] == serial_result["episodes"], "the lost configuration ran again, in full"
+    # the env steps executed: the lost attempt's first two steps were run, its lost step reports none
+    assert result["env_steps"] == serial_result["env_steps"] + 2
+    assert len(seen) == len(TASKS) * EPISODES, "no episode reported for the lost attempt"
 
 
 class HoldingExpert(ScriptedExpert):
@@ -176,6 +254,12 @@ def test_invalid_eval_config():
         evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v3"], split="test"), progress=False)
     with pytest.raises(ValueError, match="reach-v3"):
         evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v4"]), progress=False)
+    with pytest.raises(ValueError, match="valid backends"):
+        evaluate(ScriptedExpert(), EvalConfig(tasks=["reach-v3"], env_backend="threads"), progress=False)
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        EvalConfig(tasks=["reach-v3"], max_episode_steps=501).validate()
+    with pytest.raises(ValueError, match="mt11"):
+        EvalConfig(suite="mt11").validate()
 
 
 # -- the held-out split ------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
 from vlapt.data import read_episodes
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.relabel import RelabelConfig, relabel
-from vlapt.envs.experts import ScriptedExpert
-from vlapt.envs.metaworld_env import EnvConfig, MetaWorldVLAEnv
-from vlapt.models import load_pretrained
+from vlapt.envs.metaworld.env import MetaWorldVLAEnv
+from vlapt.envs.metaworld.experts import FastScriptedExpert, ScriptedExpert
+from vlapt.interfaces import EnvConfig, Episode
+from vlapt.policies import load_policy
 
 IMAGE_SIZE = 32
 TASK = "reach-v3"
@@ -52,7 +53,7 @@ def test_labels_are_the_experts_actions_at_the_states_the_policy_visited(policy,
     path, summary = relabelled
     episodes = read_episodes(path)
     assert summary["tasks"][TASK]["episodes"] == 2 and len(episodes) == 2
-    assert all(e.source == "relabelled" and e.config_split == "train" for e in episodes)
+    assert all(isinstance(e, Episode) and e.source == "relabelled" and e.split == "train" for e in episodes)
     assert [e.config_index for e in episodes] == [100_000, 100_001], "fresh configurations, past the demonstrations'"
     expert = ScriptedExpert()
     agent = vlapt.load_policy(policy)
@@ -81,6 +82,7 @@ def test_labels_are_the_experts_actions_at_the_states_the_policy_visited(policy,
     with h5py.File(path) as f:
         meta = json.loads(f["data"].attrs["env_args"])
     assert meta["relabelled"]["executed_policy"] == str(policy) and meta["camera_fovy"] == 30.0
+    assert meta["expert"] == "scripted" and meta["suite"] == "mt10" and meta["relabelled"]["first_config_index"] == 100_000
 
 
 def test_sft_continues_from_a_policy_on_demos_plus_relabelled_episodes(demos, policy, relabelled, tmp_path):
@@ -89,7 +91,7 @@ def test_sft_continues_from_a_policy_on_demos_plus_relabelled_episodes(demos, po
                        output_dir=str(tmp_path / "dagger"), model=ModelConfig(size="tiny", chunk_len=7), steps=2,
                        batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1, threads=1)
     final = train_sft(config, progress=False)
-    before, after = load_pretrained(policy), load_pretrained(final)
+    before, after = load_policy(policy), load_policy(final)
     assert after.config == before.config, "architecture and normalisation come from init_policy (model.* unused)"
     assert after.config.chunk_len == CHUNK
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
@@ -119,9 +121,15 @@ def test_relabelled_episodes_never_seed_the_self_bc_buffer(policy, relabelled, t
     assert not out.exists(), "refused before the run started"
 
 
-def test_relabel_needs_a_policy_and_leaves_nothing_behind(tmp_path):
+def test_relabel_needs_a_policy_and_leaves_nothing_behind(tmp_path, policy):
     with pytest.raises(ValueError, match="policy="):
         relabel(RelabelConfig(tasks=[TASK], output=str(tmp_path / "r.hdf5")), progress=False)
+    with pytest.raises(ValueError, match="valid experts: scripted, scripted-fast"):
+        relabel(RelabelConfig(policy=str(policy), tasks=[TASK], expert="oracle", output=str(tmp_path / "r.hdf5")),
+                progress=False)
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        relabel(RelabelConfig(policy=str(policy), tasks=[TASK], max_episode_steps=501, output=str(tmp_path / "r.hdf5")),
+                progress=False)
     with pytest.raises(Exception, match="missing|not found|does not exist|no such"):
         relabel(RelabelConfig(policy=str(tmp_path / "nope"), tasks=[TASK], output=str(tmp_path / "r.hdf5")), progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -140,52 +148,18 @@ def test_relabelled_label_steps_masks_the_rest_of_relabelled_chunks_only(demos, 
     assert not full.action_pad[relabelled_rows][0].any()
 
 
-def test_plan_labels_are_what_the_expert_does_when_it_takes_over_at_each_decision(policy, tmp_path):
-    from vlapt.data.dataset import ChunkDataset
-
-    path = tmp_path / "plans.hdf5"
-    relabel(RelabelConfig(policy=str(policy), tasks=[TASK], episodes_per_task=1, max_episode_steps=8, labels="plan",
-                          num_workers=1, output=str(path)), progress=False)
+def test_the_fast_expert_can_label_instead(policy, relabelled, tmp_path):
+    path = tmp_path / "fast.hdf5"
+    relabel(RelabelConfig(policy=str(policy), tasks=[TASK], episodes_per_task=1, max_episode_steps=8,
+                          expert="scripted-fast", num_workers=0, output=str(path)), progress=False)
     (episode,) = read_episodes(path)
-    assert episode.action_plans.shape == (8, CHUNK, 4)
-    assert np.flatnonzero(episode.plan_lengths).tolist() == [0, 3, 6], "a plan where the policy decided (chunk 3)"
-    assert episode.plan_lengths[[0, 3, 6]].tolist() == [CHUNK] * 3
-    np.testing.assert_allclose(episode.action_plans[[0, 3, 6], 0], episode.actions[[0, 3, 6]], atol=1e-6)
-    # Replay: the policy acts up to decision t, then the expert takes over; its actions are the plan.
-    expert, agent = ScriptedExpert(), vlapt.load_policy(policy)
-    for t in (3, 6):
-        env = MetaWorldVLAEnv(TASK, EnvConfig(image_size=IMAGE_SIZE, camera_fovy=30.0, privileged_state=True))
-        obs, _ = env.reset(options={"split": "train", "index": episode.config_index})
-        while env.episode_steps < t:
-            obs, *_ = env.step(agent.predict(obs))
-        taken = []
-        for _ in range(CHUNK):
-            taken.append(expert.act_one(obs["state"], TASK))
-            obs, *_ = env.step(taken[-1][None])
-        env.close()
-        np.testing.assert_allclose(episode.action_plans[t], np.stack(taken), atol=1e-5)
-        assert not np.allclose(episode.action_plans[t, 1:], episode.actions[t + 1 : t + CHUNK], atol=1e-3), (
-            "later plan steps are the expert's own continuation, not its labels at the policy's next states")
-    # SFT's samples: the whole plan is the target where there is one, else the first label only.
-    data = ChunkDataset([episode], CHUNK, relabelled_label_steps=1)
-    np.testing.assert_array_equal(data.targets[[0, 3, 6]], episode.action_plans[[0, 3, 6]])
-    assert not data.action_pad[[0, 3, 6]].any()
-    assert data.action_pad[[1, 2, 4, 5, 7], 1:].all() and not data.action_pad[[1, 2, 4, 5, 7], 0].any()
-    np.testing.assert_array_equal(data.batch(np.array([3]))["actions"][0].numpy(), episode.action_plans[3])
-
-
-def test_plan_shorter_than_the_chunk_is_padded_and_masked():
-    from vlapt.data.dataset import ChunkDataset
-    from vlapt.data.format import EpisodeData
-
-    T, h = 5, 4
-    plans = np.zeros((T, h, 4), np.float32)
-    plans[1, :2] = [[0.1] * 4, [0.2] * 4]  # the expert succeeded after two actions
-    episode = EpisodeData(task=TASK, instruction="x", images=np.zeros((T, 8, 8, 3), np.uint8),
-                          proprio=np.zeros((T, 4), np.float32), actions=np.ones((T, 4), np.float32),
-                          rewards=np.zeros(T, np.float32), source="relabelled", action_plans=plans,
-                          plan_lengths=np.array([0, 2, 0, 0, 0]))
-    data = ChunkDataset([episode], h, relabelled_label_steps=1)
-    np.testing.assert_allclose(data.targets[1], [[0.1] * 4, [0.2] * 4, [0.2] * 4, [0.2] * 4])
-    assert data.action_pad[1].tolist() == [False, False, True, True]
-    assert data.action_pad[0].tolist() == [False, True, True, True]
+    (scripted,) = read_episodes(relabelled[0], demos_per_task=1)
+    assert episode.config_index == scripted.config_index == 100_000
+    # the same policy visits the same states; only the labels differ
+    np.testing.assert_allclose(episode.states, scripted.states, atol=1e-6)
+    fast = FastScriptedExpert()
+    np.testing.assert_allclose(episode.actions, np.stack([fast.act_one(s, TASK) for s in episode.states]), atol=1e-6)
+    assert not np.allclose(episode.actions, scripted.actions, atol=1e-3)
+    with h5py.File(path) as f:
+        meta = json.loads(f["data"].attrs["env_args"])
+    assert meta["expert"] == "scripted-fast" and "scripted-fast" in meta["policy"]
