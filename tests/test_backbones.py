@@ -8,7 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from vlapt.models import Policy, Tokenizer, VLAPolicy, load_pretrained, policy_config_for_size, save_pretrained  # noqa: E402
+from vlapt.policies import load_policy  # noqa: E402
+from vlapt.policies.vla import Tokenizer, VLAPolicy, policy_config_for_size  # noqa: E402
 
 
 @pytest.fixture()
@@ -24,7 +25,7 @@ def tiny_vit_dir(tmp_path):
 
 def _policy_config(path):
     return policy_config_for_size("tiny", image_size=48, vision_backbone="hf", vision_backbone_path=str(path),
-                                  vocab=Tokenizer.build(["open the door"]).vocab)
+                                  image_keypoints=0, vocab=Tokenizer.build(["open the door"]).vocab)
 
 
 def _obs(batch=2, size=48):
@@ -38,22 +39,30 @@ def test_hf_backbone_loads_pretrained_weights_from_disk(tiny_vit_dir):
     policy = VLAPolicy(_policy_config(path))
     for name, value in reference.state_dict().items():
         assert torch.equal(policy.vision.backbone.state_dict()[name], value), name
-    chunk = Policy(policy).predict_batch(_obs())
-    assert chunk.shape == (2, 5, 4) and np.all(np.abs(chunk) <= 1)
+    chunk = policy.predict_batch(_obs())
+    assert chunk.shape == (2, policy.chunk_len, 4) and np.all(np.abs(chunk) <= 1)
     assert policy.vision.num_tokens == 16
 
 
 def test_hf_backbone_checkpoint_is_self_contained(tiny_vit_dir, tmp_path):
     path, _ = tiny_vit_dir
     torch.manual_seed(1)
-    policy = Policy(VLAPolicy(_policy_config(path)))
+    policy = VLAPolicy(_policy_config(path))
     expected = policy.predict_batch(_obs())
-    save_pretrained(policy.model, tmp_path / "ckpt")
+    policy.save(tmp_path / "ckpt")
     shutil.rmtree(path)  # the original model directory is gone: the checkpoint must suffice
-    loaded = Policy(load_pretrained(tmp_path / "ckpt"))
+    loaded = load_policy(tmp_path / "ckpt")
+    assert loaded.config.vision_backbone_spec == policy.config.vision_backbone_spec != ""
     np.testing.assert_array_equal(loaded.predict_batch(_obs()), expected)
 
 
 def test_hf_backbone_without_a_model_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="vision_backbone_path"):
         VLAPolicy(_policy_config(tmp_path / "nowhere"))
+
+
+def test_hf_backbone_takes_no_keypoint_tokens(tiny_vit_dir):
+    path, _ = tiny_vit_dir
+    with pytest.raises(ValueError, match="set image_keypoints=0"):
+        policy_config_for_size("tiny", image_size=48, vision_backbone="hf", vision_backbone_path=str(path),
+                               image_keypoints=4)

@@ -37,16 +37,29 @@ def test_pipeline_runs_every_stage_and_reports_every_row(tmp_path, capsys):
     report = (run / "results.md").read_text()
     for name in out["rows"]:
         assert f"| {name} |" in report
-    # one evaluation file per row, each holding its own policy's episodes
+    assert "steps (failures = 40)" in report and "success within 100" in report
+    # one evaluation file per row, each holding its own policy's episodes, under the one protocol
     for file_key, agent in [("scripted", "scripted"), ("sft", str(run / "sft" / "policy")),
                             ("post_trained", str(run / "ppo" / "policy")),
                             ("post_trained_average", str(run / "ppo" / "policy_ema"))]:
         saved = json.loads((run / f"eval_{file_key}.json").read_text())
         assert saved["protocol"]["split"] == "eval" and agent in saved["agent"], (file_key, saved["agent"])
+        assert saved["protocol"]["suite"] == "mt10" and saved["protocol"]["max_episode_steps"] == 40
+        assert saved["protocol"]["tasks"] == ["reach-v3"] and len(saved["episodes"]) == 1
+        if file_key != "scripted":
+            assert saved["protocol"]["deterministic"] is True  # the default protocol: the policy's mean chunk
     assert set(json.loads((run / "timings.json").read_text())) == {"collect_s", "sft_s", "post_train_s", "eval_s"}
     # the stages are wired to each other and to the suite
     assert config.ppo.init_policy == str(run / "sft" / "policy") and config.sft.dataset == str(run / "demos.hdf5")
     assert config.ppo.tasks == config.eval.tasks == ["reach-v3"]
+    assert config.ppo.suite == config.eval.suite == config.collect.suite == "mt10"
+    # post-training evaluated its starting policy and its checkpoints on held-out configurations (ppo.eval_*)
+    history = json.loads((run / "ppo" / "history.json").read_text())
+    evals = sorted(p.name for p in (run / "ppo" / "evals").glob("iteration_*.json"))
+    assert evals == [f"iteration_{i:06d}.json" for i in range(len(history) + 1)]
+    periodic = json.loads((run / "ppo" / "evals" / evals[-1]).read_text())
+    assert periodic["protocol"]["split"] == "eval" and periodic["protocol"]["episodes_per_task"] == 1
+    assert periodic["protocol"]["tasks"] == ["reach-v3"] and str(run / "ppo" / "checkpoints") in periodic["agent"]
 
     # a second run reuses the demonstrations and resumes the finished trainings instead of redoing them
     before = (run / "demos.hdf5").stat().st_mtime_ns
@@ -80,23 +93,31 @@ def test_pipeline_with_a_dagger_round_post_trains_the_relabelled_policy(tmp_path
     assert "dagger_s" in out["timings"]
 
 
-def test_pipeline_evaluates_the_post_trained_policy_as_it_was_trained_to_execute(tmp_path):
-    config = load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'run'}", "ppo.execute_steps=2",
-                                                    "ppo.eval_every=0"])
+def test_pipeline_evaluates_every_policy_row_under_the_eval_protocol(tmp_path):
+    """eval.execute_steps and eval.deterministic apply to the SFT and post-trained rows alike; the scripted experts
+    decide at every step whatever they say."""
+    config = load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'run'}", "eval.execute_steps=2",
+                                                    "eval.deterministic=false", "ppo.eval_every=0",
+                                                    "ppo.value_warmup_iterations=0"])
     out = run_pipeline(config, progress=False)
     run = tmp_path / "run"
-    assert list(out["rows"]) == ["scripted expert", "SFT", "SFT + chunked PPO + self-BC (first 2 actions of each chunk)",
-                                 "SFT + chunked PPO + self-BC, weight average (first 2 actions of each chunk)"]
+    suffix = " (first 2 actions of each chunk), sampled chunks"
+    assert list(out["rows"]) == ["scripted expert", f"SFT{suffix}", f"SFT + chunked PPO + self-BC{suffix}",
+                                 f"SFT + chunked PPO + self-BC, weight average{suffix}"]
     protocols = {key: json.loads((run / f"eval_{key}.json").read_text())["protocol"]
                  for key in ("scripted", "sft", "post_trained", "post_trained_average")}
-    assert protocols["post_trained"]["execute_steps"] == protocols["post_trained_average"]["execute_steps"] == 2
-    assert protocols["sft"]["execute_steps"] == protocols["sft"]["chunk_len"] > 2  # the protocol's whole chunks
-    assert protocols["scripted"]["execute_steps"] == 1
+    for key in ("sft", "post_trained", "post_trained_average"):
+        assert protocols[key]["execute_steps"] == 2 and protocols[key]["chunk_len"] == 10, key
+        assert protocols[key]["deterministic"] is False, key
+    assert protocols["scripted"]["execute_steps"] == protocols["scripted"]["chunk_len"] == 1
+    assert not (run / "ppo" / "evals").exists(), "ppo.eval_every=0: no periodic evaluation"
 
     with pytest.raises(ValueError, match="exceeds sft.model.chunk_len"):  # before any stage runs
         run_pipeline(load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'bad'}",
-                                                            "ppo.execute_steps=11"]), progress=False)
+                                                            "eval.execute_steps=11"]), progress=False)
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="execute_steps"):  # post-training always executes whole chunks now
+        load_config(PipelineConfig, overrides=[*_TINY, "ppo.execute_steps=2"])
 
 
 def _fake_run(path, rows, evals):
@@ -158,6 +179,7 @@ def test_plot_of_a_directory_that_is_not_a_run_fails_cleanly(tmp_path, capsys):
 
 
 def test_every_preset_in_configs_loads_into_its_config():
+    import re
     from pathlib import Path
 
     from vlapt.algorithms.sft import SFTConfig
@@ -165,16 +187,27 @@ def test_every_preset_in_configs_loads_into_its_config():
     root = Path(__file__).resolve().parents[1] / "configs"
     presets = sorted(root.rglob("*.yaml"))
     assert presets, "configs/ holds the documented presets"
+    sft_outputs = set()
+    ppo_inits = {}
     for path in presets:
-        if path.parent.name == "ablations":  # layered on the MT10 post-training preset
-            config = load_config(PPOConfig, [root / "ppo_mt10.yaml", path]).validate()
-            assert config.output_dir.startswith("runs/ablation_"), path
-        elif path.name.startswith("pipeline"):
+        # every preset its usage comment names exists
+        named = [root.parent / p for p in re.findall(r"configs/[\w/]+\.yaml", path.read_text())]
+        assert all(p.is_file() for p in named), (path, named)
+        if path.name.startswith("pipeline"):
             config = load_config(PipelineConfig, path)
             config.sft.validate(), config.ppo.validate(), config.eval.validate(), config.collect.validate()
         elif path.name.startswith("sft"):
-            load_config(SFTConfig, path).validate()
-        elif path.name.startswith("ppo"):
-            load_config(PPOConfig, path).validate()
+            layers = [root / "sft_mt10.yaml", path] if path.name != "sft_mt10.yaml" else [path]
+            config = load_config(SFTConfig, layers).validate()
+            sft_outputs.add(config.output_dir)
+        elif path.parent.name == "ablations" or path.name.startswith("ppo"):
+            layers = [root / "ppo_mt10.yaml", path] if path.name != "ppo_mt10.yaml" else [path]
+            config = load_config(PPOConfig, layers).validate()
+            if path.parent.name == "ablations":
+                assert config.output_dir.startswith("runs/ablation_"), path
+            ppo_inits[path.name] = config.init_policy
         else:
             raise AssertionError(f"no config class known for preset {path.name}")
+    # every post-training preset starts from a policy that an SFT preset writes
+    for name, init_policy in ppo_inits.items():
+        assert str(Path(init_policy).parent) in sft_outputs, (name, init_policy, sorted(sft_outputs))

@@ -1,9 +1,12 @@
-"""Tests for vlapt.models: shapes, likelihoods, masking, checkpoints, inference, tokenizer."""
+"""Tests for vlapt.policies: shapes, likelihoods, the ChunkPolicy methods, masking, checkpoints, inference, tokenizer."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 
 import numpy as np
@@ -11,19 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlapt.models import (
-    MODEL_SIZES,
-    CheckpointError,
-    Policy,
-    PolicyConfig,
-    Tokenizer,
-    VLAPolicy,
-    load_policy,
-    load_pretrained,
-    make_batch,
-    policy_config_for_size,
-    save_pretrained,
-)
+from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkPolicy, ChunkSample
+from vlapt.policies import CheckpointError, PolicyAgent, load_policy, policy_types, read_config
+from vlapt.policies.vla import MODEL_SIZES, PolicyConfig, Tokenizer, VLAPolicy, make_batch, policy_config_for_size
 
 IMAGE_SIZE = 32
 INSTRUCTIONS = ["pick up the puck and place it at the goal", "open the drawer", "press the button"]
@@ -101,7 +94,6 @@ def test_default_config_matches_default_preset():
         (dict(d_model="big"), "must be int"),
         (dict(image_keypoints=-1), "image_keypoints must be >= 0"),
         (dict(image_keypoints=8, vision_backbone="hf"), "'conv' vision backbone only"),
-        (dict(image_film=True, vision_backbone="hf"), "image_film applies to the 'conv'"),
     ],
 )
 def test_validate_rejects_bad_configs(overrides, message):
@@ -113,21 +105,20 @@ def test_unknown_override_and_backbone_are_reported(tokenizer):
     with pytest.raises(ValueError, match="unknown PolicyConfig field"):
         policy_config_for_size("tiny", widht=3)
     with pytest.raises(ValueError, match="available: .*'conv'"):
-        VLAPolicy(tiny_config(tokenizer, vision_backbone="resnet_from_nowhere"))
+        VLAPolicy(tiny_config(tokenizer, vision_backbone="resnet_from_nowhere", image_keypoints=0))
 
 
 # --------------------------------------------------------------------------- distribution
 
 
-def test_log_prob_and_entropy_match_reference(model, tokenizer):
+def test_log_prob_and_entropy_match_reference(model):
     with torch.no_grad():
         model.log_std.copy_(torch.linspace(-2.0, 0.5, model.log_std.numel()).view_as(model.log_std))
-    batch = make_batch(observations(3), tokenizer, model.config)
+    obs = observations(3)
     actions = torch.randn(3, model.chunk_len, model.action_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = model(batch)
-        log_prob = model.log_prob(batch, actions)
-        entropy = model.entropy(batch)
+        out = model(model.make_batch(obs))
+        log_prob, entropy, value = model.evaluate(obs, actions)
 
     mean = out.mean.double().numpy()
     std = np.exp(model.log_std.detach().double().numpy())[None]
@@ -139,74 +130,164 @@ def test_log_prob_and_entropy_match_reference(model, tokenizer):
     torch.testing.assert_close(log_prob, torch_reference, rtol=1e-5, atol=1e-4)
     reference_entropy = np.log(std * math.sqrt(2 * math.pi * math.e)).sum()
     np.testing.assert_allclose(entropy.numpy(), np.full(3, reference_entropy), rtol=1e-6)
+    torch.testing.assert_close(value, out.value)
+    # the static helpers are the same functions
+    torch.testing.assert_close(VLAPolicy.chunk_log_prob(out.mean, out.log_std, actions), log_prob)
+    torch.testing.assert_close(VLAPolicy.chunk_entropy(out.log_std), entropy)
 
 
-def test_log_std_is_clamped(model, tokenizer):
+def test_log_std_is_clamped(model):
     with torch.no_grad():
         model.log_std.fill_(10.0)
-    out = model(make_batch(observations(1), tokenizer, model.config))
+    out = model(model.make_batch(observations(1)))
     assert torch.all(out.log_std == model.config.max_log_std)
+    assert torch.all(model.clamped_log_std() == model.config.max_log_std)
+    assert model.exploration_std() == pytest.approx(math.exp(model.config.max_log_std))
 
 
-def test_sample_log_prob_is_consistent_and_deterministic_is_mean(model, tokenizer):
-    batch = make_batch(observations(2), tokenizer, model.config)
+def test_act_log_prob_is_consistent_and_deterministic_is_mean(model):
+    obs = observations(2)
+    sample = model.act(obs, generator=torch.Generator().manual_seed(0))
+    assert isinstance(sample, ChunkSample)
+    assert sample.actions.shape == (2, model.chunk_len, model.action_dim) and isinstance(sample.actions, torch.Tensor)
+    assert sample.env_actions.shape == (2, model.chunk_len, model.action_dim)
+    assert sample.log_prob.shape == sample.value.shape == (2,)
     with torch.no_grad():
-        actions, log_prob, value = model.sample(batch, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(log_prob, model.log_prob(batch, actions))
-        mean_actions, _, _ = model.sample(batch, deterministic=True)
-        torch.testing.assert_close(mean_actions, model(batch).mean)
-    assert value.shape == (2,)
+        evaluation = model.evaluate(obs, sample.actions)
+        assert isinstance(evaluation, ChunkEvaluation)
+        np.testing.assert_allclose(evaluation.log_prob.numpy(), sample.log_prob, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(evaluation.value.numpy(), sample.value, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(model.value(obs), sample.value, rtol=1e-6, atol=1e-6)
+        mean = model(model.make_batch(obs)).mean
+    deterministic = model.act(obs, deterministic=True)
+    torch.testing.assert_close(deterministic.actions, mean)
+    # a sample is not the mean, and the same generator seed reproduces it
+    assert not torch.allclose(sample.actions, mean)
+    again = model.act(obs, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again.actions, sample.actions, rtol=0, atol=0)
 
 
-def test_correlated_chunk_noise_matches_a_full_covariance_gaussian(model, tokenizer, tmp_path):
-    with torch.no_grad():
-        model.log_std.copy_(torch.linspace(-2.0, 0.5, model.log_std.numel()).view_as(model.log_std))
-    model.enable_correlated_noise(-0.7)
-    h, A = model.chunk_len, model.action_dim
-    batch = make_batch(observations(3), tokenizer, model.config)
-    actions = torch.randn(3, h, A, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model(batch)
-        log_prob, entropy, _ = model.evaluate_actions(batch, actions)
-    # Reference: one multivariate normal over the flattened chunk; per action dimension the
-    # covariance is diag(s_t^2) + c^2 11^T, and dimensions are independent.
-    std = model.log_std.detach().double().exp()
-    c = math.exp(-0.7)
-    cov = torch.zeros(h * A, h * A, dtype=torch.float64)
-    for d in range(A):
-        idx = torch.arange(h) * A + d
-        cov[idx[:, None], idx[None, :]] = c**2
-        cov[idx, idx] += std[:, d] ** 2
-    reference = torch.distributions.MultivariateNormal(out.mean.double().reshape(3, -1), covariance_matrix=cov)
-    torch.testing.assert_close(log_prob.double(), reference.log_prob(actions.double().reshape(3, -1)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(entropy.double(), reference.entropy(), rtol=1e-5, atol=1e-4)
+def test_act_keeps_the_training_mode_and_leaves_no_graph(model):
+    model.train()
+    sample = model.act(observations(2), generator=torch.Generator().manual_seed(0))
+    assert model.training and not sample.actions.requires_grad
+    model.eval()
+    model.value(observations(2))
+    assert not model.training
 
-    # Samples have that covariance: steps of a chunk move together.
-    many = make_batch(observations(1), tokenizer, model.config)
-    many = {k: v.expand(4000, *v.shape[1:]) for k, v in many.items()}
-    with torch.no_grad():
-        samples, sample_log_prob, _ = model.sample(many, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(sample_log_prob, model.log_prob(many, samples), rtol=1e-4, atol=1e-3)
-    empirical = torch.cov(samples.double().reshape(4000, -1).T)
-    assert (empirical - cov).abs().max() < 0.12 * cov.diagonal().max()
-    assert empirical[0, A] > 0.5 * c**2, "consecutive steps of one dimension are correlated"
 
-    # The setting and the learned term survive a checkpoint.
+def test_env_actions_are_the_unnormalised_unclipped_samples(tokenizer):
+    torch.manual_seed(0)
+    model = VLAPolicy(tiny_config(tokenizer, action_mean=[0.1, -0.2, 0.0, 0.3], action_std=[0.5, 0.5, 2.0, 1.0]))
     with torch.no_grad():
-        model.correlated_log_std.copy_(torch.tensor([-0.5, -1.0, -1.5, -2.0]))
-    save_pretrained(model, tmp_path / "p")
-    loaded = load_pretrained(tmp_path / "p")
-    assert loaded.config.correlated_noise
-    torch.testing.assert_close(loaded.correlated_log_std, model.correlated_log_std)
-    with pytest.raises(ValueError, match="already has"):
-        loaded.enable_correlated_noise(-1.0)
+        model.log_std.fill_(model.config.max_log_std)  # wide noise: samples beyond the action bounds
+    sample = model.act(observations(4), generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(sample.env_actions, model.unnormalize_actions(sample.actions).numpy(), rtol=1e-6)
+    assert np.abs(sample.env_actions).max() > 1.0, "env actions are not clipped (the env clips them)"
+
+
+def test_evaluate_with_steps_scores_only_the_first_steps(model):
+    obs = observations(3)
+    k = 2
+    sample = model.act(obs, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model(model.make_batch(obs))
+        changed = sample.actions.clone()
+        changed[:, k:] += 5.0  # steps after k are never scored
+        logp_k, entropy_k, _ = model.evaluate(obs, changed, steps=k)
+        reference = torch.distributions.Normal(out.mean[:, :k], out.log_std[:, :k].exp()).log_prob(changed[:, :k]).sum((1, 2))
+        torch.testing.assert_close(logp_k, reference, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(logp_k, model.evaluate(obs, sample.actions, steps=k).log_prob)
+        logp_all, entropy_all, _ = model.evaluate(obs, changed)
+    assert (logp_all < logp_k - 1.0).all(), "scored over the whole chunk, the shifted steps count"
+    torch.testing.assert_close(entropy_k, entropy_all * k / model.chunk_len)  # one std for every step here
+    with pytest.raises(ValueError, match="steps must be in"):
+        model.evaluate(obs, sample.actions, steps=model.chunk_len + 1)
+    with pytest.raises(ValueError, match="actions must have shape"):
+        model.evaluate(obs, sample.actions[:, :k])
+
+
+def _bc_inputs(model, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = observations(n, seed=seed)
+    actions = torch.from_numpy(rng.normal(size=(n, model.chunk_len, model.action_dim)).astype(np.float32))
+    pad = torch.zeros(n, model.chunk_len, dtype=torch.bool)
+    pad[0, 3:] = True
+    pad[1, 1:] = True
+    pad[2, 4:] = True
+    return obs, actions, pad
+
+
+def test_bc_loss_is_the_chunk_nll_of_the_unpadded_entries_in_normalised_units(tokenizer):
+    torch.manual_seed(0)
+    model = VLAPolicy(tiny_config(tokenizer, action_mean=[0.1, -0.2, 0.0, 0.3], action_std=[0.5, 0.5, 2.0, 1.0])).eval()
+    with torch.no_grad():  # an uneven std per entry, so a wrong broadcast shows
+        model.log_std.copy_(torch.linspace(-1.5, 0.5, model.log_std.numel()).view_as(model.log_std))
+    obs, actions, pad = _bc_inputs(model)
+    with torch.no_grad():
+        result = model.bc_loss(obs, actions, pad)
+        out = model(model.make_batch(obs))
+    assert isinstance(result, BCLoss)
+    target = model.normalize_actions(actions)
+    valid = ~pad
+    nll = -torch.distributions.Normal(out.mean, out.log_std.exp()).log_prob(target)
+    torch.testing.assert_close(result.loss, nll[valid].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.mse, (out.mean - target).square()[valid].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.features, out.features)
+
+
+def test_bc_loss_ignores_padded_entries(model):
+    obs, actions, pad = _bc_inputs(model)
+    with torch.no_grad():
+        loss, mse, _ = model.bc_loss(obs, actions, pad)
+        changed = actions.clone()
+        changed[pad] = 100.0
+        loss2, mse2, _ = model.bc_loss(obs, changed, pad)
+        assert loss2.item() == loss.item() and mse2.item() == mse.item()
+        changed[0, 0, 0] += 1.0  # an unpadded target does count
+        assert model.bc_loss(obs, changed, pad).loss.item() != loss.item()
+        everything = model.bc_loss(obs, actions, torch.ones_like(pad))
+    assert everything.loss.item() == 0.0 and everything.mse.item() == 0.0, "all padded: zero, not NaN"
+
+
+def test_bc_loss_trains_the_mean_and_the_std(model):
+    obs, actions, pad = _bc_inputs(model)
+    model.train()
+    loss, mse, _ = model.bc_loss(obs, actions, pad)
+    assert not mse.requires_grad
+    loss.backward()
+    assert model.log_std.grad is not None and model.log_std.grad.abs().sum() > 0
+    assert model.action_head[-1].weight.grad.abs().sum() > 0
+    assert model.value_head[-1].weight.grad is None, "BC does not train the critic"
+
+
+def test_param_groups_partition_the_parameters(model):
+    groups = model.param_groups()
+    assert set(groups) == {"actor", "critic"}
+    ids = [id(p) for group in groups.values() for p in group]
+    assert len(ids) == len(set(ids)), "no parameter is in both groups"
+    assert set(ids) == {id(p) for p in model.parameters()}, "every parameter is in a group"
+    assert {id(p) for p in groups["critic"]} == {id(p) for p in model.value_head.parameters()}
+    assert any(p is model.log_std for p in groups["actor"])
+
+
+def test_reset_exploration_sets_the_std(model):
+    model.reset_exploration(-2.0)
+    assert torch.all(model.log_std == -2.0)
+    assert model.exploration_std() == pytest.approx(math.exp(-2.0))
+
+
+def test_vla_policy_is_a_chunk_policy(model):
+    assert isinstance(model, ChunkPolicy)
+    config = model.observation_config()
+    assert (config.image_size, config.camera, config.render) == (IMAGE_SIZE, "", True)
+    assert "vla" in policy_types()
 
 
 def test_gradients_reach_all_parameters(tokenizer):
     torch.manual_seed(0)
     model = VLAPolicy(tiny_config(tokenizer)).train()
-    batch = make_batch(observations(2), tokenizer, model.config)
-    log_prob, entropy, value = model.evaluate_actions(batch, torch.zeros(2, model.chunk_len, model.action_dim))
+    log_prob, entropy, value = model.evaluate(observations(2), torch.zeros(2, model.chunk_len, model.action_dim))
     (-log_prob.mean() - 0.01 * entropy.mean() + value.square().mean()).backward()
     without_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert without_grad == []
@@ -216,17 +297,18 @@ def test_keypoint_tokens_train_and_survive_a_checkpoint(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = VLAPolicy(tiny_config(tokenizer, image_keypoints=4)).train()
     assert model.vision.num_tokens == model.config.image_grid**2 + 4
-    batch = make_batch(observations(2), tokenizer, model.config)
-    log_prob, _, value = model.evaluate_actions(batch, torch.zeros(2, model.chunk_len, model.action_dim))
+    obs = observations(2)
+    log_prob, _, value = model.evaluate(obs, torch.zeros(2, model.chunk_len, model.action_dim))
     (-log_prob.mean() + value.square().mean()).backward()
     for name in ("keypoint_features.weight", "keypoint_log_temperature", "keypoint_embed.weight"):
         assert getattr(model.vision, name.split(".")[0]) is not None
         grad = dict(model.vision.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
-    save_pretrained(model.eval(), tmp_path / "ckpt")
-    loaded = load_pretrained(tmp_path / "ckpt")
+    model.eval().save(tmp_path / "ckpt")
+    loaded = load_policy(tmp_path / "ckpt")
     assert loaded.config.image_keypoints == 4
+    batch = model.make_batch(obs)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).mean, model(batch).mean)
 
@@ -250,56 +332,42 @@ def test_spatial_softmax_returns_the_peak_position(tokenizer):
     torch.testing.assert_close(xy[1], torch.tensor([-1.0, 1.0]), atol=1e-4, rtol=0)
 
 
-def test_film_starts_as_the_unconditioned_encoder_and_then_follows_the_instruction(tokenizer, tmp_path):
+def _rewrite_config(path, change) -> None:
+    document = json.loads((path / "config.json").read_text())
+    change(document)
+    (path / "config.json").write_text(json.dumps(document))
+
+
+def test_checkpoints_without_keypoint_field_load_as_before(tokenizer, tmp_path):
+    # written before image_keypoints existed: no keypoint tokens (the default then), whatever today's default is
     torch.manual_seed(0)
-    plain = VLAPolicy(tiny_config(tokenizer)).eval()
-    filmed = VLAPolicy(tiny_config(tokenizer, image_film=True)).eval()
-    missing, unexpected = filmed.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and missing and all(name.startswith("vision.film.") for name in missing)
-    same_image = observations(2)
-    same_image["image"][1] = same_image["image"][0]
-    same_image["proprio"][1] = same_image["proprio"][0]
-    batch = make_batch(same_image, tokenizer, plain.config)
-    assert batch["instruction_ids"][0].tolist() != batch["instruction_ids"][1].tolist()
-    with torch.no_grad():  # zero-initialised FiLM: exactly the plain encoder
-        torch.testing.assert_close(filmed.vision(batch["image"], condition=torch.randn(2, plain.config.d_model)),
-                                   plain.vision(batch["image"]))
-
-    filmed.train()
-    log_prob, _, value = filmed.evaluate_actions(batch, torch.zeros(2, filmed.chunk_len, filmed.action_dim))
-    (-log_prob.mean() + value.square().mean()).backward()
-    assert all(film.weight.grad.abs().sum() > 0 for film in filmed.vision.film)
+    old = VLAPolicy(tiny_config(tokenizer, image_keypoints=0)).eval()
+    old.save(tmp_path / "old")
+    _rewrite_config(tmp_path / "old", lambda d: d["policy"].pop("image_keypoints"))
+    loaded = load_policy(tmp_path / "old")
+    assert loaded.config.image_keypoints == 0
+    batch = old.make_batch(observations(2))
     with torch.no_grad():
-        for film in filmed.vision.film:
-            film.weight.normal_(std=0.5)
-    filmed.eval()
-    with torch.no_grad():  # same pixels, different instructions: different image tokens
-        summary = filmed.token_embed(batch["instruction_ids"]).mean(1)
-        tokens = filmed.vision(batch["image"], condition=summary)
-    assert not torch.allclose(tokens[0], tokens[1], atol=1e-4)
-    with pytest.raises(ValueError, match="pass the instruction summary"):
-        filmed.vision(batch["image"])
-
-    save_pretrained(filmed, tmp_path / "ckpt")
-    loaded = load_pretrained(tmp_path / "ckpt")
-    assert loaded.config.image_film
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(batch).mean, filmed(batch).mean)
+        torch.testing.assert_close(loaded(batch).mean, old(batch).mean)
 
 
-def test_checkpoints_without_keypoint_field_load_as_before(model, tmp_path):
-    save_pretrained(model, tmp_path / "old")
-    document = json.loads((tmp_path / "old" / "config.json").read_text())
-    del document["policy"]["image_keypoints"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(document))
-    assert load_pretrained(tmp_path / "old").config.image_keypoints == 0
+def test_checkpoints_with_retired_options_switched_off_load(model, tmp_path):
+    model.save(tmp_path / "old")
+    _rewrite_config(tmp_path / "old", lambda d: d["policy"].update(
+        correlated_noise=False, init_correlated_log_std=-1.5, image_film=False))
+    assert load_policy(tmp_path / "old").config == model.config
+    for name in ("correlated_noise", "image_film"):
+        model.save(tmp_path / name)
+        _rewrite_config(tmp_path / name, lambda d: d["policy"].update({name: True}))
+        with pytest.raises(CheckpointError, match=f"{name}=True"):
+            load_policy(tmp_path / name)
 
 
 # --------------------------------------------------------------------------- attention structure
 
 
-def test_value_readout_cannot_influence_actions(model, tokenizer):
-    batch = make_batch(observations(2), tokenizer, model.config)
+def test_value_readout_cannot_influence_actions(model):
+    batch = model.make_batch(observations(2))
     with torch.no_grad():
         model.action_head[-1].weight.normal_(std=0.5)
         model.value_head[-1].weight.normal_(std=0.5)
@@ -354,33 +422,73 @@ def test_bad_observations_raise_value_error(model, tokenizer, key, value, messag
     obs[key] = value
     with pytest.raises(ValueError, match=message):
         make_batch(obs, tokenizer, model.config)
+    with pytest.raises(ValueError, match=message):
+        model.predict_batch(obs)
 
 
 def test_make_batch_single_and_shared_instruction(model, tokenizer):
     single = make_batch(single_observation(), tokenizer, model.config)
     assert single["image"].shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3) and single["image"].dtype == torch.uint8
     assert single["proprio"].shape == (1, 4)
-    shared = make_batch(dict(observations(3), instruction="open the drawer"), tokenizer, model)
+    shared = model.make_batch(dict(observations(3), instruction="open the drawer"))
     assert torch.equal(shared["instruction_ids"][0], shared["instruction_ids"][2])
     with pytest.raises(TypeError, match="PolicyConfig"):
         make_batch(single_observation(), tokenizer, "cpu")
 
 
-def test_policy_predict_shapes_bounds_and_batch_consistency(model, tokenizer):
+def test_predict_shapes_bounds_and_batch_consistency(model):
     with torch.no_grad():
         model.action_head[-1].weight.normal_(std=2.0)  # push some actions past the bounds
-    policy = Policy(model, tokenizer)
-    chunk = policy.predict(single_observation())
-    assert chunk.shape == (policy.chunk_len, 4) and chunk.dtype == np.float32
+    chunk = model.predict(single_observation())
+    assert chunk.shape == (model.chunk_len, 4) and chunk.dtype == np.float32
     obs = observations(4)
-    chunks = policy.predict_batch(obs)
-    assert chunks.shape == (4, policy.chunk_len, 4)
+    chunks = model.predict_batch(obs)
+    assert chunks.shape == (4, model.chunk_len, 4) and chunks.dtype == np.float32
     assert chunks.min() >= -1.0 and chunks.max() <= 1.0
+    assert np.abs(model.act(obs, deterministic=True).env_actions).max() > 1.0, "the example must exercise the clipping"
     first = {"image": obs["image"][0], "proprio": obs["proprio"][0], "instruction": obs["instruction"][0]}
-    np.testing.assert_allclose(policy.predict(first), chunks[0], atol=1e-5)
-    assert policy.image_size == IMAGE_SIZE and policy.camera == "corner"
+    np.testing.assert_allclose(model.predict(first), chunks[0], atol=1e-5)
+    assert model.observation_config().image_size == IMAGE_SIZE
     with pytest.raises(ValueError, match="predict_batch"):
-        policy.predict(obs)
+        model.predict(obs)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(proprio=np.array([0.0, np.nan, 0.0, 0.0], np.float32)), "NaN or inf"),
+        (dict(proprio=np.array([0.0, 0.0, np.inf, 0.0], np.float32)), "NaN or inf"),
+        (dict(instruction=None), "must be a str"),
+        (dict(instruction=""), "empty"),
+        (dict(instruction="   "), "empty"),
+        (dict(instruction=3), "must be a str"),
+    ],
+    ids=["nan", "inf", "none", "empty", "blank", "int"],
+)
+def test_predict_rejects_what_no_policy_can_act_on(model, change, message):
+    with pytest.raises(ValueError, match=message):
+        model.predict({**single_observation(), **change})
+    batch = observations(2)
+    key, value = next(iter(change.items()))
+    batch[key] = np.stack([batch[key][0], value]) if key == "proprio" else [batch[key][0], value]
+    with pytest.raises(ValueError, match=message):
+        model.predict_batch(batch)
+
+
+def test_predict_rejects_a_missing_key(model):
+    obs = single_observation()
+    del obs["proprio"]
+    with pytest.raises(ValueError, match="missing"):
+        model.predict(obs)
+
+
+def test_unknown_instruction_words_warn_once(model, caplog):
+    obs = dict(single_observation(), instruction="open the fridge")
+    with caplog.at_level(logging.WARNING, logger="vlapt.policies"):
+        model.predict(obs)
+        model.predict(obs)
+    warnings = [r for r in caplog.records if "never saw" in r.getMessage()]
+    assert len(warnings) == 1 and "fridge" in warnings[0].getMessage()
 
 
 def test_action_normalisation_round_trip(tokenizer):
@@ -397,18 +505,30 @@ def test_action_normalisation_round_trip(tokenizer):
     np.testing.assert_array_equal(identity.normalize_actions(actions), actions)
 
 
-def test_seeded_sampling_is_reproducible(model, tokenizer):
+def test_seeded_sampling_is_reproducible(model):
     obs = single_observation()
-    policy = Policy(model, tokenizer, seed=3)
-    first = [policy.predict(obs, deterministic=False) for _ in range(2)]
-    policy.seed(3)
-    again = [policy.predict(obs, deterministic=False) for _ in range(2)]
+    model.seed(3)
+    first = [model.predict(obs, deterministic=False) for _ in range(2)]
+    model.seed(3)
+    again = [model.predict(obs, deterministic=False) for _ in range(2)]
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.array_equal(first[0], first[1])
-    other = Policy(model, tokenizer, seed=4).predict(obs, deterministic=False)
-    assert not np.array_equal(other, first[0])
-    np.testing.assert_array_equal(policy.predict(obs), Policy(model, tokenizer, seed=99).predict(obs))
+    other = copy.deepcopy(model)
+    other.seed(4)
+    assert not np.array_equal(other.predict(obs, deterministic=False), first[0])
+    other.seed(99)
+    np.testing.assert_array_equal(model.predict(obs), other.predict(obs))
+
+
+def test_policy_agent_acts_on_a_list_of_observations(model):
+    agent = PolicyAgent(model)
+    assert agent.chunk_len == model.chunk_len and agent.name == "policy:vla"
+    obs = observations(3)
+    listed = [{"image": obs["image"][i], "proprio": obs["proprio"][i], "instruction": obs["instruction"][i]} for i in range(3)]
+    chunks = agent.act(listed, ["a", "b", "c"])
+    assert len(chunks) == 3
+    np.testing.assert_array_equal(np.stack(chunks), model.predict_batch(obs))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -418,92 +538,135 @@ def test_save_load_round_trip(model, tokenizer, tmp_path):
     with torch.no_grad():
         model.action_head[-1].weight.normal_(std=0.3)
     path = tmp_path / "ckpt"
-    save_pretrained(model, path, metadata={"step": 7, "task": "pick-place-v3"})
+    model.save(path, metadata={"step": 7, "task": "pick-place-v3"})
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     document = json.loads((path / "config.json").read_text())
     assert document["format"] == "vlapt-policy" and document["format_version"] == 1
+    assert document["policy_type"] == "vla"
     assert document["metadata"] == {"step": 7, "task": "pick-place-v3"}
+    assert document["files"]["model.safetensors"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    assert read_config(path) == document
 
     loaded = load_policy(path, seed=5)
-    original = Policy(model, tokenizer, seed=5)
+    assert isinstance(loaded, VLAPolicy) and not loaded.training
+    model.seed(5)
     assert loaded.config == model.config and loaded.tokenizer == tokenizer
     obs = observations(3)
-    np.testing.assert_array_equal(loaded.predict_batch(obs), original.predict_batch(obs))
-    np.testing.assert_array_equal(
-        loaded.predict_batch(obs, deterministic=False), original.predict_batch(obs, deterministic=False)
-    )
-    for name, tensor in load_pretrained(path).state_dict().items():
+    np.testing.assert_array_equal(loaded.predict_batch(obs), model.predict_batch(obs))
+    np.testing.assert_array_equal(loaded.predict_batch(obs, deterministic=False), model.predict_batch(obs, deterministic=False))
+    for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
 
 
 def test_save_overwrites_and_leaves_no_temp_dirs(model, tmp_path):
     path = tmp_path / "ckpt"
-    save_pretrained(model, path, metadata={"version": 1})
+    model.save(path, metadata={"version": 1})
     with torch.no_grad():
         model.log_std.fill_(-2.0)
-    save_pretrained(Policy(model), path, metadata={"version": 2})
+    model.save(path, metadata={"version": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert json.loads((path / "config.json").read_text())["metadata"] == {"version": 2}
-    assert torch.all(load_pretrained(path).log_std == -2.0)
+    assert torch.all(load_policy(path).log_std == -2.0)
 
 
 def test_save_rejects_unserialisable_metadata_without_touching_disk(model, tmp_path):
     with pytest.raises(ValueError, match="JSON-serialisable"):
-        save_pretrained(model, tmp_path / "ckpt", metadata={"bad": object()})
+        model.save(tmp_path / "ckpt", metadata={"bad": object()})
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
 def saved(model, tmp_path):
     path = tmp_path / "ckpt"
-    save_pretrained(model, path)
+    model.save(path)
     return path
+
+
+def _drop_hash(path) -> None:
+    """As a checkpoint written without a recorded hash (loading then checks only the file itself)."""
+    _rewrite_config(path, lambda d: d.pop("files"))
 
 
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_pretrained(tmp_path / "nope")
+        load_policy(tmp_path / "nope")
 
 
 def test_missing_weights(saved):
     (saved / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        load_pretrained(saved)
+        load_policy(saved)
 
 
 def test_missing_config(saved):
     (saved / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_pretrained(saved)
+        load_policy(saved)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        read_config(saved)
+
+
+def test_weights_that_do_not_match_their_recorded_hash(saved):
+    weights = saved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in the last tensor: still a readable safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_policy(saved)
+    _drop_hash(saved)
+    load_policy(saved)  # without a recorded hash the (readable) file loads
 
 
 def test_corrupt_safetensors(saved):
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_policy(saved)
+    _drop_hash(saved)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load_pretrained(saved)
+        load_policy(saved)
     (saved / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_pretrained(saved)
+        load_policy(saved)
 
 
 def test_corrupt_json(saved):
     (saved / "config.json").write_text('{"format": "vlapt-policy", ')
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_pretrained(saved)
+        load_policy(saved)
 
 
 def test_wrong_format_and_bad_fields(saved):
     document = json.loads((saved / "config.json").read_text())
     (saved / "config.json").write_text(json.dumps(dict(document, format="something-else")))
     with pytest.raises(CheckpointError, match="not a vlapt policy checkpoint"):
-        load_pretrained(saved)
+        load_policy(saved)
+    (saved / "config.json").write_text(json.dumps(dict(document, format_version=2)))
+    with pytest.raises(CheckpointError, match="format_version"):
+        load_policy(saved)
     (saved / "config.json").write_text(json.dumps(dict(document, policy={**document["policy"], "colour": 1})))
     with pytest.raises(CheckpointError, match="unknown policy config field.*colour"):
-        load_pretrained(saved)
+        load_policy(saved)
     (saved / "config.json").write_text(json.dumps(dict(document, policy={**document["policy"], "n_heads": 5})))
     with pytest.raises(CheckpointError, match="divisible by n_heads"):
-        load_pretrained(saved)
+        load_policy(saved)
+    (saved / "config.json").write_text(json.dumps(dict(document, policy_type="diffusion")))
+    with pytest.raises(CheckpointError, match="unknown policy_type 'diffusion'"):
+        load_policy(saved)
+
+
+def test_config_whose_image_size_the_weights_cannot_serve(saved):
+    # 16 px through the tiny preset's 3 stride-2 convs is a 2x2 map, smaller than its 4x4 token grid
+    _rewrite_config(saved, lambda d: d["policy"].update(image_size=16))
+    with pytest.raises(CheckpointError, match="image_size 16"):
+        load_policy(saved)
+
+
+def test_config_whose_architecture_disagrees_with_the_weights(saved):
+    # config.json edited after saving (its hash covers only the weights): the shapes give it away
+    _rewrite_config(saved, lambda d: d["policy"].update(image_keypoints=4))
+    with pytest.raises(CheckpointError, match="do not match its config.json.*keypoint"):
+        load_policy(saved)
 
 
 def test_weights_that_do_not_match_config(saved):
@@ -512,16 +675,25 @@ def test_weights_that_do_not_match_config(saved):
     state["extra.weight"] = torch.zeros(1)
     del state["value_head.0.bias"]
     save_file(state, str(saved / "model.safetensors"))
+    digest = hashlib.sha256((saved / "model.safetensors").read_bytes()).hexdigest()
+    _rewrite_config(saved, lambda d: d["files"].update({"model.safetensors": digest}))
     with pytest.raises(CheckpointError) as info:
-        load_pretrained(saved)
+        load_policy(saved)
     message = str(info.value)
-    assert "log_std: file (3, 4) vs config (5, 4)" in message
+    assert "log_std: file (3, 4) vs config (10, 4)" in message
     assert "extra.weight" in message and "value_head.0.bias" in message
 
 
 def test_file_inside_checkpoint_points_to_directory(saved):
     with pytest.raises(CheckpointError, match="pass its directory"):
-        load_pretrained(saved / "config.json")
+        load_policy(saved / "config.json")
+
+
+def test_unavailable_device_is_a_clear_error(saved):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_policy(saved, device="cuda")
 
 
 # --------------------------------------------------------------------------- tokenizer

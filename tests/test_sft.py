@@ -1,4 +1,6 @@
-"""Supervised fine-tuning: outputs, learning, exact resume after a crash, the BC loss, augmentation, bad input."""
+"""Supervised fine-tuning: outputs, learning, exact resume after a crash, continuing a policy, augmentation, bad input.
+
+The behaviour-cloning loss itself is the policy's (`VLAPolicy.bc_loss`): tests/test_policies.py tests it."""
 
 from __future__ import annotations
 
@@ -11,16 +13,19 @@ import torch
 import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
 import vlapt.algorithms.sft as sft_module
 from vlapt.algorithms.checkpointing import latest_checkpoint, load_training_checkpoint
-from vlapt.algorithms.sft import ModelConfig, SFTConfig, chunk_bc_loss, random_shift, train_sft
+from vlapt.algorithms.sft import ModelConfig, SFTConfig, build_policy_config, dataset_spec, random_shift, train_sft
 from vlapt.config import load_config
-from vlapt.data import DatasetError, read_episodes
+from vlapt.data import DatasetError, env_args, read_episodes
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.dataset import ChunkDataset
-from vlapt.envs.tasks import MT50, instruction_for
-from vlapt.models import CheckpointError, Tokenizer, VLAPolicy, load_pretrained, make_batch, policy_config_for_size
+from vlapt.envs import get_suite
+from vlapt.interfaces import EnvConfig
+from vlapt.policies import CheckpointError, load_policy
+from vlapt.policies.vla import Tokenizer, VLAPolicy, policy_config_for_size
 
 IMAGE_SIZE = 32  # tiny model: 3 stride-2 convs, 4x4 grid -> 32 px is the smallest valid size
 TASK = "reach-v3"
+SUITE = get_suite("mt10")
 
 
 class _Crash(Exception):
@@ -47,7 +52,15 @@ def _config(dataset, out, **kwargs) -> SFTConfig:
 
 
 def _state(path) -> dict[str, torch.Tensor]:
-    return load_pretrained(path).state_dict()
+    return load_policy(path).state_dict()
+
+
+def _all_samples(data: ChunkDataset) -> tuple[dict, dict]:
+    """Every sample of a dataset: the raw observation batch a policy reads, and the whole sample."""
+    sample = data.batch(np.arange(len(data)))
+    observations = {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(),
+                    "instruction": sample["instruction"]}
+    return observations, sample
 
 
 def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -71,7 +84,7 @@ def test_train_sft_writes_policy_config_checkpoints_and_tensorboard(dataset, tmp
     np.testing.assert_allclose(cfg.proprio_std, stats["proprio_std"], rtol=1e-6)
     # the policy acts on an observation of the dataset's format
     demo = read_episodes(dataset)[0]
-    chunk = policy.predict({"image": demo.images[0], "proprio": demo.proprio[0], "instruction": instruction_for(TASK)})
+    chunk = policy.predict({"image": demo.images[0], "proprio": demo.proprio[0], "instruction": SUITE.instruction(TASK)})
     assert chunk.shape == (10, 4) and np.all(np.abs(chunk) <= 1.0)
 
     saved = load_config(SFTConfig, out / "config.yaml")
@@ -100,22 +113,17 @@ def test_training_lowers_the_bc_loss_on_the_demonstrations(dataset, tmp_path):
         dataset, tmp_path / "run", steps=60, batch_size=16, lr=3e-3, augment_shift=0, log_every=60, checkpoint_every=60,
         model=ModelConfig(size="tiny", chunk_len=5), aux_state_coef=0.0,
     )
-    final = load_pretrained(train_sft(config, progress=False))
+    final = load_policy(train_sft(config, progress=False))
 
     torch.manual_seed(config.seed)  # train_sft builds its initial model right after seeding like this
     initial = VLAPolicy(final.config)
 
-    data = ChunkDataset(read_episodes(dataset), final.chunk_len)
-    sample = data.batch(np.arange(len(data)))
-    batch = make_batch(
-        {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(), "instruction": sample["instruction"]},
-        Tokenizer(final.config.vocab), final.config,
-    )
+    observations, sample = _all_samples(ChunkDataset(read_episodes(dataset), final.chunk_len))
 
     def loss_of(model):
         model.eval()
         with torch.no_grad():
-            loss, mse = chunk_bc_loss(model, batch, model.normalize_actions(sample["actions"]), sample["action_pad"])
+            loss, mse, _ = model.bc_loss(observations, sample["actions"], sample["action_pad"])
         return loss.item(), mse.item()
 
     (loss0, mse0), (loss1, mse1) = loss_of(initial), loss_of(final)
@@ -128,16 +136,14 @@ def test_training_lowers_the_bc_loss_on_the_demonstrations(dataset, tmp_path):
 def _aux_loss_on_all_samples(dataset, run_dir) -> float:
     model, tensors, _ = load_training_checkpoint(latest_checkpoint(run_dir))
     aux = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
+    # no aux_state_dims given: the suite's auxiliary targets (MetaWorld: object and goal positions)
+    assert aux["dims"].tolist() == list(SUITE.observation_spec(EnvConfig()).aux_targets) == [4, 5, 6, 36, 37, 38]
     head = sft_module.StatePredictionHead(model.config.d_model, aux["dims"].tolist(), aux["mean"], aux["std"])
     head.load_state_dict(aux)
-    data = ChunkDataset(read_episodes(dataset), model.chunk_len)
-    sample = data.batch(np.arange(len(data)))
-    batch = make_batch(
-        {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(), "instruction": sample["instruction"]},
-        Tokenizer(model.config.vocab), model.config,
-    )
+    observations, sample = _all_samples(ChunkDataset(read_episodes(dataset), model.chunk_len))
     with torch.no_grad():
-        return head.loss(model.eval()(batch).features, sample["state"]).item()
+        features = model.eval().bc_loss(observations, sample["actions"], sample["action_pad"]).features
+        return head.loss(features, sample["state"]).item()
 
 
 def test_aux_state_head_learns_the_goal_and_stays_out_of_the_policy(dataset, tmp_path):
@@ -155,7 +161,7 @@ def test_aux_state_head_learns_the_goal_and_stays_out_of_the_policy(dataset, tmp
 
 
 def test_aux_state_needs_states_in_the_dataset(dataset, tmp_path):
-    from vlapt.data.format import DemoWriter, env_args
+    from vlapt.data.format import DemoWriter
 
     stateless = tmp_path / "stateless.hdf5"
     with DemoWriter(stateless, env_args(dataset)) as writer:
@@ -221,88 +227,40 @@ def test_resume_false_starts_over(dataset, tmp_path):
     assert "resumed from" not in (out / "train.log").read_text()
 
 
-# -- the behaviour-cloning loss ------------------------------------------------------------------------------
-@pytest.fixture
-def tiny_model():
-    torch.manual_seed(0)
-    config = policy_config_for_size(
-        "tiny", image_size=IMAGE_SIZE, vocab=Tokenizer.build([instruction_for(t) for t in MT50]).vocab
-    )
-    model = VLAPolicy(config).eval()
-    with torch.no_grad():  # an uneven std per entry, so a wrong broadcast shows
-        model.log_std.copy_(torch.linspace(-1.5, 0.5, 20).view(5, 4))
-    return model
+# -- what the policy is built from, and continuing one ------------------------------------------------------
+def test_policy_config_records_the_datasets_observations_and_the_suites_vocabulary(dataset):
+    meta = env_args(dataset)
+    spec = dataset_spec(meta)
+    assert (spec.camera, spec.image_size, spec.camera_fovy) == ("corner", IMAGE_SIZE, meta["camera_fovy"])
+    assert spec.proprio_fields == tuple(meta["proprio_fields"]) and spec.action_dim == meta["action_dim"] == 4
+    # datasets written before env_args recorded the suite and the dimensions: their suite's
+    old = {k: v for k, v in meta.items() if k not in ("suite", "proprio_fields", "action_dim", "state_dim")}
+    assert dataset_spec(old) == spec
+    stats = ChunkDataset(read_episodes(dataset), 5).statistics()
+    config = build_policy_config(ModelConfig(size="tiny", chunk_len=5), spec, stats, SUITE.vocabulary())
+    assert (config.size, config.chunk_len, config.image_size, config.camera) == ("tiny", 5, IMAGE_SIZE, "corner")
+    assert config.camera_fovy == meta["camera_fovy"] and config.proprio_fields == list(spec.proprio_fields)
+    assert config.proprio_dim == 4 and config.action_mean == stats["action_mean"]
+    # every instruction of the suite's family is readable, not only the dataset's tasks
+    words = {word for task in get_suite("mt50").tasks for word in Tokenizer.split(SUITE.instruction(task))}
+    assert words <= set(config.vocab)
 
 
-def _random_batch(model, n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    obs = {
-        "image": rng.integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
-        "proprio": rng.normal(size=(n, 4)).astype(np.float32),
-        "instruction": [instruction_for(MT50[i % 3]) for i in range(n)],
-    }
-    batch = make_batch(obs, Tokenizer(model.config.vocab), model.config)
-    actions = torch.from_numpy(rng.normal(size=(n, 5, 4)).astype(np.float32))
-    pad = torch.zeros(n, 5, dtype=torch.bool)
-    pad[0, 3:] = True
-    pad[1, 1:] = True
-    pad[2, 4:] = True
-    return batch, actions, pad
+def test_continuing_from_a_policy_keeps_its_architecture_and_checks_its_camera(dataset, tmp_path):
+    first = train_sft(_config(dataset, tmp_path / "first", steps=2, checkpoint_every=2,
+                              model=ModelConfig(size="tiny", chunk_len=5)), progress=False)
+    more = train_sft(_config(dataset, tmp_path / "more", steps=2, checkpoint_every=2, init_policy=str(first)),
+                     progress=False)
+    assert load_policy(more).config == load_policy(first).config  # chunk_len 5: `model` (10 by default) is unused
+    start, continued = _state(first), _state(more)
+    assert any(not torch.equal(start[k], continued[k]) for k in start), "it trained on"
+    assert load_config(SFTConfig, tmp_path / "more" / "config.yaml").init_policy == str(first)
 
-
-def test_bc_loss_ignores_padded_targets(tiny_model):
-    batch, actions, pad = _random_batch(tiny_model)
-    with torch.no_grad():
-        for kind in ("nll", "mse"):
-            loss, mse = chunk_bc_loss(tiny_model, batch, actions, pad, kind)
-            changed = actions.clone()
-            changed[pad] = 100.0
-            loss2, mse2 = chunk_bc_loss(tiny_model, batch, changed, pad, kind)
-            assert loss2.item() == loss.item() and mse2.item() == mse.item()
-            # changing an unpadded target does change it
-            changed[0, 0, 0] += 1.0
-            assert chunk_bc_loss(tiny_model, batch, changed, pad, kind)[0].item() != loss.item()
-
-
-def test_bc_loss_matches_manual_gaussian_nll_and_mse(tiny_model):
-    batch, actions, pad = _random_batch(tiny_model)
-    with torch.no_grad():
-        out = tiny_model(batch)
-        valid = ~pad  # (B, h)
-        std = tiny_model.log_std.exp()
-        log_density = torch.distributions.Normal(out.mean, std.expand_as(out.mean)).log_prob(actions)  # (B, h, A)
-        manual_nll = -log_density[valid].mean()
-        manual_mse = (out.mean - actions).square()[valid].mean()
-
-        nll, mse_nll = chunk_bc_loss(tiny_model, batch, actions, pad, "nll")
-        mse, mse_mse = chunk_bc_loss(tiny_model, batch, actions, pad, "mse")
-    torch.testing.assert_close(nll, manual_nll, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mse, manual_mse, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mse_nll, manual_mse, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mse_mse, manual_mse, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(nll, mse)
-
-
-def test_nll_trains_the_std_and_mse_does_not(tiny_model):
-    batch, actions, pad = _random_batch(tiny_model)
-    tiny_model.train()
-    for kind, expect_std_grad in (("nll", True), ("mse", False)):
-        tiny_model.zero_grad(set_to_none=True)
-        loss, mse = chunk_bc_loss(tiny_model, batch, actions, pad, kind)
-        assert not mse.requires_grad
-        loss.backward()
-        std_grad = tiny_model.log_std.grad
-        assert (std_grad is not None and std_grad.abs().sum() > 0) == expect_std_grad
-        assert tiny_model.action_head[-1].weight.grad.abs().sum() > 0
-
-
-def test_bc_loss_with_everything_padded_is_zero_not_nan(tiny_model):
-    batch, actions, pad = _random_batch(tiny_model)
-    pad = torch.ones_like(pad)
-    with torch.no_grad():
-        for kind in ("nll", "mse"):
-            loss, mse = chunk_bc_loss(tiny_model, batch, actions, pad, kind)
-            assert loss.item() == 0.0 and mse.item() == 0.0
+    other = VLAPolicy(policy_config_for_size("tiny", image_size=64, camera="corner"))
+    other.save(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"image_size \(64 vs 32\)"):
+        train_sft(_config(dataset, tmp_path / "bad", init_policy=str(tmp_path / "other")), progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 # -- random shift --------------------------------------------------------------------------------------
@@ -362,15 +320,16 @@ def test_missing_dataset_is_a_helpful_error(tmp_path):
 @pytest.mark.parametrize(
     "change,words",
     [
-        (dict(loss="foo"), ["loss", "'foo'"]),
         (dict(steps=0), ["steps"]),
         (dict(batch_size=0), ["batch_size"]),
         (dict(augment_shift=-1), ["augment_shift"]),
         (dict(model=ModelConfig(size="tiny", chunk_len=0)), ["chunk_len"]),
         (dict(aux_state_coef=-1.0), ["aux_state_coef"]),
-        (dict(aux_state_coef=1.0, aux_state_dims=[36, 39]), ["aux_state_dims", "39"]),
+        (dict(aux_state_dims=[-1]), ["aux_state_dims", "-1"]),
+        (dict(checkpoint_every=0), ["checkpoint_every"]),
+        (dict(log_every=0), ["log_every"]),
     ],
-    ids=["loss", "steps", "batch", "shift", "chunk", "aux_coef", "aux_dims"],
+    ids=["steps", "batch", "shift", "chunk", "aux_coef", "aux_dims", "checkpoint_every", "log_every"],
 )
 def test_invalid_config_is_rejected_before_work(tmp_path, change, words):
     with pytest.raises(ValueError) as info:
@@ -380,9 +339,17 @@ def test_invalid_config_is_rejected_before_work(tmp_path, change, words):
     assert not (tmp_path / "run").exists()
 
 
+def test_aux_state_dims_must_index_the_datasets_state(dataset, tmp_path):
+    with pytest.raises(ValueError) as info:
+        train_sft(_config(dataset, tmp_path / "run", aux_state_coef=1.0, aux_state_dims=[36, 39]), progress=False)
+    assert "aux_state_dims" in str(info.value) and "39" in str(info.value)
+    assert not (tmp_path / "run").exists(), "inputs are checked before the output directory is created"
+
+
 def test_model_image_size_must_match_the_dataset(dataset, tmp_path):
     with pytest.raises(ValueError, match="differs"):
         train_sft(_config(dataset, tmp_path / "run", model=ModelConfig(size="tiny", image_size=64)), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_training_state_is_a_checkpoint_error(dataset, tmp_path):

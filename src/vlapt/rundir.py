@@ -1,0 +1,198 @@
+"""Run directories: one run at a time, the config they were made with, no leftovers of dead runs.
+
+Every training command writes into an ``output_dir``. `open_run` makes that safe to repeat:
+
+- **Checked before created.** A path that is a file, or lies under one, is refused with a
+  message before anything is written, so a bad command leaves no stub directory behind.
+- **One run at a time.** The run holds an exclusive lock on ``output_dir/.lock`` (released by
+  the kernel when the process dies, so a crash never leaves it stale); a second run on the same
+  directory is refused with the holder's pid, host and start time.
+- **The config is the run's identity.** A directory that already holds a run made with other
+  options is refused, naming the differing options, before ``config.yaml`` is touched; only
+  options that may change between invocations of one run (its budget, bookkeeping, threads)
+  are exempt, and ``config.yaml`` then records the latest.
+- **Leftovers are cleaned.** Temporary files and directories of writers that died mid-write
+  (``.name.tmp<pid>``, ``.name.tmp-<pid>``, ``.name.old-<pid>``) are removed on start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import logging
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from vlapt.config import ConfigError, save_config, to_dict
+
+CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
+_TEMPORARY = re.compile(r"^\..+\.(tmp|tmp-|old-)(\d+)$")
+
+
+class RunInUseError(ConfigError):
+    """Another live process holds the run directory."""
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory that can be created or reused, or a ConfigError saying why not."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is" if parent == path else f"lies under {parent}, which is"
+            raise ConfigError(f"output_dir {path} {where} a file; choose a directory path")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ConfigError(f"output_dir {path} cannot be created or written ({existing} is not writable); "
+                          "choose a writable path")
+    return path
+
+
+class RunLock:
+    """An exclusive lock on ``directory/.lock`` that names its holder."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK_FILE
+        self._handle = None
+
+    def acquire(self) -> "RunLock":
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunInUseError(f"{self.path.parent} is in use by {holder}; wait for that run to finish, stop it, "
+                                "or choose another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {started})\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+def clean_stale_temporaries(directory: Path, recursive: bool = True) -> list[Path]:
+    """Remove temporaries of writers whose process is gone; returns what was removed."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    candidates: Iterable[Path] = directory.rglob(".*") if recursive else directory.glob(".*")
+    for path in sorted(candidates):
+        match = _TEMPORARY.match(path.name)
+        if not match or not path.exists() or _alive(int(match.group(2))):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = (), prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every option that differs (nested configs compared key by key)."""
+    exempt = set(exempt)
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        name = f"{prefix}{key}"
+        if name in exempt:
+            continue
+        old, new = recorded.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += config_differences(old, new, exempt, prefix=f"{name}.")
+        elif old != new:
+            out.append(f"{name}: {old!r} -> {new!r}")
+    return out
+
+
+def check_recorded_config(path: Path, config: Any, exempt: Iterable[str] = (), what: str = "run") -> None:
+    """Refuse, naming the differences, when ``path`` records a config other than ``config``."""
+    if not path.is_file():
+        return
+    try:
+        recorded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return  # unreadable: the run's state decides, and its config is written anew
+    current = to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
+    differences = config_differences(recorded, yaml.safe_load(yaml.safe_dump(current)), exempt)
+    if differences:
+        raise ConfigError(f"{path.parent} holds a {what} made with other options (" + "; ".join(differences[:8])
+                          + ("; ..." if len(differences) > 8 else "") + f"). Use the same options to resume it, choose "
+                          "another output directory, or delete this one to start over")
+
+
+@dataclasses.dataclass
+class Run:
+    directory: Path
+    lock: RunLock
+    resumed: bool
+
+    def close(self) -> None:
+        self.lock.release()
+        root = logging.getLogger("vlapt")
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == self.directory.resolve():
+                root.removeHandler(handler)
+                handler.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] = (), has_progress: str = "checkpoints",
+             log_file: str = "train.log") -> Run:
+    """Create or reopen a run directory: checked, locked, cleaned, its config checked then recorded, logging to a file.
+
+    A run counts as started (and its recorded config binding) once ``has_progress`` exists in it.
+    """
+    directory = check_output_dir(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(directory).acquire()
+    try:
+        for path in clean_stale_temporaries(directory):
+            logging.getLogger("vlapt").info("removed %s, left by a run that died while writing it", path)
+        resumed = (directory / has_progress).exists()
+        if resumed:
+            check_recorded_config(directory / CONFIG_FILE, config, exempt)
+        save_config(config, directory / CONFIG_FILE)
+        root = logging.getLogger("vlapt")
+        root.setLevel(logging.INFO)
+        for handler in list(root.handlers):  # one log file per run, also when runs follow each other in a process
+            if isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+                handler.close()
+        handler = logging.FileHandler((directory / log_file).resolve())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        root.addHandler(handler)
+    except BaseException:
+        lock.release()
+        raise
+    return Run(directory, lock, resumed)
