@@ -34,15 +34,17 @@ SRC = Path(vlapt.__file__).parent
 ALLOWED = {
     "interfaces": set(),
     "config": set(),
+    "rundir": {"config"},
     "envs": {"interfaces", "config"},
     "policies": {"interfaces", "config"},
     "rollout": {"interfaces"},
-    "data": {"interfaces", "config", "envs", "rollout", "policies"},
+    "data": {"interfaces", "config", "rundir", "envs", "rollout", "policies"},
     "evaluation": {"interfaces", "config", "envs", "rollout", "policies"},
-    "algorithms": {"interfaces", "config", "envs", "rollout", "data", "policies"},
+    "algorithms": {"interfaces", "config", "rundir", "envs", "rollout", "data", "policies"},
     "serving": {"interfaces", "config", "policies"},
     "report": {"interfaces", "config", "evaluation"},
-    "pipeline": {"interfaces", "config", "envs", "rollout", "data", "policies", "algorithms", "evaluation", "report"},
+    "pipeline": {"interfaces", "config", "rundir", "envs", "rollout", "data", "policies", "algorithms", "evaluation",
+                 "report"},
     "cli": {"*"},
     "": {"policies"},  # vlapt/__init__.py: load_policy
 }

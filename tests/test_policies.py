@@ -332,10 +332,20 @@ def test_spatial_softmax_returns_the_peak_position(tokenizer):
     torch.testing.assert_close(xy[1], torch.tensor([-1.0, 1.0]), atol=1e-4, rtol=0)
 
 
-def _rewrite_config(path, change) -> None:
+def _rewrite_config(path, change, keep_hash: bool = False) -> None:
+    """Edit config.json; without ``keep_hash`` as a checkpoint that records no config digest (older or hand-written)."""
     document = json.loads((path / "config.json").read_text())
     change(document)
+    if not keep_hash:
+        document.pop("policy_sha256", None)
     (path / "config.json").write_text(json.dumps(document))
+
+
+def test_a_config_edited_after_saving_is_refused(saved):
+    # a buildable image size the weights were never trained at: only the recorded digest gives it away
+    _rewrite_config(saved, lambda d: d["policy"].update(image_size=d["policy"]["image_size"] * 2), keep_hash=True)
+    with pytest.raises(CheckpointError, match="edited after the checkpoint was written"):
+        load_policy(saved)
 
 
 def test_checkpoints_without_keypoint_field_load_as_before(tokenizer, tmp_path):
@@ -638,6 +648,7 @@ def test_corrupt_json(saved):
 
 def test_wrong_format_and_bad_fields(saved):
     document = json.loads((saved / "config.json").read_text())
+    document.pop("policy_sha256")  # a config without a digest: each field is still checked
     (saved / "config.json").write_text(json.dumps(dict(document, format="something-else")))
     with pytest.raises(CheckpointError, match="not a vlapt policy checkpoint"):
         load_policy(saved)
@@ -663,7 +674,7 @@ def test_config_whose_image_size_the_weights_cannot_serve(saved):
 
 
 def test_config_whose_architecture_disagrees_with_the_weights(saved):
-    # config.json edited after saving (its hash covers only the weights): the shapes give it away
+    # a config.json that records no digest: the shapes still give the mismatch away
     _rewrite_config(saved, lambda d: d["policy"].update(image_keypoints=4))
     with pytest.raises(CheckpointError, match="do not match its config.json.*keypoint"):
         load_policy(saved)

@@ -89,7 +89,7 @@ def _explain(exc: OmegaConfBaseException, cls: type) -> str:
 
 
 def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
 from vlapt.algorithms.sft import SFTConfig, train_sft
-from vlapt.config import atomic_write_json, atomic_write_text, save_config
+from vlapt.config import ConfigError, atomic_write_json, atomic_write_text
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.relabel import RelabelConfig, relabel
 from vlapt.envs import get_suite
 from vlapt.evaluation import CheckpointAgent, EvalConfig, checkpoint_evaluator, evaluate, format_table
+from vlapt.rundir import CONFIG_FILE, check_output_dir, check_recorded_config, open_run
 
 log = logging.getLogger("vlapt.pipeline")
 
@@ -44,6 +47,8 @@ class PipelineConfig:
     relabel: RelabelConfig = dataclasses.field(default_factory=RelabelConfig)
     dagger_sft: SFTConfig = dataclasses.field(  # continues from the previous round's policy
         default_factory=lambda: SFTConfig(steps=3000, lr=1e-4, warmup_steps=100))
+    # a stage already made with other options: refuse, naming them (false), or redo it and every stage after it (true)
+    rerun_stale: bool = False
 
     def resolved(self) -> "PipelineConfig":
         """Wire the stages together: paths live under output_dir, every stage runs the same suite."""
@@ -85,11 +90,59 @@ class PipelineConfig:
         return relabel_config, sft_config
 
 
+def stages(config: PipelineConfig) -> list[tuple[str, Path, Any, tuple[str, ...], Path]]:
+    """Each stage's name, output, config, options that may change between invocations, and what shows it started."""
+    from vlapt.algorithms import ppo_sbc, sft
+
+    out = Path(config.output_dir)
+    demos = Path(config.collect.output)
+    found = [("collect", demos, config.collect, COLLECT_RESUMABLE, demos),
+             ("sft", out / "sft", config.sft, sft.RESUMABLE, out / "sft" / "checkpoints")]
+    for round_ in range(1, config.dagger_rounds + 1):
+        relabel_config, sft_config = config.dagger_round(round_)
+        labels = Path(relabel_config.output)
+        found.append((f"relabel {round_}", labels, relabel_config, COLLECT_RESUMABLE, labels))
+        sft_dir = Path(sft_config.output_dir)
+        found.append((f"DAgger SFT {round_}", sft_dir, sft_config, sft.RESUMABLE, sft_dir / "checkpoints"))
+    found.append(("post-training", out / "ppo", config.ppo, ppo_sbc.RESUMABLE, out / "ppo" / "checkpoints"))
+    return found
+
+
+COLLECT_RESUMABLE = ("num_workers", "overwrite", "output")
+
+
+def check_stages(config: PipelineConfig) -> None:
+    """Stop before anything runs when a finished stage was made with other options (or, with rerun_stale, redo it)."""
+    listed = stages(config)
+    for k, (name, output, stage_config, exempt, started) in enumerate(listed):
+        if not started.exists():
+            continue
+        recorded = output.with_suffix(".config.yaml") if output.suffix == ".hdf5" else output / CONFIG_FILE
+        try:
+            check_recorded_config(recorded, stage_config, exempt, what=f"{name} stage")
+        except ConfigError as exc:
+            if not config.rerun_stale:
+                raise ConfigError(f"{exc}; or pass rerun_stale=true to redo the {name} stage and the stages after it") from None
+            for _, later, *_ in listed[k:]:
+                log.warning("rerun_stale: removing %s", later)
+                if later.is_dir():
+                    shutil.rmtree(later)
+                else:
+                    later.unlink(missing_ok=True)
+                    later.with_suffix(".config.yaml").unlink(missing_ok=True)
+            return
+
+
 def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
     config.resolved()
+    check_output_dir(config.output_dir)
+    check_stages(config)
+    with open_run(config.output_dir, config, has_progress="", log_file=None, resume=False):
+        return _run_stages(config, progress)
+
+
+def _run_stages(config: PipelineConfig, progress: bool) -> dict:
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

@@ -116,7 +116,7 @@ def _alive(pid: int) -> bool:
 
 def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = (), prefix: str = "") -> list[str]:
     """``key: old -> new`` for every option that differs (nested configs compared key by key)."""
-    exempt = set(exempt)
+    exempt = {"output_dir", *exempt}  # a run directory may be moved or copied
     out = []
     for key in sorted(set(recorded) | set(current)):
         name = f"{prefix}{key}"
@@ -138,7 +138,7 @@ def check_recorded_config(path: Path, config: Any, exempt: Iterable[str] = (), w
         recorded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         return  # unreadable: the run's state decides, and its config is written anew
-    current = to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
+    current = to_dict(config)
     differences = config_differences(recorded, yaml.safe_load(yaml.safe_dump(current)), exempt)
     if differences:
         raise ConfigError(f"{path.parent} holds a {what} made with other options (" + "; ".join(differences[:8])
@@ -168,10 +168,11 @@ class Run:
 
 
 def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] = (), has_progress: str = "checkpoints",
-             log_file: str = "train.log") -> Run:
+             log_file: str | None = "train.log", resume: bool = True) -> Run:
     """Create or reopen a run directory: checked, locked, cleaned, its config checked then recorded, logging to a file.
 
-    A run counts as started (and its recorded config binding) once ``has_progress`` exists in it.
+    A run counts as started (and its recorded config binding) once ``has_progress`` exists in it;
+    ``resume=False`` starts over in the directory whatever it recorded.
     """
     directory = check_output_dir(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -179,10 +180,12 @@ def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] =
     try:
         for path in clean_stale_temporaries(directory):
             logging.getLogger("vlapt").info("removed %s, left by a run that died while writing it", path)
-        resumed = (directory / has_progress).exists()
+        resumed = resume and (directory / has_progress).exists()
         if resumed:
             check_recorded_config(directory / CONFIG_FILE, config, exempt)
         save_config(config, directory / CONFIG_FILE)
+        if log_file is None:
+            return Run(directory, lock, resumed)
         root = logging.getLogger("vlapt")
         root.setLevel(logging.INFO)
         for handler in list(root.handlers):  # one log file per run, also when runs follow each other in a process

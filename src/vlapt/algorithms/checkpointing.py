@@ -12,38 +12,34 @@ intact and resumable.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlapt.config import atomic_write_text, save_config
+from vlapt.config import atomic_write_text
 from vlapt.policies import CheckpointError, load_policy
+from vlapt.rundir import Run, open_run
 
 
-def start_run(config: Any, output_dir: str | os.PathLike, threads: int) -> Path:
-    """Create the run directory, save the resolved config there, log to ``train.log``, set torch threads."""
+def start_run(config: Any, output_dir: str | os.PathLike, threads: int, exempt: Iterable[str] = ()) -> Run:
+    """Open the run directory (checked, locked, cleaned, config checked and recorded; `vlapt.rundir`), set torch threads.
+
+    Use it as a context manager: the lock is held until the run ends. ``exempt`` names the options
+    that may differ when a run is resumed (its budget, bookkeeping, threads).
+    """
+    run = open_run(output_dir, config, exempt, resume=getattr(config, "resume", True))
     torch.set_num_threads(threads)
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
-    path = (out_dir / "train.log").resolve()
-    root = logging.getLogger("vlapt")
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):  # one log file per run, also when runs follow each other in a process
-        if isinstance(handler, logging.FileHandler):
-            root.removeHandler(handler)
-            handler.close()
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    root.addHandler(handler)
-    return out_dir
+    return run
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -139,9 +135,16 @@ def save_training_checkpoint(
     final = root / f"step_{step:09d}"
     tmp = root / f".step_{step:09d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, metadata={"step": step})
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
+    try:
+        model.save(tmp, metadata={"step": step})
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
+    except Exception as exc:  # a full disk surfaces as OSError or as safetensors' own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"could not write checkpoint {final} ({exc}); {kept}. Free disk space and run the "
+                                   "same command again to resume") from exc
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

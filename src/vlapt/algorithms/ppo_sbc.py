@@ -230,11 +230,22 @@ def train_ppo(config: PPOConfig, progress: bool = True, evaluator: Evaluator | N
         raise ValueError(f"demos {config.demos} is a `vlapt relabel` dataset: its actions are the expert's labels, not "
                          "trials that reached success; seed the self-BC buffer with a `vlapt collect` dataset")
     demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
-    out_dir = start_run(config, config.output_dir, config.threads)
+    policy = load_policy(config.init_policy)  # checked before the run directory exists
+    with start_run(config, config.output_dir, config.threads, exempt=RESUMABLE) as run:
+        return _post_train(config, run.directory, suite, tasks, demos, policy, progress, evaluator)
 
+
+# options that may differ when a run is resumed: its budget, bookkeeping and resources, not what it learns
+RESUMABLE = ("total_env_steps", "checkpoint_every", "eval_every", "eval_episodes", "num_workers", "env_backend",
+             "rollout_groups", "threads", "rollout_threads", "resume", "ema_decay")
+
+
+def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Episode], policy: ChunkPolicy,
+                progress: bool, evaluator: Evaluator | None) -> Path:
     # -- policy, optimiser, buffer, state ----------------------------------------------------------------
     resume_from = latest_checkpoint(out_dir) if config.resume else None
-    policy = load_policy(resume_from or config.init_policy)
+    if resume_from is not None:
+        policy = load_policy(resume_from)
     h = policy.chunk_len
     if resume_from is None and config.init_log_std != 0:
         policy.reset_exploration(config.init_log_std)

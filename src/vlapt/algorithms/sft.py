@@ -192,7 +192,16 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
         if not aux_dims or max(aux_dims) >= dataset.states.shape[1]:
             raise ValueError(f"aux_state_dims {aux_dims} must index the dataset's {dataset.states.shape[1]}-d state "
                              "(or set aux_state_coef=0)")
-    out_dir = start_run(config, config.output_dir, config.threads)
+    with start_run(config, config.output_dir, config.threads, exempt=RESUMABLE) as run:
+        return _fine_tune(config, run.directory, meta, spec, episodes, dataset, init, aux_dims, progress)
+
+
+# options that may differ when a run is resumed: its budget, bookkeeping and resources, not what it learns
+RESUMABLE = ("steps", "checkpoint_every", "log_every", "threads", "resume")
+
+
+def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSpec, episodes: list, dataset: ChunkDataset,
+               init, aux_dims: list[int], progress: bool) -> Path:
     log.info("datasets %s: %d episodes, %d samples", [config.dataset, *config.extra_datasets], len(episodes), len(dataset))
 
     torch.manual_seed(config.seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -55,21 +56,20 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 # -- collect -----------------------------------------------------------------------------------
 def cmd_collect(args: argparse.Namespace) -> int:
-    from vlapt.config import load_config, save_config
+    from vlapt.config import load_config
     from vlapt.data.collect import CollectConfig, collect
 
     overrides = _shortcut(args, {"suite": "suite", "tasks": "tasks", "demos_per_task": "demos_per_task",
                                  "output": "output", "overwrite": "overwrite", "workers": "num_workers"})
     config = load_config(CollectConfig, args.config, overrides).validate()
     summary = collect(config, progress=not args.quiet)
-    save_config(config, Path(summary["output"]).with_suffix(".config.yaml"))
     print(json.dumps(summary, indent=2))
     return 0
 
 
 # -- relabel -----------------------------------------------------------------------------------
 def cmd_relabel(args: argparse.Namespace) -> int:
-    from vlapt.config import load_config, save_config
+    from vlapt.config import load_config
     from vlapt.data.relabel import RelabelConfig, relabel
 
     overrides = _shortcut(args, {"policy": "policy", "suite": "suite", "tasks": "tasks",
@@ -77,7 +77,6 @@ def cmd_relabel(args: argparse.Namespace) -> int:
                                  "overwrite": "overwrite", "workers": "num_workers"})
     config = load_config(RelabelConfig, args.config, overrides).validate()
     summary = relabel(config, progress=not args.quiet)
-    save_config(config, Path(summary["output"]).with_suffix(".config.yaml"))
     print(json.dumps(summary, indent=2))
     print(f"train on it with: vlapt sft extra_datasets=[{summary['output']}] ...")
     return 0
@@ -120,6 +119,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     overrides = _shortcut(args, {"dataset": "dataset", "output_dir": "output_dir", "demos_per_task": "demos_per_task",
                                  "steps": "steps"})
     config = load_config(SFTConfig, args.config, overrides).validate()
+    args.run_dir = config.output_dir
     final = train_sft(config, progress=not args.quiet)
     print(f"policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     return 0
@@ -138,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(algorithm.config, args.config, overrides).validate()
     evaluator = checkpoint_evaluator(config.tasks or get_suite(config.suite).tasks, config.eval_episodes,
                                      config.num_workers, config.suite, config.seed, config.env_backend)
+    args.run_dir = config.output_dir
     final = algorithm.train(config, progress=not args.quiet, evaluator=evaluator)
     print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     if (final.parent / "policy_ema").is_dir():
@@ -290,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    bad_input: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, PermissionError)
+    args.run_dir = None  # set by the commands that train into an output_dir, for the interruption message
+    # inputs, files and resources that cannot serve (a full disk included): a message, exit 2, no traceback
+    bad_input: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError)
+    previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except bad_input as exc:
@@ -300,8 +304,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlapt {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"vlapt {args.command}: interrupted", file=sys.stderr)
+        print(f"vlapt {args.command}: interrupted; {_where_to_resume(args.run_dir)}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM stops a run the way Ctrl-C does: cleanly, its last checkpoint intact."""
+    raise KeyboardInterrupt
+
+
+def _where_to_resume(run_dir) -> str:
+    if run_dir is None:
+        return "nothing was saved by this command"
+    from vlapt.algorithms.checkpointing import latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(run_dir)
+    except ValueError:
+        latest = None
+    if latest is None:
+        return f"no checkpoint was written yet in {run_dir}"
+    return f"the last checkpoint is {latest}; run the same command again to resume from it"
 
 
 if __name__ == "__main__":

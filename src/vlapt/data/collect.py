@@ -103,7 +103,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     }
     start = time.perf_counter()
     bar = tqdm(total=n * len(tasks), desc="collect", unit="demo", disable=not progress, dynamic_ncols=True)
-    writer = DemoWriter(config.output, env_args, overwrite=config.overwrite)
+    writer = DemoWriter(config.output, env_args, overwrite=config.overwrite, config=config)
 
     def finished(episode: Episode, slot: int) -> None:
         task = episode.task

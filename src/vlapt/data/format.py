@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from vlapt.config import check_output_file
+from vlapt.config import check_output_file, save_config
 from vlapt.interfaces import Episode
+from vlapt.rundir import clean_stale_temporaries
 
 FORMAT = "vlapt-demos"
 FORMAT_VERSION = 1
@@ -41,10 +42,13 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 class DemoWriter:
-    """Append episodes to a new HDF5 file; ``close()`` publishes it, ``abort()`` removes it."""
+    """Append episodes to a new HDF5 file; ``close()`` publishes it (with ``config`` beside it, as
+    ``<name>.config.yaml``, when given), ``abort()`` removes it."""
 
-    def __init__(self, path: str | os.PathLike, env_args: dict[str, Any], overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, env_args: dict[str, Any], overwrite: bool = False, config: Any = None):
         self.path = check_writable(path, overwrite)
+        self.config = config
+        clean_stale_temporaries(self.path.parent, recursive=False)  # files of writers that died mid-write
         self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self._file = h5py.File(self._tmp, "w")
         self._data = self._file.create_group("data")
@@ -88,6 +92,8 @@ class DemoWriter:
         self._data.attrs["total"] = self._total
         self._file.close()
         os.replace(self._tmp, self.path)
+        if self.config is not None:
+            save_config(self.config, self.path.with_suffix(".config.yaml"))
         return self.path
 
     def abort(self) -> None:

@@ -113,7 +113,7 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
     stats = {t: {"episodes": 0, "policy_successes": 0, "steps": 0} for t in tasks}
     start = time.perf_counter()
     bar = tqdm(total=n * len(tasks), desc="relabel", unit="episode", disable=not progress, dynamic_ncols=True)
-    writer = DemoWriter(config.output, env_args, overwrite=config.overwrite)
+    writer = DemoWriter(config.output, env_args, overwrite=config.overwrite, config=config)
 
     def finished(episode: Episode, slot: int) -> None:
         writer.add(episode)

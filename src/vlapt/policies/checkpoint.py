@@ -3,8 +3,10 @@
 Weights are stored with safetensors (no pickle, so loading a checkpoint from someone else
 cannot run code) and the config is plain JSON, so a checkpoint can be inspected without vlapt.
 ``config.json`` records the format, the policy family (``policy_type``), the family's own
-config, caller metadata, and the SHA-256 of the weights file, which loading verifies: a
-truncated or bit-flipped file is refused with a message, never half-loaded. Saving is atomic:
+config, caller metadata, and SHA-256 digests of the config and of the weights file, which
+loading verifies: a truncated or bit-flipped weights file, or a config edited after the
+weights were written (an image size the weights were not trained at), is refused with a
+message, never half-loaded. Saving is atomic:
 readers never see a half-written checkpoint, even if the process dies mid-save.
 """
 
@@ -50,7 +52,8 @@ def write_checkpoint(path: str | os.PathLike, policy_type: str, config: dict, te
         staging.mkdir()
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         document: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "policy_type": policy_type,
-                                    "policy": config, "files": {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}}
+                                    "policy": config, "policy_sha256": _config_hash(config),
+                                    "files": {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}}
         if metadata is not None:
             document["metadata"] = metadata
         try:
@@ -95,6 +98,11 @@ def read_config(path: str | os.PathLike) -> dict:
                               f"version {FORMAT_VERSION}; use the vlapt version that wrote it")
     if not isinstance(document.get("policy"), dict):
         raise CheckpointError(f"{config_path} has no 'policy' mapping with the model config")
+    recorded = document.get("policy_sha256")
+    if recorded is not None and recorded != _config_hash(document["policy"]):
+        raise CheckpointError(f"the policy config in {config_path} was edited after the checkpoint was written, so it no "
+                              "longer describes the weights; restore the original file, or load the weights into the "
+                              "intended config and save a new checkpoint")
     if not isinstance(document.get("metadata") or {}, dict):
         raise CheckpointError(f"{config_path}: 'metadata' must be a mapping, got {type(document['metadata']).__name__}")
     return document
@@ -152,6 +160,10 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
     return path
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -122,7 +122,7 @@ class SubprocessPool:
                 continue
             try:
                 for _ in self._outstanding[w]:  # answers nobody waited for
-                    if conn.poll(self.timeout_s):
+                    if conn.poll(min(self.timeout_s, 10.0)):
                         conn.recv()
                 conn.send(("close", None))
                 if conn.poll(10):

@@ -1,0 +1,221 @@
+"""What vlapt guarantees when runs collide, crash, get killed or are given bad input (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import vlapt  # noqa: F401
+from vlapt.algorithms.checkpointing import CheckpointWriteError, latest_checkpoint
+from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
+from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
+from vlapt.cli.main import main
+from vlapt.config import ConfigError, load_config
+from vlapt.data.collect import CollectConfig, collect
+from vlapt.pipeline import PipelineConfig, run_pipeline
+from vlapt.rundir import RunInUseError, clean_stale_temporaries, open_run
+
+TASK = "reach-v3"
+OTHER_TASK = "drawer-close-v3"
+VLAPT = str(Path(sys.executable).with_name("vlapt"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reliability") / "demos.hdf5"
+    collect(CollectConfig(tasks=[TASK, OTHER_TASK], demos_per_task=2, image_size=32, num_workers=0, output=str(path)),
+            progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_policy(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reliability_sft")
+    return train_sft(_sft_config(dataset, out), progress=False)
+
+
+def _sft_config(dataset, out, **kwargs) -> SFTConfig:
+    return SFTConfig(dataset=str(dataset), output_dir=str(out), **{
+        "model": ModelConfig(size="tiny", chunk_len=5), "steps": 4, "batch_size": 8, "warmup_steps": 1,
+        "checkpoint_every": 2, "log_every": 2, "threads": 1, **kwargs})
+
+
+def _ppo_config(dataset, sft_policy, out, **kwargs) -> PPOConfig:
+    return PPOConfig(**{**dict(init_policy=str(sft_policy), demos=str(dataset), tasks=[TASK], output_dir=str(out),
+                               envs_per_task=1, horizon=4, num_workers=0, total_env_steps=40, epochs=1, minibatch_size=8,
+                               bc_batch_size=8, checkpoint_every=1, eval_every=0, value_warmup_iterations=1, threads=1),
+                          **kwargs})
+
+
+# -- two runs, one directory ----------------------------------------------------------------------------
+def test_a_second_run_on_a_directory_in_use_is_refused_with_the_holder(tmp_path):
+    with open_run(tmp_path / "run", {"lr": 1}, log_file=None):
+        with pytest.raises(RunInUseError, match=f"in use by pid {os.getpid()} on host"):
+            open_run(tmp_path / "run", {"lr": 1}, log_file=None)
+    with open_run(tmp_path / "run", {"lr": 1}, log_file=None):  # released when the first run ended
+        pass
+
+
+def test_two_cli_runs_on_one_output_dir_the_second_refused(dataset, tmp_path, capsys):
+    out = tmp_path / "sft"
+    holder = open_run(out, {}, log_file=None, resume=False)  # stands for a run still going in another process
+    try:
+        code = main(["sft", "--dataset", str(dataset), "--output-dir", str(out), "steps=2", "model.size=tiny"])
+    finally:
+        holder.close()
+    assert code == 2 and "is in use by pid" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
+
+# -- runs that meet their own earlier state ----------------------------------------------------------------
+def test_resuming_with_other_options_is_refused_before_the_recorded_config_changes(dataset, sft_policy, tmp_path):
+    out = tmp_path / "ppo"
+    train_ppo(_ppo_config(dataset, sft_policy, out), progress=False)
+    recorded = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"other options \(lr: 2e-05 -> 0.001\)"):
+        train_ppo(_ppo_config(dataset, sft_policy, out, lr=1e-3), progress=False)
+    with pytest.raises(ConfigError, match=r"tasks: \['reach-v3'\] -> \['reach-v3', 'drawer-close-v3'\]"):
+        train_ppo(_ppo_config(dataset, sft_policy, out, tasks=[TASK, OTHER_TASK]), progress=False)
+    assert (out / "config.yaml").read_text() == recorded
+    # a larger budget is the same run, resumed
+    train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=80), progress=False)
+    assert yaml.safe_load((out / "config.yaml").read_text())["total_env_steps"] == 80
+
+
+def test_sft_resumed_with_another_model_is_refused(dataset, tmp_path):
+    out = tmp_path / "sft"
+    train_sft(_sft_config(dataset, out), progress=False)
+    with pytest.raises(ConfigError, match="model.size: 'tiny' -> 'default'"):
+        train_sft(_sft_config(dataset, out, model=ModelConfig(size="default", chunk_len=5)), progress=False)
+
+
+def _tiny_pipeline(tmp_path, *extra) -> PipelineConfig:
+    return load_config(PipelineConfig, overrides=[
+        f"output_dir={tmp_path / 'run'}", f"collect.tasks=[{TASK}]", "collect.demos_per_task=2", "collect.image_size=32",
+        "collect.num_workers=0", "sft.steps=2", "sft.batch_size=8", "sft.model.size=tiny", "sft.threads=1",
+        "ppo.envs_per_task=1", "ppo.horizon=2", "ppo.minibatch_size=8", "ppo.total_env_steps=20", "ppo.num_workers=0",
+        "ppo.eval_every=0", "ppo.threads=1", "eval.episodes_per_task=1", "eval.num_workers=0", "eval.max_episode_steps=20",
+        "evaluate_scripted=false", *extra])
+
+
+def test_a_pipeline_rerun_with_changed_stage_options_refuses_or_redoes_them(tmp_path):
+    run_pipeline(_tiny_pipeline(tmp_path), progress=False)
+    run = tmp_path / "run"
+    config_before = (run / "config.yaml").read_text()
+    demos_before = (run / "demos.hdf5").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"collect stage made with other options \(demos_per_task: 2 -> 3\).*rerun_stale"):
+        run_pipeline(_tiny_pipeline(tmp_path, "collect.demos_per_task=3"), progress=False)
+    with pytest.raises(ConfigError, match=r"sft stage made with other options \(batch_size: 8 -> 4\)"):
+        run_pipeline(_tiny_pipeline(tmp_path, "sft.batch_size=4"), progress=False)
+    assert (run / "config.yaml").read_text() == config_before  # nothing recorded before the check
+    # asked to, the stale stage and every stage after it run again
+    run_pipeline(_tiny_pipeline(tmp_path, "sft.batch_size=4", "rerun_stale=true"), progress=False)
+    assert (run / "demos.hdf5").stat().st_mtime_ns == demos_before
+    assert yaml.safe_load((run / "sft" / "config.yaml").read_text())["batch_size"] == 4
+    assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["init_policy"] == str(run / "sft" / "policy")
+
+
+# -- bad input: a message, exit 2, nothing written ---------------------------------------------------------
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_an_output_dir_that_is_a_file_or_under_one(dataset, tmp_path, capsys, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    out = blocker if where == "file" else blocker / "run"
+    assert main(["sft", "--dataset", str(dataset), "--output-dir", str(out), "steps=2"]) == 2
+    assert "is a file" in capsys.readouterr().err and blocker.is_file()
+
+
+@pytest.mark.parametrize("command", [["sft", "checkpoint_every=0"], ["sft", "log_every=0"], ["train", "checkpoint_every=0"]])
+def test_zero_intervals_are_refused(dataset, sft_policy, tmp_path, capsys, command):
+    name, option = command
+    inputs = (["--dataset", str(dataset)] if name == "sft" else ["--init-policy", str(sft_policy), "--demos", str(dataset)])
+    assert main([name, *inputs, "--output-dir", str(tmp_path / "run"), option]) == 2
+    assert "must be >= 1" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_failing_inputs_leave_no_stub_output_dir(dataset, sft_policy, tmp_path, capsys):
+    missing = str(tmp_path / "missing.hdf5")
+    assert main(["train", "--init-policy", str(sft_policy), "--demos", missing, "--output-dir", str(tmp_path / "a")]) == 2
+    assert main(["train", "--init-policy", str(tmp_path / "nope"), "--demos", str(dataset), "--output-dir",
+                 str(tmp_path / "b")]) == 2
+    assert main(["sft", "--dataset", missing, "--output-dir", str(tmp_path / "c")]) == 2
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(dataset, sft_policy, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from vlapt.algorithms import checkpointing
+
+    out = tmp_path / "ppo"
+    train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=10), progress=False)
+    previous = latest_checkpoint(out)
+
+    def no_space(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(checkpointing, "save_file", no_space)
+    with pytest.raises(CheckpointWriteError, match=f"previous checkpoint {previous} is intact"):
+        train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=40), progress=False)
+    assert latest_checkpoint(out) == previous and not list((out / "checkpoints").glob(".*"))
+    assert isinstance(CheckpointWriteError("x"), OSError)  # the CLI reports it as a message with exit status 2
+
+
+# -- leftovers of runs that died ---------------------------------------------------------------------------
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temporaries_of_dead_writers_are_removed_on_start(dataset, sft_policy, tmp_path):
+    out = tmp_path / "ppo"
+    train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=10), progress=False)
+    dead = _dead_pid()
+    leftovers = [out / "checkpoints" / f".step_000000009.tmp{dead}", out / f".policy.tmp-{dead}", out / f".policy.old-{dead}"]
+    for path in leftovers:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"\0" * 1024)
+    (out / "checkpoints" / f".latest.tmp{dead}").write_text("step_000000009\n")
+    mine = out / f".policy.tmp-{os.getppid()}"  # a live writer's: kept
+    mine.mkdir()
+    train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=10), progress=False)
+    assert not any(p.exists() for p in leftovers) and not (out / "checkpoints" / f".latest.tmp{dead}").exists()
+    assert mine.exists()
+
+
+def test_a_killed_collection_leaves_nothing_the_next_one_keeps(tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f".demos.hdf5.tmp{dead}"
+    stale.write_bytes(b"\0" * 4096)
+    collect(CollectConfig(tasks=[TASK], demos_per_task=1, image_size=32, num_workers=0, output=str(tmp_path / "demos.hdf5")),
+            progress=False)
+    assert not stale.exists() and (tmp_path / "demos.config.yaml").is_file()
+    assert clean_stale_temporaries(tmp_path) == []
+
+
+# -- signals -----------------------------------------------------------------------------------------------
+def test_sigterm_stops_training_cleanly_and_says_where_to_resume(dataset, sft_policy, tmp_path):
+    out = tmp_path / "ppo"
+    command = [VLAPT, "train", "--quiet", "--init-policy", str(sft_policy), "--demos", str(dataset), "--output-dir", str(out),
+               f"tasks=[{TASK}]", "envs_per_task=1", "horizon=4", "num_workers=1", "total_env_steps=100000",
+               "minibatch_size=8", "bc_batch_size=8", "checkpoint_every=1", "eval_every=0", "threads=1"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(out) is None and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert latest_checkpoint(out) is not None, "no checkpoint within two minutes"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted; the last checkpoint is" in err and "run the same command again" in err
+    assert "Traceback" not in err
+    assert json.loads((latest_checkpoint(out) / "state.json").read_text())["iteration"] >= 1
