@@ -379,3 +379,14 @@ def test_dangling_latest_pointer_is_a_checkpoint_error(dataset, tmp_path):
     (out / "checkpoints" / "latest").write_text("step_000000042\n")
     with pytest.raises(CheckpointError, match="step_000000042"):
         train_sft(_config(dataset, out), progress=False)
+
+
+def test_sft_in_bfloat16_trains_a_float32_policy(dataset, tmp_path):
+    final = train_sft(_config(dataset, tmp_path / "bf16", precision="bf16", device="auto"), progress=False)
+    policy = load_policy(final)
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in (tmp_path / "bf16" / "train.log").read_text().splitlines()
+              if " loss " in line]
+    assert losses and all(math.isfinite(x) for x in losses)
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+        _config(dataset, tmp_path / "x", precision="half").validate()

@@ -17,6 +17,7 @@ through an `EnvPool`, so any policy family, env suite or pool backend trains her
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -41,7 +42,7 @@ from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs import get_suite
 from vlapt.envs.pools import check_backend, make_pool
 from vlapt.interfaces import ChunkPolicy, Episode, SlotSpec
-from vlapt.policies import load_policy
+from vlapt.policies import load_policy, resolve_device
 from vlapt.rollout.chunked import ChunkedRollout, RolloutBatch
 
 log = logging.getLogger("vlapt.ppo")
@@ -73,6 +74,9 @@ class PPOConfig:
     lr: float = 2e-5  # small: a joint ratio over a 10 x 4 chunk moves far per step, and tasks collapse above ~1e-4
     epochs: int = 4
     minibatch_size: int = 128
+    # "chunk": one probability ratio per chunk, from its joint likelihood (the paper's); "action": one ratio per
+    # executed action of the chunk, each clipped on its own against the chunk's advantage (RLinf's action level)
+    ratio: str = "chunk"
     clip_coef: float = 0.2
     value_clip_coef: float = 0.2
     vf_coef: float = 0.5
@@ -103,6 +107,9 @@ class PPOConfig:
     seed: int = 0
     threads: int = 2  # torch threads for the learner
     rollout_threads: int = 1  # torch threads for inference during rollouts: leave the cores to the env workers
+    device: str = "cpu"  # the learner's device: cpu, cuda, cuda:N, mps, or auto (cuda where there is one)
+    rollout_device: str = "cpu"  # where rollouts run the policy: cpu (next to the env workers) or learner
+    precision: str = "fp32"  # the learner's forward passes: fp32, or bf16 (autocast; likelihoods stay float32)
     resume: bool = True
 
     def validate(self) -> "PPOConfig":
@@ -110,7 +117,10 @@ class PPOConfig:
         check_backend(self.env_backend)
         for name, value, valid in (("bc_weight_rule", self.bc_weight_rule, ("lagrangian", "fixed", "none")),
                                    ("buffer_admission", self.buffer_admission, ("shorter", "none")),
-                                   ("advantage_norm", self.advantage_norm, ("minibatch", "none"))):
+                                   ("advantage_norm", self.advantage_norm, ("minibatch", "none")),
+                                   ("ratio", self.ratio, ("chunk", "action")),
+                                   ("rollout_device", self.rollout_device, ("cpu", "learner")),
+                                   ("precision", self.precision, ("fp32", "bf16"))):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
         for name in ("envs_per_task", "horizon", "rollout_groups", "threads", "rollout_threads", "epochs",
@@ -121,6 +131,7 @@ class PPOConfig:
             raise ValueError("num_workers, eval_every and value_warmup_iterations must be >= 0, eval_episodes >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        resolve_device(self.device)
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise ValueError("gamma must be in (0, 1] and gae_lambda in [0, 1]")
         if not self.bc_coef_min <= self.bc_coef <= self.bc_coef_max or self.bc_coef_min <= 0:
@@ -194,18 +205,35 @@ def keep_shortest(buffer: DemoBuffer, episode: Episode, demo_key: int = -1) -> b
 # -- the losses ------------------------------------------------------------------------------------------
 def ppo_losses(policy: ChunkPolicy, observations: dict, actions: torch.Tensor, old_log_probs: torch.Tensor,
                old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, clip_coef: float,
-               value_clip_coef: float):
-    """Chunk-level clipped surrogate and clipped value loss; returns (policy_loss, value_loss, entropy, approx_kl, clipfrac)."""
-    new_log_probs, entropy, values = policy.evaluate(observations, actions)
+               value_clip_coef: float, executed: torch.Tensor | None = None):
+    """Clipped surrogate and clipped value loss; returns (policy_loss, value_loss, entropy, approx_kl, clipfrac).
+
+    ``old_log_probs`` of whole chunks ``(B,)``: one ratio per chunk. Of each action ``(B, h)``, with ``executed``
+    ``(B, h)`` marking the actions the env ran: one ratio per executed action, each against the chunk's advantage.
+    Entropy and approximate KL are per chunk either way, so ``target_kl`` means the same.
+    """
+    per_action = old_log_probs.dim() == 2
+    new_log_probs, entropy, values = policy.evaluate(observations, actions, per_step=per_action)
     log_ratio = new_log_probs - old_log_probs
     ratio = log_ratio.exp()
+    if per_action:
+        advantages = advantages[:, None]
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    policy_loss = -surrogate.mean()
     clipped_values = old_values + (values - old_values).clamp(-value_clip_coef, value_clip_coef)
     value_loss = 0.5 * torch.max((values - returns).square(), (clipped_values - returns).square()).mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - log_ratio).mean()
-        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    kl = (ratio - 1) - log_ratio
+    clipped = ((ratio - 1).abs() > clip_coef).float()
+    if per_action:
+        weight = executed.float()
+        policy_loss = -(surrogate * weight).sum() / weight.sum().clamp_min(1.0)
+        entropy = entropy.sum(-1)
+        with torch.no_grad():
+            approx_kl = (kl * weight).sum(-1).mean()
+            clipfrac = (clipped * weight).sum() / weight.sum().clamp_min(1.0)
+    else:
+        policy_loss = -surrogate.mean()
+        with torch.no_grad():
+            approx_kl, clipfrac = kl.mean(), clipped.mean()
     return policy_loss, value_loss, entropy.mean(), approx_kl, clipfrac
 
 
@@ -249,6 +277,10 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
     h = policy.chunk_len
     if resume_from is None and config.init_log_std != 0:
         policy.reset_exploration(config.init_log_std)
+    device = resolve_device(config.device)
+    policy.to(device)
+    # the policy the rollouts act with: the learner's own, or a copy kept in sync on the rollout device
+    actor = policy if config.rollout_device == "learner" or device.type == "cpu" else copy.deepcopy(policy).cpu()
     optimizer = make_optimizer(policy, config)
     buffer = DemoBuffer(tasks, config.buffer_capacity, h)
     for key, demo in enumerate(demos):
@@ -262,7 +294,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
         ema = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
-    sample_gen = torch.Generator().manual_seed(config.seed)
+    sample_gen = torch.Generator(device=next(actor.parameters()).device).manual_seed(config.seed)
     iteration, env_steps, nonfinite = 0, 0, 0
     next_index = {t: 0 for t in tasks}
     history: list[dict] = []
@@ -303,7 +335,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             iteration += 1
             t0 = time.perf_counter()
             torch.set_num_threads(config.rollout_threads)
-            batch, finished = rollout.collect(policy, config.horizon, sample_gen)
+            batch, finished = rollout.collect(actor, config.horizon, sample_gen)
             torch.set_num_threads(config.threads)
             rollout_time = time.perf_counter() - t0
             steps_now = int(batch.steps.sum())
@@ -315,6 +347,8 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             t1 = time.perf_counter()
             stats = _update(policy, optimizer, batch, buffer, bc_weight, config, rng,
                             critic_only=iteration <= config.value_warmup_iterations)
+            if actor is not policy:
+                actor.load_state_dict(policy.state_dict())
             nonfinite += stats.pop("nonfinite")
             if ema is not None and iteration > config.value_warmup_iterations:  # the warm-up leaves the actor as SFT left it
                 ema.update_parameters(policy)
@@ -367,11 +401,20 @@ def _update(policy, optimizer, batch: RolloutBatch, buffer: DemoBuffer, bc_weigh
     advantages, returns = chunk_gae(batch.rewards, batch.values, batch.discounts, batch.dones, batch.last_values,
                                     config.gae_lambda)
     rows = np.flatnonzero(batch.valid.reshape(-1))  # decisions lost with an env worker are never learned from
-    actions = torch.from_numpy(batch.actions.reshape(T * S, *batch.actions.shape[2:]))
-    old_logp = torch.from_numpy(batch.log_probs.reshape(-1))
-    old_values = torch.from_numpy(batch.values.reshape(-1))
-    adv = torch.from_numpy(advantages.reshape(-1))
-    ret = torch.from_numpy(returns.reshape(-1))
+    device = next(policy.parameters()).device
+
+    def tensor(array: np.ndarray, *shape: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array).reshape(T * S, *shape)).to(device)
+
+    h = batch.actions.shape[2]
+    actions = tensor(batch.actions, *batch.actions.shape[2:])
+    if config.ratio == "action":  # one log-prob per action, and which actions the env executed
+        old_logp = tensor(batch.step_log_probs, h)
+        executed = tensor(np.arange(h)[None, None] < batch.steps[..., None], h)
+    else:
+        old_logp, executed = tensor(batch.log_probs), None
+    old_values, adv, ret = tensor(batch.values), tensor(advantages), tensor(returns)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     policy.train()
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
     updates, nonfinite = 0, 0
@@ -383,17 +426,19 @@ def _update(policy, optimizer, batch: RolloutBatch, buffer: DemoBuffer, bc_weigh
             mb_adv = adv[idx]
             if config.advantage_norm == "minibatch" and len(idx) > 1:
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-            pl, vl, ent, kl, cf = ppo_losses(policy, batch.observations(idx), actions[idx], old_logp[idx], old_values[idx],
-                                             mb_adv, ret[idx], config.clip_coef, config.value_clip_coef)
-            bc = torch.zeros(())
-            if critic_only:
-                loss = config.vf_coef * vl
-            else:
-                loss = pl + config.vf_coef * vl - config.ent_coef * ent
-                if bc_weight.value > 0:
-                    demo = buffer.sample(config.bc_batch_size, rng)
-                    bc = policy.bc_loss(demo, demo["actions"], demo["action_pad"]).loss
-                    loss = loss + bc_weight.value * bc
+            with autocast:
+                pl, vl, ent, kl, cf = ppo_losses(policy, batch.observations(idx), actions[idx], old_logp[idx],
+                                                 old_values[idx], mb_adv, ret[idx], config.clip_coef,
+                                                 config.value_clip_coef, None if executed is None else executed[idx])
+                bc = torch.zeros((), device=device)
+                if critic_only:
+                    loss = config.vf_coef * vl
+                else:
+                    loss = pl + config.vf_coef * vl - config.ent_coef * ent
+                    if bc_weight.value > 0:
+                        demo = buffer.sample(config.bc_batch_size, rng)
+                        bc = policy.bc_loss(demo, demo["actions"], demo["action_pad"]).loss
+                        loss = loss + bc_weight.value * bc
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 nonfinite += 1

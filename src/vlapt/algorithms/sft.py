@@ -37,7 +37,7 @@ from vlapt.algorithms.checkpointing import (
 from vlapt.data.dataset import ChunkDataset
 from vlapt.data.format import dataset_suite, env_args, read_episodes
 from vlapt.interfaces import EnvConfig, ObservationSpec
-from vlapt.policies import load_policy
+from vlapt.policies import load_policy, resolve_device
 from vlapt.policies.vla import PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
 
 log = logging.getLogger("vlapt.sft")
@@ -80,6 +80,8 @@ class SFTConfig:
     log_every: int = 50
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps, or auto (cuda where there is one)
+    precision: str = "fp32"  # fp32, or bf16 (autocast the forward passes; likelihoods stay float32)
     resume: bool = True
     # auxiliary state prediction (training only; the policy never sees the state)
     aux_state_coef: float = 1.0  # weight of the auxiliary loss; 0 disables it
@@ -94,6 +96,9 @@ class SFTConfig:
             raise ValueError(f"model.chunk_len must be >= 1, got {self.model.chunk_len}")
         if self.aux_state_coef < 0 or any(d < 0 for d in self.aux_state_dims):
             raise ValueError(f"aux_state_coef and aux_state_dims must be >= 0, got {self.aux_state_coef}, {self.aux_state_dims}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        resolve_device(self.device)
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError(f"checkpoint_every and log_every must be >= 1, got {self.checkpoint_every}, {self.log_every}")
         return self
@@ -197,7 +202,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
 
 
 # options that may differ when a run is resumed: its budget, bookkeeping and resources, not what it learns
-RESUMABLE = ("steps", "checkpoint_every", "log_every", "threads", "resume")
+RESUMABLE = ("steps", "checkpoint_every", "log_every", "threads", "resume", "device")
 
 
 def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSpec, episodes: list, dataset: ChunkDataset,
@@ -214,6 +219,11 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
     if config.aux_state_coef > 0:
         targets = dataset.states[:, aux_dims]
         aux_head = StatePredictionHead(_feature_dim(model, dataset), aux_dims, targets.mean(0), np.maximum(targets.std(0), 1e-3))
+    device = resolve_device(config.device)
+    model.to(device)
+    if aux_head is not None:
+        aux_head.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     parameters = list(model.parameters()) + (list(aux_head.parameters()) if aux_head is not None else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
@@ -250,11 +260,12 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
         sample["image"] = random_shift(sample["image"], config.augment_shift, aug_gen)
         observations = {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(),
                         "instruction": sample["instruction"]}
-        loss, mse, features = model.bc_loss(observations, sample["actions"], sample["action_pad"])
-        aux_loss = None
-        if aux_head is not None:
-            aux_loss = aux_head.loss(features, sample["state"])
-            loss = loss + config.aux_state_coef * aux_loss
+        with autocast:
+            loss, mse, features = model.bc_loss(observations, sample["actions"], sample["action_pad"])
+            aux_loss = None
+            if aux_head is not None:
+                aux_loss = aux_head.loss(features.float(), sample["state"].to(device))
+                loss = loss + config.aux_state_coef * aux_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower lr or check the dataset")
         optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,10 @@
 (``config.json`` + ``model.safetensors``); ``policy.predict(observation)`` returns an action chunk.
 """
 
-from vlapt.policies.base import ChunkPolicyBase, PolicyAgent, load_policy, policy_types, register_policy_type
+from vlapt.policies.base import (
+    ChunkPolicyBase, PolicyAgent, load_policy, policy_types, register_policy_type, resolve_device,
+)
 from vlapt.policies.checkpoint import CheckpointError, read_config
 
-__all__ = ["ChunkPolicyBase", "CheckpointError", "PolicyAgent", "load_policy", "policy_types", "read_config", "register_policy_type"]
+__all__ = ["ChunkPolicyBase", "CheckpointError", "PolicyAgent", "load_policy", "policy_types", "read_config", "register_policy_type",
+           "resolve_device"]

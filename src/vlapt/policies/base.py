@@ -192,7 +192,13 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", see
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    """A torch device that exists here; ``"auto"`` is CUDA where there is a GPU, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r} ({exc}); use cpu, cuda, cuda:N, mps or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use device='cpu'")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

@@ -199,8 +199,9 @@ class VLAPolicy(ChunkPolicyBase):
         features = self.trunk(tokens, allowed)
 
         action_readout, value_readout = features[:, -2], features[:, -1]
-        mean = self.action_head(action_readout).view(batch_size, self.config.chunk_len, self.config.action_dim)
-        value = self.value_head(value_readout).squeeze(-1)
+        # the heads' outputs in float32 whatever the autocast precision, so likelihoods and ratios stay exact
+        mean = self.action_head(action_readout).view(batch_size, self.config.chunk_len, self.config.action_dim).float()
+        value = self.value_head(value_readout).squeeze(-1).float()
         log_std = self.clamped_log_std().expand_as(mean)
         return PolicyOutput(mean=mean, log_std=log_std, value=value, features=action_readout)
 
@@ -228,14 +229,15 @@ class VLAPolicy(ChunkPolicyBase):
         return self.log_std.clamp(self.config.min_log_std, self.config.max_log_std)
 
     @staticmethod
-    def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Gaussian log-density of whole chunks ``(B, h, A)`` -> ``(B,)``: the sum over the ``h * A`` entries."""
+    def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor, per_step: bool = False) -> torch.Tensor:
+        """Gaussian log-density of whole chunks ``(B, h, A)`` -> ``(B,)``: the sum over the ``h * A`` entries;
+        ``per_step``: of each action, ``(B, h)`` (the chunk's is their sum)."""
         z = (actions - mean) * torch.exp(-log_std)
-        return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(dim=(-2, -1))
+        return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(dim=-1 if per_step else (-2, -1))
 
     @staticmethod
-    def chunk_entropy(log_std: torch.Tensor) -> torch.Tensor:
-        return (log_std + 0.5 + _LOG_SQRT_2PI).sum(dim=(-2, -1))
+    def chunk_entropy(log_std: torch.Tensor, per_step: bool = False) -> torch.Tensor:
+        return (log_std + 0.5 + _LOG_SQRT_2PI).sum(dim=-1 if per_step else (-2, -1))
 
     def _scored_steps(self, steps: int) -> int:
         if not 0 <= steps <= self.chunk_len:
@@ -259,20 +261,22 @@ class VLAPolicy(ChunkPolicyBase):
                     noise = torch.randn(out.mean.shape, generator=generator, device=out.mean.device, dtype=out.mean.dtype)
                     actions = out.mean + noise * out.log_std.exp()
                 log_prob = self.chunk_log_prob(out.mean, out.log_std, actions)
+                step_log_prob = self.chunk_log_prob(out.mean, out.log_std, actions, per_step=True)
                 env_actions = self.unnormalize_actions(actions)
         finally:
             self.train(was_training)
-        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), out.value.cpu().numpy())
+        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), out.value.cpu().numpy(),
+                           step_log_prob.cpu().numpy())
 
-    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0) -> ChunkEvaluation:
+    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0, per_step: bool = False) -> ChunkEvaluation:
         out = self(self.make_batch(observations))
         if actions.shape != out.mean.shape:
             raise ValueError(f"actions must have shape (B, chunk_len, action_dim) = {tuple(out.mean.shape)}, "
                              f"got {tuple(actions.shape)}")
         k = self._scored_steps(steps)
         actions = actions.to(out.mean.device, out.mean.dtype)
-        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k])
-        return ChunkEvaluation(log_prob, self.chunk_entropy(out.log_std[:, :k]), out.value)
+        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], per_step)
+        return ChunkEvaluation(log_prob, self.chunk_entropy(out.log_std[:, :k], per_step), out.value)
 
     def value(self, observations) -> np.ndarray:
         was_training = self.training
