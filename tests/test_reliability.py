@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import vlapt  # noqa: F401
+import vlapt.config
 from vlapt.algorithms.checkpointing import CheckpointWriteError, latest_checkpoint
 from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
@@ -219,3 +220,15 @@ def test_sigterm_stops_training_cleanly_and_says_where_to_resume(dataset, sft_po
     assert "interrupted; the last checkpoint is" in err and "run the same command again" in err
     assert "Traceback" not in err
     assert json.loads((latest_checkpoint(out) / "state.json").read_text())["iteration"] >= 1
+
+
+def test_an_option_added_after_a_run_was_made_counts_as_unchanged_at_its_default(tmp_path):
+    from vlapt.rundir import check_recorded_config
+
+    recorded = tmp_path / "config.yaml"
+    old = yaml.safe_load(yaml.safe_dump(vlapt.config.to_dict(PPOConfig())))
+    del old["ratio"]  # a run from before the option existed
+    recorded.write_text(yaml.safe_dump(old))
+    check_recorded_config(recorded, PPOConfig())
+    with pytest.raises(ConfigError, match="ratio: '<unset>' -> 'action'"):
+        check_recorded_config(recorded, PPOConfig(ratio="action"))

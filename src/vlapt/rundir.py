@@ -114,17 +114,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = (), prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every option that differs (nested configs compared key by key)."""
+def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = (), prefix: str = "",
+                       defaults: dict | None = None) -> list[str]:
+    """``key: old -> new`` for every option that differs (nested configs compared key by key).
+
+    An option the recorded config lacks (it was added in a later version) counts as unchanged
+    when its current value is its default (``defaults``), the behaviour the run was made with.
+    """
     exempt = {"output_dir", *exempt}  # a run directory may be moved or copied
+    defaults = defaults or {}
     out = []
     for key in sorted(set(recorded) | set(current)):
         name = f"{prefix}{key}"
         if name in exempt:
             continue
+        if key not in recorded and key in defaults and current.get(key) == defaults[key]:
+            continue
         old, new = recorded.get(key, "<unset>"), current.get(key, "<unset>")
         if isinstance(old, dict) and isinstance(new, dict):
-            out += config_differences(old, new, exempt, prefix=f"{name}.")
+            nested = defaults.get(key) if isinstance(defaults.get(key), dict) else None
+            out += config_differences(old, new, exempt, prefix=f"{name}.", defaults=nested)
         elif old != new:
             out.append(f"{name}: {old!r} -> {new!r}")
     return out
@@ -138,8 +147,9 @@ def check_recorded_config(path: Path, config: Any, exempt: Iterable[str] = (), w
         recorded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         return  # unreadable: the run's state decides, and its config is written anew
-    current = to_dict(config)
-    differences = config_differences(recorded, yaml.safe_load(yaml.safe_dump(current)), exempt)
+    current = yaml.safe_load(yaml.safe_dump(to_dict(config)))
+    defaults = yaml.safe_load(yaml.safe_dump(to_dict(type(config)()))) if dataclasses.is_dataclass(config) else {}
+    differences = config_differences(recorded, current, exempt, defaults=defaults)
     if differences:
         raise ConfigError(f"{path.parent} holds a {what} made with other options (" + "; ".join(differences[:8])
                           + ("; ..." if len(differences) > 8 else "") + f"). Use the same options to resume it, choose "

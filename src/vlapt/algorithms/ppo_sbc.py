@@ -213,7 +213,8 @@ def ppo_losses(policy: ChunkPolicy, observations: dict, actions: torch.Tensor, o
     Entropy and approximate KL are per chunk either way, so ``target_kl`` means the same.
     """
     per_action = old_log_probs.dim() == 2
-    new_log_probs, entropy, values = policy.evaluate(observations, actions, per_step=per_action)
+    scored = policy.evaluate(observations, actions, per_step=True) if per_action else policy.evaluate(observations, actions)
+    new_log_probs, entropy, values = scored
     log_ratio = new_log_probs - old_log_probs
     ratio = log_ratio.exp()
     if per_action:
