@@ -440,6 +440,7 @@ def test_a_new_suite_pool_policy_and_algorithm_run_through_collect_ppo_and_evalu
     assert episodes[0].states.shape[1] == 4 and json.loads(json.dumps(episodes[0].summary()))["success"]
 
     # a policy of the new family, saved and loaded by path like any other
+    torch.manual_seed(0)
     ToyPolicy(chunk_len=3).save(tmp_path / "init")
     loaded = load_policy(tmp_path / "init")
     assert isinstance(loaded, ToyPolicy) and loaded.chunk_len == 3
@@ -454,7 +455,7 @@ def test_a_new_suite_pool_policy_and_algorithm_run_through_collect_ppo_and_evalu
     assert isinstance(load_policy(final), ToyPolicy) and (tmp_path / "ppo" / "policy_ema").is_dir()
     assert (tmp_path / "ppo" / "evals" / "iteration_000000.json").is_file()
     history = json.loads((tmp_path / "ppo" / "history.json").read_text())
-    assert history[-1]["env_steps"] >= 60 and history[-1]["buffer_episodes"] == 6
+    assert history[-1]["env_steps"] >= 60 and history[-1]["buffer_episodes"] >= 6  # the demonstrations, and successes
 
     # evaluation reads the checkpoint
     result = evaluate(CheckpointAgent(str(final)), EvalConfig(suite=ToySuite.name, episodes_per_task=2,

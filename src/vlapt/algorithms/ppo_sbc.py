@@ -21,22 +21,19 @@ import copy
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vlapt.algorithms import Algorithm
+from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage
 from vlapt.algorithms.checkpointing import (
     capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
 )
 from vlapt.algorithms.returns import chunk_gae
-from vlapt.config import atomic_write_json
 from vlapt.data.buffer import DemoBuffer
 from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs import get_suite
@@ -46,10 +43,6 @@ from vlapt.policies import load_policy, resolve_device
 from vlapt.rollout.chunked import ChunkedRollout, RolloutBatch
 
 log = logging.getLogger("vlapt.ppo")
-
-# evaluate(checkpoint directory) -> an evaluation result (`vlapt.evaluation.evaluate`'s JSON); given by the caller
-Evaluator = Callable[[Path], dict]
-
 
 @dataclasses.dataclass
 class PPOConfig:
@@ -288,11 +281,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
         keep_shortest(buffer, demo, demo_key=key)
     bc_weight = BCWeight(config.bc_weight_rule, config.bc_coef, config.bc_target_ratio, config.bc_lr,
                          config.bc_coef_min, config.bc_coef_max)
-    ema = None
-    if config.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    average = WeightAverage(policy, config.ema_decay)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     sample_gen = torch.Generator(device=next(actor.parameters()).device).manual_seed(config.seed)
@@ -304,32 +293,15 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
         restore_state(optimizer, rng, {"sample": sample_gen}, tensors, state)
         buffer.load_state(tensors, state["buffer"], demos)
         bc_weight.load(state["bc_weight"])
-        if ema is not None:
-            _load_ema(ema, tensors, resume_from)
+        average.load(tensors, resume_from)
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
         log.info("resumed from %s: iteration %d, %d env steps", resume_from, iteration, env_steps)
 
-    def evaluate_into_curves(checkpoint: Path, at_iteration: int, at_env_steps: int) -> None:
-        result = evaluator(checkpoint)
-        atomic_write_json(out_dir / "evals" / f"iteration_{at_iteration:06d}.json", result)
-        avg = result["average"]
-        writer.add_scalar("eval/success_rate", avg["success_rate"], at_env_steps)
-        if avg["steps_to_success"] is not None:
-            writer.add_scalar("eval/steps_to_success", avg["steps_to_success"], at_env_steps)
-
     env_config = suite.check_env_config(policy.observation_config())
     slots = [SlotSpec(suite, t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out_dir / "tb"), purge_step=env_steps + 1 if env_steps else None)
+    run_log = RunLog(out_dir, "ppo", config.total_env_steps, env_steps, history, evaluator, config.eval_every, progress)
     recent = deque(maxlen=max(20, 2 * len(slots)))  # recent finished training episodes
-    bar = tqdm(total=config.total_env_steps, initial=env_steps, desc="ppo", unit="step", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    if evaluator is not None and config.eval_every:
-        if resume_from is None:  # where the curves start: the starting policy itself
-            evaluate_into_curves(Path(config.init_policy), 0, 0)
-        elif _is_eval_iteration(iteration, config) and not (out_dir / "evals" / f"iteration_{iteration:06d}.json").exists():
-            evaluate_into_curves(resume_from, iteration, env_steps)  # the run stopped during this evaluation
+    run_log.begin(config.init_policy, resume_from, iteration, env_steps)
     with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
         rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index, config.rollout_groups)
         while env_steps < config.total_env_steps:
@@ -351,8 +323,8 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             if actor is not policy:
                 actor.load_state_dict(policy.state_dict())
             nonfinite += stats.pop("nonfinite")
-            if ema is not None and iteration > config.value_warmup_iterations:  # the warm-up leaves the actor as SFT left it
-                ema.update_parameters(policy)
+            if iteration > config.value_warmup_iterations:  # the warm-up leaves the actor as SFT left it
+                average.update(policy)
             if nonfinite > config.max_nonfinite_updates:
                 raise FloatingPointError(
                     f"{nonfinite} updates had non-finite losses or gradients; stopped. The last good checkpoint is in "
@@ -365,34 +337,21 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
                 "bc_weight": bc_weight.value, **stats, **{f"buffer_{k}": v for k, v in buffer.stats().items()},
                 "lost_episodes": rollout.lost_episodes,
                 "rollout_env_steps_per_s": steps_now / rollout_time, "learn_time_s": time.perf_counter() - t1,
-                "wall_time_s": time.perf_counter() - start,
             }
-            history.append(row)
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and math.isfinite(v) and k != "iteration":
-                    writer.add_scalar(f"ppo/{k}", v, env_steps)
-            bar.update(steps_now)
-            bar.set_postfix(it=iteration, succ=f"{row['train_success']:.2f}", steps=f"{row['train_steps_to_success']:.0f}",
-                            lam=f"{bc_weight.value:.3f}", kl=f"{stats['approx_kl']:.3f}")
-            log.info("iteration %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            run_log.record(row, steps_now, it=iteration, succ=f"{row['train_success']:.2f}",
+                           steps=f"{row['train_steps_to_success']:.0f}", lam=f"{bc_weight.value:.3f}",
+                           kl=f"{stats['approx_kl']:.3f}")
             done = env_steps >= config.total_env_steps
             if iteration % config.checkpoint_every == 0 or done:
                 checkpoint = _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer,
-                                         bc_weight, rollout.next_index, history, ema)
-                if evaluator is not None and config.eval_every and (_is_eval_iteration(iteration, config) or done):
-                    evaluate_into_curves(checkpoint, iteration, env_steps)
-    bar.close()
-    writer.close()
+                                         bc_weight, rollout.next_index, history, average)
+                run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
-    policy.save(final, metadata={"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps,
-                                 "iterations": iteration})
-    _save_weight_average(ema, out_dir / "policy_ema", config.ema_decay, env_steps, iteration)
-    atomic_write_json(out_dir / "history.json", history)
+    metadata = {"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps, "iterations": iteration}
+    policy.save(final, metadata=metadata)
+    average.save(out_dir / "policy_ema", {**metadata, "trained_by": f"{metadata['trained_by']}, weight average"})
+    run_log.close()
     return final
-
-
-def _is_eval_iteration(iteration: int, config: PPOConfig) -> bool:
-    return iteration > 0 and iteration % config.eval_every == 0
 
 
 def _update(policy, optimizer, batch: RolloutBatch, buffer: DemoBuffer, bc_weight: BCWeight, config: PPOConfig,
@@ -474,42 +433,15 @@ def _explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-EMA_PREFIX = "ema."
-
-
 def _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history,
-                ema=None) -> Path:
+                average: WeightAverage) -> Path:
     tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
     buffer_tensors, buffer_meta = buffer.state()
     tensors.update(buffer_tensors)
-    if ema is not None:
-        tensors.update({f"{EMA_PREFIX}{k}": v for k, v in ema.state_dict().items()})
+    tensors.update(average.state())
     meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration, "env_steps": env_steps,
                  "next_index": dict(next_index), "history": history})
     return save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
-
-
-def _load_ema(ema, tensors: dict, checkpoint: Path) -> None:
-    state = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
-    if not state:  # a run started without the average: the first update after the resume starts it
-        log.warning("%s holds no weight average; ema_decay starts one with the iterates after it", checkpoint)
-        return
-    ema.load_state_dict(state)
-
-
-def _save_weight_average(ema, path: Path, decay: float, env_steps: int, iteration: int) -> None:
-    """Write the average as a policy, or remove one left by an earlier invocation that it would no longer describe."""
-    if ema is not None and int(ema.n_averaged) > 0:
-        ema.module.save(path, metadata={
-            "trained_by": "vlapt train (chunked PPO + self-BC), weight average", "env_steps": env_steps,
-            "iterations": iteration, "ema_decay": decay, "iterates_averaged": int(ema.n_averaged)})
-        return
-    why = "ema_decay=0" if ema is None else "every iteration so far was a critic warm-up iteration"
-    if path.exists():
-        log.warning("removing %s: it is not the weight average of this run's final policy (%s)", path, why)
-        shutil.rmtree(path)
-    elif ema is not None:
-        log.warning("no weight average written: %s", why)
 
 
 ALGORITHM = Algorithm("ppo", PPOConfig, train_ppo)

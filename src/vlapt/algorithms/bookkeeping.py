@@ -1,0 +1,128 @@
+"""The bookkeeping every post-training loop shares, so an algorithm file holds only the algorithm.
+
+`RunLog` keeps a run's per-iteration history, TensorBoard scalars, progress bar and the
+periodic held-out evaluations (through the caller's evaluator, written to
+``evals/iteration_*.json`` beside the checkpoints, never into them). `WeightAverage` keeps an
+exponential moving average of the policy's weights that never feeds back into training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from vlapt.config import atomic_write_json
+
+log = logging.getLogger("vlapt.train")
+
+# evaluate(checkpoint directory) -> an evaluation result (`vlapt.evaluation.evaluate`'s JSON); given by the caller
+Evaluator = Callable[[Path], dict]
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, name: str, total_env_steps: int, env_steps: int, history: list[dict],
+                 evaluator: Evaluator | None, eval_every: int, progress: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir, self.name, self.history = out_dir, name, history
+        self.evaluator = evaluator if eval_every else None
+        self.eval_every = eval_every
+        # on resume, drop only the points logged after the checkpoint (scalars are logged against env steps)
+        self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=env_steps + 1 if env_steps else None)
+        self.bar = tqdm(total=total_env_steps, initial=env_steps, desc=name, unit="step", disable=not progress,
+                        dynamic_ncols=True)
+        self.start = time.perf_counter()
+
+    def begin(self, init_policy: str, resumed_from: Path | None, iteration: int, env_steps: int) -> None:
+        """Evaluate where the curves start (the starting policy), or an evaluation a crash interrupted."""
+        if self.evaluator is None:
+            return
+        if resumed_from is None:
+            self.evaluate(Path(init_policy), 0, 0)
+        elif self.is_eval_iteration(iteration) and not self._eval_path(iteration).exists():
+            self.evaluate(resumed_from, iteration, env_steps)
+
+    def is_eval_iteration(self, iteration: int) -> bool:
+        return iteration > 0 and iteration % self.eval_every == 0
+
+    def _eval_path(self, iteration: int) -> Path:
+        return self.out_dir / "evals" / f"iteration_{iteration:06d}.json"
+
+    def evaluate(self, checkpoint: Path, iteration: int, env_steps: int) -> None:
+        result = self.evaluator(checkpoint)
+        atomic_write_json(self._eval_path(iteration), result)
+        average = result["average"]
+        self.writer.add_scalar("eval/success_rate", average["success_rate"], env_steps)
+        if average["steps_to_success"] is not None:
+            self.writer.add_scalar("eval/steps_to_success", average["steps_to_success"], env_steps)
+
+    def after_checkpoint(self, checkpoint: Path, iteration: int, env_steps: int, done: bool) -> None:
+        if self.evaluator is not None and (self.is_eval_iteration(iteration) or done):
+            self.evaluate(checkpoint, iteration, env_steps)
+
+    def record(self, row: dict, steps_now: int, **postfix) -> None:
+        """One iteration's statistics: into the history, TensorBoard (against env steps), the bar and the log."""
+        row["wall_time_s"] = time.perf_counter() - self.start
+        self.history.append(row)
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and math.isfinite(v) and k != "iteration":
+                self.writer.add_scalar(f"{self.name}/{k}", v, row["env_steps"])
+        self.bar.update(steps_now)
+        self.bar.set_postfix(**postfix)
+        log.info("iteration %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+        atomic_write_json(self.out_dir / "history.json", self.history)
+
+
+class WeightAverage:
+    """An exponential moving average of the policy's weights (``decay`` per update; 0: none)."""
+
+    PREFIX = "ema."
+
+    def __init__(self, policy, decay: float):
+        self.decay = decay
+        self.average = None
+        if decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.average = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def update(self, policy) -> None:
+        if self.average is not None:
+            self.average.update_parameters(policy)
+
+    def state(self) -> dict:
+        if self.average is None:
+            return {}
+        return {f"{self.PREFIX}{k}": v for k, v in self.average.state_dict().items()}
+
+    def load(self, tensors: dict, checkpoint: Path) -> None:
+        if self.average is None:
+            return
+        state = {k[len(self.PREFIX):]: v for k, v in tensors.items() if k.startswith(self.PREFIX)}
+        if not state:  # a run started without the average: the first update after the resume starts it
+            log.warning("%s holds no weight average; ema_decay starts one with the iterates after it", checkpoint)
+            return
+        self.average.load_state_dict(state)
+
+    def save(self, path: Path, metadata: dict) -> None:
+        """Write the average as a policy, or remove one left by an earlier invocation that it would no longer describe."""
+        if self.average is not None and int(self.average.n_averaged) > 0:
+            self.average.module.save(path, metadata={**metadata, "ema_decay": self.decay,
+                                                     "iterates_averaged": int(self.average.n_averaged)})
+            return
+        why = "ema_decay=0" if self.average is None else "no iteration after the warm-up has been averaged yet"
+        if path.exists():
+            log.warning("removing %s: it is not the weight average of this run's final policy (%s)", path, why)
+            shutil.rmtree(path)
+        elif self.average is not None:
+            log.warning("no weight average written: %s", why)
