@@ -1,0 +1,419 @@
+"""Critic-free group policy optimisation for chunked VLA policies: GRPO, or RLOO baselines, in one file.
+
+Read top to bottom: the config, the outcome reward, the group advantages, the rollout of groups,
+the loss, then the training loop (groups -> buffer -> update -> checkpoint -> evaluate).
+
+- Groups: each iteration draws, per task, ``groups_per_task`` training configurations and runs
+  ``group_size`` complete episodes on each (the same objects and goal, different sampled chunks).
+- Outcome reward: 1 for a success, less the share of the episode limit it took, weighted by
+  ``pace_weight``; 0 for a failure. Every success beats every failure, and within a group the
+  faster successes beat the slower ones, so a group that always succeeds still teaches pace.
+- Advantages, one per episode and shared by all its chunks: GRPO normalises rewards within the
+  group (minus the group's mean, over its standard deviation); RLOO subtracts the mean of the
+  *other* episodes of the group (a leave-one-out baseline, unbiased). A group whose rewards are
+  all equal (all failures; all successes in the same number of steps) has zero advantages and
+  contributes no policy gradient, only its self-BC samples.
+- The clipped surrogate over the chunk's ratio (or each executed action's, ``ratio=action``), no
+  value function, and optionally the self-BC term of chunked PPO (the same buffer, admission
+  rule and adaptive weight, `vlapt.algorithms.ppo_sbc`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlapt.algorithms import Algorithm
+from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage
+from vlapt.algorithms.checkpointing import (
+    capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
+)
+from vlapt.algorithms.ppo_sbc import BCWeight, keep_shortest
+from vlapt.data.buffer import DemoBuffer
+from vlapt.data.format import RELABELLED, env_args, read_episodes
+from vlapt.envs import get_suite
+from vlapt.envs.pools import check_backend, make_pool
+from vlapt.interfaces import ChunkPolicy, EnvPool, Episode, SlotSpec, stack_observations
+from vlapt.policies import load_policy, resolve_device
+
+log = logging.getLogger("vlapt.grpo")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    algorithm: str = "grpo"
+    # what to post-train, on what
+    init_policy: str = "runs/sft/policy"
+    demos: str = "datasets/mt10_scripted_fovy30.hdf5"  # seeds the self-BC buffer
+    demos_per_task: int = 0  # 0: all the dataset has
+    suite: str = "mt10"
+    tasks: list[str] = dataclasses.field(default_factory=list)  # default: the suite's
+    output_dir: str = "runs/grpo"
+    # groups
+    group_size: int = 8  # episodes per configuration: more gives steadier baselines, costs env steps per update
+    groups_per_task: int = 1  # configurations per task per iteration
+    max_episode_steps: int = 200  # training episodes end here (a failure); far below the 500 of evaluation, since
+    # a failure's extra steps carry no signal for an outcome reward
+    num_workers: int = 2
+    env_backend: str = "local"
+    total_env_steps: int = 1_000_000
+    # the outcome reward and its advantages
+    pace_weight: float = 0.5  # reward of a success = 1 - pace_weight * steps / max_episode_steps (a failure: 0)
+    advantage: str = "grpo"  # "grpo": (r - group mean) / group std; "rloo": r - mean of the rest of the group
+    # the update
+    ratio: str = "chunk"  # "chunk": one ratio per chunk; "action": one per executed action (see ppo_sbc)
+    lr: float = 2e-5
+    epochs: int = 2  # passes over each iteration's episodes
+    minibatch_size: int = 128
+    clip_coef: float = 0.2
+    max_grad_norm: float = 1.0
+    target_kl: float = 0.05  # stop the epochs once the approximate KL per chunk exceeds this (0: never)
+    init_log_std: float = -1.0  # reset the exploration std at the start; 0 keeps SFT's
+    # self behaviour cloning, as in chunked PPO
+    bc_weight_rule: str = "lagrangian"  # "lagrangian" | "fixed" | "none"
+    bc_coef: float = 0.1
+    bc_target_ratio: float = 1.5
+    bc_lr: float = 0.1
+    bc_coef_min: float = 1e-3
+    bc_coef_max: float = 10.0
+    bc_batch_size: int = 64
+    buffer_capacity: int = 50
+    buffer_admission: str = "shorter"  # "shorter" | "none"
+    ema_decay: float = 0.95  # the weight average written as policy_ema/ (0: none)
+    # bookkeeping
+    checkpoint_every: int = 2  # iterations (each is groups_per_task x group_size episodes per task)
+    eval_every: int = 10  # iterations; 0 disables the periodic held-out evaluation
+    eval_episodes: int = 5
+    seed: int = 0
+    threads: int = 2
+    rollout_threads: int = 1
+    device: str = "cpu"
+    precision: str = "fp32"
+    resume: bool = True
+
+    def validate(self) -> "GRPOConfig":
+        suite = get_suite(self.suite)
+        suite.resolve_tasks(self.tasks)
+        check_backend(self.env_backend)
+        for name, value, valid in (("advantage", self.advantage, ("grpo", "rloo")), ("ratio", self.ratio, ("chunk", "action")),
+                                   ("bc_weight_rule", self.bc_weight_rule, ("lagrangian", "fixed", "none")),
+                                   ("buffer_admission", self.buffer_admission, ("shorter", "none")),
+                                   ("precision", self.precision, ("fp32", "bf16"))):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (a group baseline needs company), got {self.group_size}")
+        for name in ("groups_per_task", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity",
+                     "bc_batch_size", "checkpoint_every", "threads", "rollout_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
+            raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}], got {self.max_episode_steps}")
+        if not 0 <= self.pace_weight < 1:
+            raise ValueError(f"pace_weight must be in [0, 1) so that every success beats every failure, got {self.pace_weight}")
+        if self.lr <= 0 or self.num_workers < 0 or self.eval_every < 0 or self.eval_episodes < 1:
+            raise ValueError("lr must be > 0, num_workers and eval_every >= 0, eval_episodes >= 1")
+        if not self.bc_coef_min <= self.bc_coef <= self.bc_coef_max or self.bc_coef_min <= 0:
+            raise ValueError(f"bc_coef ({self.bc_coef}) must lie in [bc_coef_min, bc_coef_max] with bc_coef_min > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        resolve_device(self.device)
+        return self
+
+
+# -- the outcome reward and the group advantages ------------------------------------------------------------
+def outcome_reward(success: bool, steps: int, max_episode_steps: int, pace_weight: float) -> float:
+    return 1.0 - pace_weight * steps / max_episode_steps if success else 0.0
+
+
+def group_advantages(rewards: np.ndarray, kind: str, eps: float = 1e-6) -> np.ndarray:
+    """Advantages of one group's episodes from their rewards ``(G,)``.
+
+    "grpo": (r - mean) / (std + eps), std over the group (population); "rloo": r - mean of the
+    other G - 1 rewards, i.e. G / (G - 1) * (r - mean). Equal rewards give zeros either way.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    centred = rewards - rewards.mean()
+    if kind == "rloo":
+        return (centred * len(rewards) / (len(rewards) - 1)).astype(np.float32)
+    std = rewards.std()
+    return (centred / (std + eps) if std > 0 else np.zeros_like(centred)).astype(np.float32)
+
+
+# -- the rollout: complete episodes, a group per configuration ------------------------------------------------
+@dataclasses.dataclass
+class GroupBatch:
+    """Every decision of an iteration's episodes, and each episode's group and outcome."""
+
+    observations: dict  # batched: image (N, H, W, 3), proprio (N, P), instruction list of N
+    actions: np.ndarray  # (N, h, A) in the policy's action space
+    log_probs: np.ndarray  # (N,)
+    step_log_probs: np.ndarray  # (N, h)
+    executed: np.ndarray  # (N,) env steps each chunk ran
+    episode_of: np.ndarray  # (N,) the episode each decision belongs to
+    episodes: list[Episode]  # one per slot, with trajectories for successes (BC samples for the buffer)
+    groups: list[list[int]]  # episode indices of each group (episodes lost with an env worker left out)
+
+
+def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], configurations: list[int],
+               group_size: int, generator) -> GroupBatch:
+    """Run one episode in every slot; slots ``g * group_size ... (g + 1) * group_size - 1`` share configuration g."""
+    S = len(slot_tasks)
+    requests = {i: {"split": "train", "index": configurations[i // group_size]} for i in range(S)}
+    observations = {i: obs for i, (obs, _) in pool.reset(requests).items()}
+    rows: dict[str, list] = {k: [] for k in ("image", "proprio", "instruction", "actions", "log_probs", "step_log_probs",
+                                              "executed", "episode_of")}
+    sent: dict[int, list] = {i: [] for i in range(S)}  # per slot: the env actions it sent, per decision
+    seen: dict[int, list] = {i: [] for i in range(S)}
+    outcome: dict[int, tuple[bool, int]] = {}
+    active = list(range(S))
+    while active:
+        batch = stack_observations([observations[i] for i in active])
+        sample = policy.act(batch, deterministic=False, generator=generator)
+        results = pool.wait(pool.submit({i: sample.env_actions[k] for k, i in enumerate(active)}))
+        still = []
+        for k, i in enumerate(active):
+            r = results[i]
+            if r.info.get("lost"):  # its env worker died: the partial episode is dropped, never learned from
+                outcome[i] = None
+                continue
+            n = int(r.info["steps"])
+            rows["image"].append(batch["image"][k])
+            rows["proprio"].append(batch["proprio"][k])
+            rows["instruction"].append(batch["instruction"][k])
+            rows["actions"].append(np.asarray(sample.actions[k]))
+            rows["log_probs"].append(sample.log_prob[k])
+            rows["step_log_probs"].append(sample.step_log_prob[k] if sample.step_log_prob is not None
+                                          else np.full(sample.env_actions.shape[1], np.nan, np.float32))
+            rows["executed"].append(n)
+            rows["episode_of"].append(i)
+            seen[i].append(observations[i])
+            sent[i].append(sample.env_actions[k][:n])
+            observations[i] = r.observation
+            if r.terminated or r.truncated:
+                outcome[i] = (bool(r.terminated), int(r.info["episode_steps"]))
+            else:
+                still.append(i)
+        active = still
+    lost = {i for i in range(S) if outcome[i] is None}
+    keep = np.array([i not in lost for i in rows["episode_of"]], dtype=bool)
+    episodes = []
+    for i in range(S):
+        success, steps = outcome[i] or (False, 0)
+        episode = Episode(task=slot_tasks[i], instruction=seen[i][0]["instruction"] if seen[i] else "", success=success,
+                          steps=steps, split="train", config_index=configurations[i // group_size], source="policy")
+        if success:
+            lengths = np.array([len(a) for a in sent[i]])
+            episode.images = np.stack([o["image"] for o in seen[i]])
+            episode.proprio = np.stack([o["proprio"] for o in seen[i]])
+            episode.actions = np.concatenate(sent[i]).astype(np.float32)
+            episode.decision_steps = np.cumsum(lengths) - lengths
+        episodes.append(episode)
+    def kept(name: str, dtype=None) -> np.ndarray:
+        return np.asarray(rows[name], dtype=dtype)[keep]
+
+    return GroupBatch(
+        observations={"image": kept("image"), "proprio": kept("proprio"),
+                      "instruction": [text for text, k in zip(rows["instruction"], keep) if k]},
+        actions=kept("actions", np.float32), log_probs=kept("log_probs", np.float32),
+        step_log_probs=kept("step_log_probs", np.float32), executed=kept("executed"), episode_of=kept("episode_of"),
+        episodes=episodes,
+        groups=[[e for e in range(g * group_size, (g + 1) * group_size) if e not in lost] for g in range(S // group_size)])
+
+
+# -- the loss ----------------------------------------------------------------------------------------------
+def clipped_surrogate(policy: ChunkPolicy, observations: dict, actions: torch.Tensor, old_log_probs: torch.Tensor,
+                      advantages: torch.Tensor, clip_coef: float, executed: torch.Tensor | None = None):
+    """The clipped policy-gradient surrogate, no value function; returns (loss, entropy, approx_kl, clipfrac).
+
+    Per chunk with ``old_log_probs`` ``(B,)``; per executed action with ``(B, h)`` and ``executed``."""
+    per_action = old_log_probs.dim() == 2
+    scored = policy.evaluate(observations, actions, per_step=True) if per_action else policy.evaluate(observations, actions)
+    log_ratio = scored.log_prob - old_log_probs
+    ratio = log_ratio.exp()
+    if per_action:
+        advantages = advantages[:, None]
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    weight = executed.float() if per_action else torch.ones_like(surrogate)
+    loss = -(surrogate * weight).sum() / weight.sum().clamp_min(1.0)
+    entropy = scored.entropy.sum(-1) if per_action else scored.entropy
+    with torch.no_grad():
+        kl = ((ratio - 1) - log_ratio) * weight
+        approx_kl = kl.sum(-1).mean() if per_action else kl.mean()
+        clipfrac = (((ratio - 1).abs() > clip_coef).float() * weight).sum() / weight.sum().clamp_min(1.0)
+    return loss, entropy.mean(), approx_kl, clipfrac
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+def train_grpo(config: GRPOConfig, progress: bool = True, evaluator: Evaluator | None = None) -> Path:
+    """Post-train ``config.init_policy`` with group advantages; returns the final policy's directory."""
+    config.validate()
+    suite = get_suite(config.suite)
+    tasks = suite.resolve_tasks(config.tasks)
+    if RELABELLED in env_args(config.demos):
+        raise ValueError(f"demos {config.demos} is a `vlapt relabel` dataset; seed the self-BC buffer with `vlapt collect`'s")
+    demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
+    policy = load_policy(config.init_policy)
+    with start_run(config, config.output_dir, config.threads, exempt=RESUMABLE) as run:
+        return _post_train(config, run.directory, suite, tasks, demos, policy, progress, evaluator)
+
+
+RESUMABLE = ("total_env_steps", "checkpoint_every", "eval_every", "eval_episodes", "num_workers", "env_backend",
+             "threads", "rollout_threads", "resume", "ema_decay", "device")
+
+
+def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, evaluator) -> Path:
+    resume_from = latest_checkpoint(out_dir) if config.resume else None
+    if resume_from is not None:
+        policy = load_policy(resume_from)
+    elif config.init_log_std != 0:
+        policy.reset_exploration(config.init_log_std)
+    device = resolve_device(config.device)
+    policy.to(device)
+    actor = policy if device.type == "cpu" else copy.deepcopy(policy).cpu()  # rollouts act on the CPU, near the envs
+    optimizer = torch.optim.Adam(policy.param_groups()["actor"], lr=config.lr, eps=1e-5)  # no critic to train
+    buffer = DemoBuffer(tasks, config.buffer_capacity, policy.chunk_len)
+    for key, demo in enumerate(demos):
+        keep_shortest(buffer, demo, demo_key=key)
+    bc_weight = BCWeight(config.bc_weight_rule, config.bc_coef, config.bc_target_ratio, config.bc_lr,
+                         config.bc_coef_min, config.bc_coef_max)
+    average = WeightAverage(policy, config.ema_decay)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    sample_gen = torch.Generator().manual_seed(config.seed)
+    iteration, env_steps = 0, 0
+    next_index = {t: 0 for t in tasks}
+    history: list[dict] = []
+    if resume_from is not None:
+        _, tensors, state = load_training_checkpoint(resume_from)
+        restore_state(optimizer, rng, {"sample": sample_gen}, tensors, state)
+        buffer.load_state(tensors, state["buffer"], demos)
+        bc_weight.load(state["bc_weight"])
+        average.load(tensors, resume_from)
+        iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
+
+    env_config = suite.check_env_config(dataclasses.replace(policy.observation_config(),
+                                                            max_episode_steps=config.max_episode_steps))
+    G = config.group_size
+    slot_tasks = [t for t in tasks for _ in range(config.groups_per_task * G)]
+    slots = [SlotSpec(suite, t, env_config, policy.chunk_len) for t in slot_tasks]
+    run_log = RunLog(out_dir, "grpo", config.total_env_steps, env_steps, history, evaluator, config.eval_every, progress)
+    run_log.begin(config.init_policy, resume_from, iteration, env_steps)
+    with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
+        while env_steps < config.total_env_steps:
+            iteration += 1
+            configurations = []
+            for task in tasks:  # each group's configuration: the task's next training configuration
+                configurations += [next_index[task] + g for g in range(config.groups_per_task)]
+                next_index[task] += config.groups_per_task
+            t0 = time.perf_counter()
+            torch.set_num_threads(config.rollout_threads)
+            batch = run_groups(actor, pool, slot_tasks, configurations, G, sample_gen)
+            torch.set_num_threads(config.threads)
+            rollout_time = time.perf_counter() - t0
+            steps_now = int(batch.executed.sum())
+            env_steps += steps_now
+            rewards = np.array([outcome_reward(e.success, e.steps, config.max_episode_steps, config.pace_weight)
+                                for e in batch.episodes])
+            advantages = np.zeros(len(rewards), np.float32)
+            for members in batch.groups:
+                if len(members) > 1:
+                    advantages[members] = group_advantages(rewards[members], config.advantage)
+            for episode in batch.episodes:
+                if episode.success and config.buffer_admission == "shorter":
+                    keep_shortest(buffer, episode)
+            t1 = time.perf_counter()
+            stats = _update(policy, optimizer, batch, advantages[batch.episode_of], buffer, bc_weight, config, rng)
+            if actor is not policy:
+                actor.load_state_dict(policy.state_dict())
+            average.update(policy)
+            finished = [batch.episodes[e] for members in batch.groups for e in members]
+            successes = [e for e in finished if e.success]
+            row = {
+                "iteration": iteration, "env_steps": env_steps,
+                "train_success": len(successes) / max(1, len(finished)),
+                "lost_episodes": len(batch.episodes) - len(finished),
+                "train_steps_to_success": float(np.mean([e.steps for e in successes])) if successes else float("nan"),
+                "mean_reward": float(rewards.mean()),
+                "informative_groups": sum(len(m) > 1 and float(np.ptp(rewards[m])) > 0 for m in batch.groups) / len(batch.groups),
+                "bc_weight": bc_weight.value, **stats, **{f"buffer_{k}": v for k, v in buffer.stats().items()},
+                "rollout_env_steps_per_s": steps_now / rollout_time, "learn_time_s": time.perf_counter() - t1,
+            }
+            run_log.record(row, steps_now, it=iteration, succ=f"{row['train_success']:.2f}",
+                           steps=f"{row['train_steps_to_success']:.0f}", kl=f"{stats['approx_kl']:.3f}")
+            done = env_steps >= config.total_env_steps
+            if iteration % config.checkpoint_every == 0 or done:
+                tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
+                buffer_tensors, buffer_meta = buffer.state()
+                tensors.update({**buffer_tensors, **average.state()})
+                meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration,
+                             "env_steps": env_steps, "next_index": dict(next_index), "history": history})
+                checkpoint = save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
+                run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
+    final = out_dir / "policy"
+    metadata = {"trained_by": f"vlapt train algorithm=grpo ({config.advantage})", "env_steps": env_steps,
+                "iterations": iteration}
+    policy.save(final, metadata=metadata)
+    average.save(out_dir / "policy_ema", {**metadata, "trained_by": f"{metadata['trained_by']}, weight average"})
+    run_log.close()
+    return final
+
+
+def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer: DemoBuffer, bc_weight: BCWeight,
+            config: GRPOConfig, rng: np.random.Generator) -> dict:
+    """Epochs of clipped-surrogate minibatches over every decision, each with a self-BC minibatch."""
+    device = next(policy.parameters()).device
+    n, h = batch.actions.shape[:2]
+    actions = torch.from_numpy(batch.actions).to(device)
+    if config.ratio == "action":
+        old = torch.from_numpy(batch.step_log_probs).to(device)
+        executed = torch.from_numpy(np.arange(h)[None] < batch.executed[:, None]).to(device)
+    else:
+        old, executed = torch.from_numpy(batch.log_probs).to(device), None
+    adv = torch.from_numpy(advantages).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    policy.train()
+    sums = {"policy_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
+    updates = 0
+    for _ in range(config.epochs):
+        order = rng.permutation(n)
+        epoch_kl = []
+        for start in range(0, n, config.minibatch_size):
+            idx = order[start:start + config.minibatch_size]
+            observations = {"image": batch.observations["image"][idx], "proprio": batch.observations["proprio"][idx],
+                            "instruction": [batch.observations["instruction"][i] for i in idx]}
+            with autocast:
+                loss, entropy, kl, clipfrac = clipped_surrogate(policy, observations, actions[idx], old[idx], adv[idx],
+                                                                config.clip_coef, None if executed is None else executed[idx])
+                bc = torch.zeros((), device=device)
+                if bc_weight.value > 0:
+                    demo = buffer.sample(config.bc_batch_size, rng)
+                    bc = policy.bc_loss(demo, demo["actions"], demo["action_pad"]).loss
+                total = loss + bc_weight.value * bc
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(total):
+                log.warning("non-finite loss (%s); minibatch skipped", total.item())
+                continue
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+            updates += 1
+            for key, value in zip(sums, (loss, entropy, kl, clipfrac, bc)):
+                sums[key] += float(value.detach())
+            epoch_kl.append(float(kl))
+        if config.target_kl and epoch_kl and np.mean(epoch_kl) > config.target_kl:
+            break
+    stats = {k: (v / updates if updates else float("nan")) for k, v in sums.items()}
+    if bc_weight.value > 0 and updates:
+        bc_weight.update(stats["bc_loss"])
+    stats.update({"updates": updates, "action_std": policy.exploration_std()})
+    return stats
+
+
+ALGORITHM = Algorithm("grpo", GRPOConfig, train_grpo)

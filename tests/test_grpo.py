@@ -1,0 +1,120 @@
+"""Critic-free group optimisation (GRPO / RLOO): advantages, groups, losses, and a run end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vlapt  # noqa: F401
+from vlapt.algorithms import get_algorithm
+from vlapt.algorithms.grpo import GRPOConfig, clipped_surrogate, group_advantages, outcome_reward, run_groups, train_grpo
+from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
+from vlapt.data.collect import CollectConfig, collect
+from vlapt.envs import get_suite
+from vlapt.envs.pools import make_pool
+from vlapt.interfaces import SlotSpec
+from vlapt.policies import load_policy
+
+TASK = "reach-v3"
+
+
+def test_group_advantages_by_hand():
+    rewards = np.array([0.9, 0.0, 0.5, 0.0])
+    mean, std = rewards.mean(), rewards.std()
+    np.testing.assert_allclose(group_advantages(rewards, "grpo"), (rewards - mean) / (std + 1e-6), rtol=1e-5)
+    # leave-one-out: each reward against the mean of the other three
+    np.testing.assert_allclose(group_advantages(rewards, "rloo"),
+                               [0.9 - 0.5 / 3, 0.0 - 1.4 / 3, 0.5 - 0.9 / 3, 0.0 - 1.4 / 3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_a_group_of_equal_outcomes_contributes_no_policy_gradient(kind):
+    assert not group_advantages(np.zeros(4), kind).any()  # all failures
+    assert not group_advantages(np.full(4, 0.8), kind).any()  # all successes in the same number of steps
+    # successes at different paces still teach: the faster one is ahead
+    fast, slow = (outcome_reward(True, s, 200, 0.5) for s in (40, 120))
+    advantages = group_advantages(np.array([fast, slow, slow, slow]), kind)
+    assert advantages[0] > 0 > advantages[1]
+
+
+def test_the_outcome_reward_ranks_every_success_above_every_failure():
+    assert outcome_reward(True, 200, 200, 0.5) > outcome_reward(False, 10, 200, 0.5) == 0.0
+    assert outcome_reward(True, 20, 200, 0.5) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="pace_weight must be in"):
+        GRPOConfig(tasks=[TASK], pace_weight=1.0).validate()
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        GRPOConfig(tasks=[TASK], group_size=1).validate()
+
+
+class _Scores:
+    def __init__(self, log_prob):
+        self.log_prob = log_prob
+
+    def evaluate(self, observations, actions, steps=0, per_step=False):
+        from vlapt.interfaces import ChunkEvaluation
+
+        lp = self.log_prob if per_step else self.log_prob.sum(-1)
+        return ChunkEvaluation(lp, torch.ones_like(lp), None)
+
+
+def test_the_surrogate_clips_each_ratio_and_has_no_value_term():
+    new = torch.tensor([[0.4, 0.0], [-0.4, 0.0]])
+    adv = torch.tensor([1.0, 1.0])
+    loss, _, _, clipfrac = clipped_surrogate(_Scores(new), {}, torch.zeros(2, 2, 4), torch.zeros(2), adv, 0.2)
+    assert loss.item() == pytest.approx(-(1.2 + math.exp(-0.4)) / 2) and clipfrac.item() == 1.0
+    executed = torch.tensor([[True, False], [True, True]])
+    loss, *_ = clipped_surrogate(_Scores(new), {}, torch.zeros(2, 2, 4), torch.zeros(2, 2), adv, 0.2, executed)
+    assert loss.item() == pytest.approx(-(1.2 + math.exp(-0.4) + 1.0) / 3)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grpo") / "demos.hdf5"
+    collect(CollectConfig(tasks=[TASK], demos_per_task=2, image_size=32, num_workers=0, output=str(path)), progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_policy(demos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo_sft")
+    return train_sft(SFTConfig(dataset=str(demos), output_dir=str(out), model=ModelConfig(size="tiny", chunk_len=5), steps=4,
+                               batch_size=8, warmup_steps=1, checkpoint_every=4, log_every=4, threads=1), progress=False)
+
+
+def test_every_group_runs_one_configuration(sft_policy):
+    suite = get_suite("mt10")
+    policy = load_policy(sft_policy)
+    config = suite.check_env_config(dataclasses.replace(policy.observation_config(), max_episode_steps=30))
+    slot_tasks = [TASK] * 6
+    resets = []
+
+    with make_pool([SlotSpec(suite, t, config, policy.chunk_len) for t in slot_tasks], num_workers=0) as pool:
+        original = pool.reset
+        pool.reset = lambda requests: resets.append(dict(requests)) or original(requests)
+        batch = run_groups(policy, pool, slot_tasks, [7, 11], 3, torch.Generator().manual_seed(0))
+    assert [resets[0][i]["index"] for i in range(6)] == [7, 7, 7, 11, 11, 11]
+    assert [e.config_index for e in batch.episodes] == [7, 7, 7, 11, 11, 11] and batch.groups == [[0, 1, 2], [3, 4, 5]]
+    # the same configuration, different sampled chunks: the episodes of a group differ
+    first = {e: batch.actions[batch.episode_of == e][0] for e in range(3)}
+    assert not np.allclose(first[0], first[1])
+    assert batch.executed.sum() == sum(e.steps for e in batch.episodes)
+    assert len(batch.observations["instruction"]) == len(batch.actions) == len(batch.log_probs)
+
+
+def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
+    assert get_algorithm("grpo").train is train_grpo
+    config = GRPOConfig(init_policy=str(sft_policy), demos=str(demos), tasks=[TASK], output_dir=str(tmp_path / "grpo"),
+                        group_size=2, max_episode_steps=20, num_workers=0, total_env_steps=40, minibatch_size=8,
+                        bc_batch_size=8, checkpoint_every=1, eval_every=0, threads=1, advantage="rloo")
+    final = train_grpo(config, progress=False)
+    history = json.loads((tmp_path / "grpo" / "history.json").read_text())
+    assert history[-1]["env_steps"] >= 40 and load_policy(final).chunk_len == 5
+    assert all(math.isfinite(row["policy_loss"]) for row in history)
+    resumed = train_grpo(dataclasses.replace(config, total_env_steps=80), progress=False)
+    longer = json.loads((tmp_path / "grpo" / "history.json").read_text())
+    assert longer[: len(history)] == history and longer[-1]["env_steps"] >= 80 and resumed == final
