@@ -54,7 +54,7 @@ class PipelineConfig:
         """Wire the stages together: paths live under output_dir, every stage runs the same suite."""
         out = Path(self.output_dir)
         self.collect.suite = self.suite
-        self.collect.output = str(out / "demos.hdf5")
+        self.collect.output = str(out / ("demos_lerobot" if self.collect.format == "lerobot" else "demos.hdf5"))
         self.sft.dataset = self.collect.output
         self.sft.output_dir = str(out / "sft")
         self.ppo.suite = self.suite

@@ -13,6 +13,7 @@ from collections import deque
 
 from tqdm import tqdm
 
+from vlapt.data import lerobot
 from vlapt.data.format import DemoWriter, check_writable
 from vlapt.envs import get_suite
 from vlapt.envs.pools import make_pool
@@ -36,6 +37,8 @@ class CollectConfig:
     envs_per_task: int = 1
     output: str = "datasets/mt10_scripted_fovy30.hdf5"
     overwrite: bool = False
+    format: str = "hdf5"  # "hdf5" (docs/dataset_format.md) | "lerobot": a LeRobotDataset v3 directory (vlapt.data.lerobot)
+    lerobot_images: str = "png"  # format=lerobot: "png" (lossless, in the parquet) | "video" (mp4, LeRobot's AV1 settings: lossy)
 
     def validate(self) -> "CollectConfig":
         suite = get_suite(self.suite)
@@ -46,6 +49,10 @@ class CollectConfig:
             raise ValueError(f"demos_per_task must be >= 1, got {self.demos_per_task}")
         if self.envs_per_task < 1 or self.num_workers < 0 or self.max_attempts_factor < 1:
             raise ValueError("envs_per_task and max_attempts_factor must be >= 1, num_workers >= 0")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.lerobot_images not in IMAGE_STORAGE:
+            raise ValueError(f"lerobot_images must be one of {', '.join(IMAGE_STORAGE)}, got {self.lerobot_images!r}")
         self.env_config(suite)
         return self
 
@@ -79,10 +86,23 @@ class CollectionError(RuntimeError):
     pass
 
 
+FORMATS = ("hdf5", "lerobot")
+IMAGE_STORAGE = lerobot.IMAGE_STORAGE
+
+
+def make_writer(config: CollectConfig, suite: EnvSuite, env_args: dict):
+    """The dataset writer of ``config.format`` (both publish on ``close`` and remove everything on ``abort``)."""
+    if config.format == "lerobot":
+        return lerobot.LeRobotWriter(config.output, env_args, overwrite=config.overwrite, config=config,
+                                     fps=getattr(suite, "fps", 0) or lerobot.DEFAULT_FPS, images=config.lerobot_images)
+    return DemoWriter(config.output, env_args, overwrite=config.overwrite, config=config)
+
+
 def collect(config: CollectConfig, progress: bool = True) -> dict:
     """Write the dataset and return a summary (episodes tried/kept per task, wall time)."""
     config.validate()
-    check_writable(config.output, config.overwrite)  # fail before minutes of work, not after
+    # fail before minutes of work, not after
+    (lerobot.check_writable if config.format == "lerobot" else check_writable)(config.output, config.overwrite)
     suite = get_suite(config.suite)
     tasks = suite.resolve_tasks(config.tasks)
     env_config = config.env_config(suite)
@@ -103,7 +123,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     }
     start = time.perf_counter()
     bar = tqdm(total=n * len(tasks), desc="collect", unit="demo", disable=not progress, dynamic_ncols=True)
-    writer = DemoWriter(config.output, env_args, overwrite=config.overwrite, config=config)
+    writer = make_writer(config, suite, env_args)
 
     def finished(episode: Episode, slot: int) -> None:
         task = episode.task

@@ -114,6 +114,9 @@ class DemoWriter:
 
 def open_dataset(path: str | os.PathLike) -> h5py.File:
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory but not a LeRobot dataset (no meta/info.json); give an HDF5 file "
+                           "or a LeRobotDataset v3 directory")
     if not path.is_file():
         raise DatasetError(f"dataset not found: {path} (create one with `vlapt collect output={path}`)")
     try:
@@ -130,7 +133,18 @@ def open_dataset(path: str | os.PathLike) -> h5py.File:
     return f
 
 
+def is_lerobot(path: str | os.PathLike) -> bool:
+    """A LeRobotDataset directory (``meta/info.json``): read by `vlapt.data.lerobot`, wherever a dataset is read."""
+    from vlapt.data.lerobot import is_lerobot_dataset
+
+    return is_lerobot_dataset(path)
+
+
 def env_args(path: str | os.PathLike) -> dict[str, Any]:
+    if is_lerobot(path):
+        from vlapt.data import lerobot
+
+        return lerobot.env_args(path)
     with open_dataset(path) as f:
         return json.loads(f["data"].attrs["env_args"])
 
@@ -146,7 +160,11 @@ def read_episodes(
     path: str | os.PathLike, tasks: Sequence[str] | None = None, demos_per_task: int | None = None
 ) -> list[Episode]:
     """Episodes in file order, optionally only some tasks and the first ``demos_per_task`` of each."""
-    out: list[EpisodeData] = []
+    if is_lerobot(path):
+        from vlapt.data import lerobot
+
+        return lerobot.read_episodes(path, tasks, demos_per_task, suite=dataset_suite(lerobot.env_args(path)))
+    out: list[Episode] = []
     with open_dataset(path) as f:
         written = json.loads(f["data"].attrs["env_args"]).get("tasks", [])
         available = [t for t in written if t in f["mask"]] + sorted(t for t in f["mask"] if t not in written)

@@ -181,12 +181,18 @@ def _loader(name: str) -> PolicyLoader:
 
 
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0) -> ChunkPolicyBase:
-    """Rebuild the policy saved in directory ``path`` (any registered family), in eval mode, on ``device``."""
+    """Rebuild the policy saved in directory ``path`` (any registered family, or a LeRobot policy directory
+    of a type vlapt wraps: `vlapt.policies.lerobot`), in eval mode, on ``device``."""
     from vlapt.policies.checkpoint import read_checkpoint
+    from vlapt.policies.lerobot import load_lerobot_policy, lerobot_policy_type
 
     device = resolve_device(device)
-    document, tensors = read_checkpoint(Path(path))
-    policy = _loader(document.get("policy_type", "vla"))(document, tensors, str(path))
+    lerobot_type = lerobot_policy_type(path)
+    if lerobot_type is not None:
+        policy = load_lerobot_policy(path, lerobot_type)
+    else:
+        document, tensors = read_checkpoint(Path(path))
+        policy = _loader(document.get("policy_type", "vla"))(document, tensors, str(path))
     policy.seed(seed)
     return policy.to(device).eval()
 

@@ -22,6 +22,7 @@ class MetaWorldSuite:
     family: str = "metaworld"
     max_episode_steps: int = 500
     expert_names: tuple[str, ...] = ("scripted", "scripted-fast")
+    fps: int = 80  # control steps per second (MuJoCo dt 0.0025 s x frame skip 5): the frame rate datasets record
 
     def check_task(self, task: str) -> str:
         return check_task(task)
