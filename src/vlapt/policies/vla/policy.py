@@ -27,6 +27,7 @@ from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkSample, EnvConfig
 from vlapt.policies.base import ChunkPolicyBase
 from vlapt.policies.checkpoint import CheckpointError, check_state_matches, write_checkpoint
 from vlapt.policies.vla.config import PolicyConfig
+from vlapt.policies.vla.features import FeatureCache
 from vlapt.policies.vla.network import Transformer, _mlp_head, build_vision_backbone
 from vlapt.policies.vla.tokenizer import Tokenizer
 
@@ -132,6 +133,8 @@ class VLAPolicy(ChunkPolicyBase):
         self.register_buffer("_static_allowed", self._readout_mask(), persistent=False)
         self.register_buffer("_token_types", self._trunk_token_types(), persistent=False)
         self._init_weights()
+        self._feature_cache: FeatureCache | None = None
+        self.configure_feature_cache(config.feature_cache_mb)
 
     # -- construction helpers ----------------------------------------------------------------------
     def _init_weights(self) -> None:
@@ -186,7 +189,7 @@ class VLAPolicy(ChunkPolicyBase):
         word_allowed = mask[:, None, None, :] | torch.eye(n_words, dtype=torch.bool, device=ids.device)
         words = self.language_encoder(words, word_allowed)
 
-        patches = self.vision(image) + self.image_pos
+        patches = self._image_tokens(image) + self.image_pos
         proprio = (proprio.float() - self.proprio_mean) / self.proprio_std
         state = self.proprio_embed(proprio)[:, None]
         readouts = self.readouts.expand(batch_size, -1, -1)
@@ -203,6 +206,52 @@ class VLAPolicy(ChunkPolicyBase):
         value = self.value_head(value_readout).squeeze(-1)
         log_std = self.clamped_log_std().expand_as(mean)
         return PolicyOutput(mean=mean, log_std=log_std, value=value, features=action_readout)
+
+    def _image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The image encoder's tokens; a frozen encoder's features come from the feature cache when it has them."""
+        cacheable = getattr(self.vision, "cacheable", None)
+        if self._feature_cache is not None and cacheable is not None and cacheable():
+            return self.vision.tokens(self._feature_cache.lookup(image, self.vision.features))
+        return self.vision(image)
+
+    # -- freezing and the feature cache ------------------------------------------------------------
+    FREEZABLE = ("vision",)
+
+    def freeze(self, parts) -> None:
+        """Stop training ``parts`` ("vision": the whole image encoder, recorded as ``vision_trainable="none"``)."""
+        unknown = sorted(set(parts) - set(self.FREEZABLE))
+        if unknown:
+            raise ValueError(f"the VLA policy cannot freeze {unknown}; it can freeze {list(self.FREEZABLE)}")
+        if "vision" in parts:
+            if not hasattr(self.vision, "set_trainable"):
+                raise ValueError(f"vision backbone {self.config.vision_backbone!r} is not a VisionEncoder, so it "
+                                 "cannot be frozen")
+            self.vision.set_trainable("none")
+            self.config.vision_trainable = "none"
+            self.clear_feature_cache()
+
+    def configure_feature_cache(self, megabytes: int) -> None:
+        """Bound the frozen encoder's feature cache to ``megabytes`` (0: no cache); drops what it held."""
+        if megabytes < 0:
+            raise ValueError(f"feature cache size must be >= 0 MB, got {megabytes}")
+        self._feature_cache = FeatureCache(int(megabytes) * 2**20) if megabytes else None
+
+    def clear_feature_cache(self) -> None:
+        if self._feature_cache is not None:
+            self._feature_cache.clear()
+
+    def feature_cache_stats(self) -> dict[str, float] | None:
+        """Entries, megabytes, hits, misses and hit rate of the feature cache (None without one)."""
+        return None if self._feature_cache is None else self._feature_cache.stats()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.clear_feature_cache()  # features of other weights
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _apply(self, fn, recurse: bool = True):
+        if getattr(self, "_feature_cache", None) is not None:
+            self._feature_cache.clear()  # features on another device or in another dtype
+        return super()._apply(fn, recurse)
 
     def _check_batch(self, batch: dict[str, torch.Tensor]):
         missing = [k for k in BATCH_KEYS if k not in batch]
@@ -296,9 +345,10 @@ class VLAPolicy(ChunkPolicyBase):
         return BCLoss((nll * valid).sum() / count, mse.detach(), out.features)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        critic = list(self.value_head.parameters())
+        """The trained parameters (frozen ones are left out): the value head's, and the rest."""
+        critic = [p for p in self.value_head.parameters() if p.requires_grad]
         ids = {id(p) for p in critic}
-        return {"actor": [p for p in self.parameters() if id(p) not in ids], "critic": critic}
+        return {"actor": [p for p in self.parameters() if p.requires_grad and id(p) not in ids], "critic": critic}
 
     def reset_exploration(self, log_std: float) -> None:
         with torch.no_grad():
