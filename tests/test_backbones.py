@@ -15,7 +15,7 @@ from vlapt.policies.vla import Tokenizer, VLAPolicy, policy_config_for_size  # n
 from vlapt.policies.vla.backbones import LoRALinear  # noqa: E402
 
 VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+TEXT = dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=32)
 
 
@@ -32,11 +32,19 @@ def _hf_config(family: str):
     raise KeyError(family)
 
 
-def save_tiny_model(family: str, path):
-    """A random-weight model of ``family``'s architecture, saved like a downloaded snapshot (safetensors)."""
+def save_tiny_model(family: str, path, words=("open the door", "reach the goal")):
+    """A random-weight model of ``family``'s architecture, saved like a downloaded snapshot (safetensors), with a
+    word-level fast tokenizer of ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     torch.manual_seed(0)
     model = transformers.AutoModel.from_config(_hf_config(family))
     model.save_pretrained(path)
+    vocabulary = ["[PAD]", "[UNK]", *sorted({w for text in words for w in text.lower().split()})]
+    assert len(vocabulary) <= TEXT["vocab_size"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
     return model
 
 
@@ -189,3 +197,69 @@ def test_sft_model_config_gives_pretrained_backbones_no_keypoints_and_checks_the
     assert conv.image_keypoints == ModelConfig().image_keypoints > 0
     with pytest.raises(ValueError, match="unknown model.vision_backbone 'resnet'.*available"):
         build_policy_config(ModelConfig(size="tiny", vision_backbone="resnet"), spec, stats, ["open the door"])
+
+
+# -- language towers ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["clip", "siglip", "smolvlm"])
+def tiny_text_model(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"{request.param}_text") / "model"
+    return request.param, path, save_tiny_model(request.param, path)
+
+
+def _language_config(path, **overrides):
+    return policy_config_for_size("tiny", image_size=48, image_keypoints=0, language_backbone="hf",
+                                  language_backbone_path=str(path), **overrides)
+
+
+def test_language_tower_reads_instructions_with_its_own_tokenizer_and_weights(tiny_text_model):
+    family, path, reference = tiny_text_model
+    policy = VLAPolicy(_language_config(path))
+    expected = getattr(reference, "text_model", reference).state_dict()
+    assert set(policy.language_tower.backbone.state_dict()) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(policy.language_tower.backbone.state_dict()[name], value), name
+    assert not any(name.startswith(("token_embed", "language_encoder")) for name in policy.state_dict())
+    ids, mask = policy.tokenizer.encode(["open the door"], policy.config.max_instruction_tokens)
+    assert mask.sum() == 3 and ids.shape == (1, policy.config.max_instruction_tokens)
+    chunk = policy.predict_batch(_obs())
+    assert chunk.shape == (2, policy.chunk_len, 4)
+    assert policy.unknown_words(["stack the blocks"]) == []
+
+
+def test_language_tower_checkpoint_carries_its_tokenizer(tiny_text_model, tmp_path):
+    _, path, _ = tiny_text_model
+    copy = tmp_path / "model"
+    shutil.copytree(path, copy)
+    policy = VLAPolicy(_language_config(copy, language_trainable="last_1"))
+    observations = _obs()
+    observations["instruction"] = ["reach the goal", "open the door"]
+    expected = policy.predict_batch(observations)
+    saved = policy.save(tmp_path / "ckpt")
+    shutil.rmtree(copy)
+    loaded = load_policy(saved)
+    np.testing.assert_array_equal(loaded.predict_batch(observations), expected)
+    tokenizer = saved / "language_tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"door"', '"window"'))
+    with pytest.raises(ValueError, match="language_tokenizer.json does not match"):
+        load_policy(saved)
+    tokenizer.unlink()
+    with pytest.raises(ValueError, match="no language_tokenizer.json"):
+        load_policy(saved)
+
+
+def test_frozen_language_tower_encodes_each_instruction_once(tiny_text_model):
+    _, path, _ = tiny_text_model
+    policy = VLAPolicy(_language_config(path, language_trainable="none"))
+    observations = _obs(batch=4)
+    observations["instruction"] = ["open the door", "reach the goal", "open the door", "open the door"]
+    sample = policy.act(observations)
+    policy.train()
+    evaluation = policy.evaluate(observations, sample.actions)
+    np.testing.assert_allclose(evaluation.log_prob.detach().numpy(), sample.log_prob, atol=1e-5)
+    evaluation.log_prob.sum().backward()
+    assert all(p.grad is None for p in policy.language_tower.backbone.parameters())
+    assert policy.language_tower.project.weight.grad is not None
+    stats = policy._instruction_cache.stats()
+    assert stats["entries"] == 2 and stats["hits"] == 4
+    with pytest.raises(ValueError, match="language_trainable applies to a pretrained language tower"):
+        policy_config_for_size("tiny", language_trainable="none")

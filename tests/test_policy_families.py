@@ -27,9 +27,11 @@ def dataset(tmp_path_factory):
 def _hf_model(tmp_path, family):
     pytest.importorskip("transformers")
     from tests.test_backbones import save_tiny_model
+    from vlapt.envs import get_suite
 
     path = tmp_path / family
-    save_tiny_model(family, path)
+    if not path.exists():
+        save_tiny_model(family, path, words=get_suite("mt10").vocabulary())
     return str(path)
 
 
@@ -40,6 +42,11 @@ FAMILIES = {
                                     "model.vision_trainable=none"], [], "none"),
     "hf-smolvlm-lora": (lambda tmp: ["model.vision_backbone=hf", f"model.vision_backbone_path={_hf_model(tmp, 'smolvlm')}",
                                      "model.vision_trainable=none", "model.vision_lora_rank=2"], [], "none"),
+    # a small VLM as the VLA's vision and language towers, both frozen (features cached)
+    "hf-smolvlm-vla": (lambda tmp: ["model.vision_backbone=hf", f"model.vision_backbone_path={_hf_model(tmp, 'smolvlm')}",
+                                    "model.vision_trainable=none", "model.language_backbone=hf",
+                                    f"model.language_backbone_path={_hf_model(tmp, 'smolvlm')}",
+                                    "model.language_trainable=none"], ["ema_decay=0.5"], "none"),
     "efficientnet-last2": (lambda tmp: ["model.vision_backbone=efficientnet_lite0", "model.vision_backbone_path=random",
                                         "model.vision_input_size=64", "model.vision_trainable=last_2"], [], "last_2"),
 }
@@ -57,7 +64,7 @@ def test_family_trains_evaluates_and_serves_by_path(family, dataset, tmp_path, c
     assert main(["train", "--quiet", f"init_policy={sft_dir / 'policy'}", f"demos={dataset}", f"output_dir={ppo_dir}",
                  f"tasks=[{TASK}]", "envs_per_task=1", "horizon=2", "num_workers=0", "total_env_steps=20", "epochs=1",
                  "minibatch_size=4", "bc_batch_size=4", "eval_every=0", "value_warmup_iterations=1", "threads=1",
-                 "ema_decay=0", *ppo_options]) == 0
+                 *(ppo_options or ["ema_decay=0"])]) == 0
     final = ppo_dir / "policy"
     assert read_config(final)["policy"]["vision_trainable"] == trainable
     assert main(["eval", "--quiet", "--policy", str(final), "--tasks", TASK, "--episodes", "1", "--workers", "0",

@@ -61,6 +61,10 @@ class ModelConfig:
     vision_lora_rank: int = PolicyConfig.vision_lora_rank
     feature_cache_mb: int = PolicyConfig.feature_cache_mb
     image_keypoints: int = PolicyConfig.image_keypoints  # spatial-softmax keypoint tokens ("conv" only; others get 0)
+    # "words" | "hf" (a Hugging Face text model or a CLIP / SigLIP / VLM text tower, with its tokenizer, from the path)
+    language_backbone: str = PolicyConfig.language_backbone
+    language_backbone_path: str = ""
+    language_trainable: str = PolicyConfig.language_trainable  # "hf": "all" | "none" | "last_<k>"
 
 
 @dataclasses.dataclass
@@ -140,6 +144,9 @@ def build_policy_config(model: ModelConfig, spec: ObservationSpec, stats: dict, 
         vision_lora_rank=model.vision_lora_rank,
         feature_cache_mb=model.feature_cache_mb,
         image_keypoints=model.image_keypoints if model.vision_backbone == "conv" else 0,  # keypoints are the conv's
+        language_backbone=model.language_backbone,
+        language_backbone_path=model.language_backbone_path,
+        language_trainable=model.language_trainable,
         camera=spec.camera,
         camera_fovy=spec.camera_fovy,
         proprio_dim=len(spec.proprio_fields),

@@ -12,10 +12,14 @@ model.safetensors) without the original directory.
 ``vision_trainable`` freezes the tower ("none"), or all but its last k transformer layers
 ("last_<k>"); ``vision_lora_rank`` adds LoRA adapters to the attention query and value
 projections of a frozen tower, the only part of it that then trains.
+
+``language_backbone="hf"`` likewise reads instructions with a pretrained text model, or the
+text tower of a CLIP / SigLIP / VLM directory (`HFLanguageEncoder`), and its own tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -201,3 +205,132 @@ def _pixel_statistics(path: Path) -> dict:
         if "image_mean" in data and "image_std" in data:
             return {"image_mean": list(data["image_mean"]), "image_std": list(data["image_std"])}
     return {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+# --------------------------------------------------------------------------- language towers
+TOKENIZER_FILE = "language_tokenizer.json"
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (its ``tokenizer.json``) with `Tokenizer.encode`'s fixed-length interface."""
+
+    def __init__(self, tokenizer_json: str, pad_id: int):
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        self.json = tokenizer_json
+        self.backend = BackendTokenizer.from_str(tokenizer_json)
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.pad_id = int(pad_id)
+        self.vocab: list[str] = []  # subword tokenizers read any text: no unknown words to warn about
+
+    def encode(self, texts, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_len), dtype=torch.bool)
+        for row, encoding in enumerate(self.backend.encode_batch(list(texts))):
+            tokens = encoding.ids[:max_len] or [self.pad_id]  # never empty, so attention always has a real key
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = True
+        return ids, mask
+
+
+class HFLanguageEncoder(nn.Module):
+    """A pretrained text model (or a CLIP / SigLIP / VLM's text tower) from local disk, projected to ``d_model``.
+
+    Instructions are tokenized with the model's own fast tokenizer, whose ``tokenizer.json`` the
+    saved policy carries (``language_tokenizer.json``, its SHA-256 in ``language_backbone_spec``).
+    Frozen (``language_trainable="none"``), its features are cached per distinct instruction.
+    """
+
+    def __init__(self, config: PolicyConfig, tokenizer_json: str | None = None):
+        super().__init__()
+        try:
+            import transformers
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("language_backbone='hf' needs transformers: pip install 'vlapt[hf]'") from exc
+        if config.language_backbone_spec:
+            spec = json.loads(config.language_backbone_spec)
+            if tokenizer_json is None:
+                raise ValueError(f"a policy with a Hugging Face language tower needs its {TOKENIZER_FILE}; load it with "
+                                 "vlapt.load_policy(directory), which reads the file beside the weights")
+            if hashlib.sha256(tokenizer_json.encode()).hexdigest() != spec["tokenizer_sha256"]:
+                raise ValueError(f"{TOKENIZER_FILE} does not match the SHA-256 in the policy's config: it was modified "
+                                 "after the checkpoint was written; re-save the checkpoint")
+            model_class, config_class = _transformers_class(spec["model_class"]), _transformers_class(spec["config_class"])
+            self.backbone = model_class(config_class(**spec["hf_config"]))
+        else:
+            path = Path(config.language_backbone_path).expanduser()
+            check_model_directory(path)
+            loaded = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+            self.backbone = getattr(loaded, "text_model", None) or loaded
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                raise ValueError(f"{path} has no fast tokenizer (tokenizer.json); save one there with "
+                                 "AutoTokenizer.from_pretrained(dir).save_pretrained(dir) on a machine with transformers")
+            tokenizer_json = backend.to_str()
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+            for cls in (type(self.backbone), type(self.backbone.config)):
+                _transformers_class(cls.__name__)  # rebuildable from the spec
+            spec = {"model_class": type(self.backbone).__name__, "config_class": type(self.backbone.config).__name__,
+                    "hf_config": self.backbone.config.to_dict(), "pad_id": int(pad_id),
+                    "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest()}
+            config.language_backbone_spec = json.dumps(spec)
+        self.tokenizer = HFTokenizer(tokenizer_json, spec["pad_id"])
+        self.layers = _transformer_layers(self.backbone)
+        self.project = nn.Linear(int(self.backbone.config.hidden_size), config.d_model)
+        self.set_trainable(config.language_trainable)
+
+    def set_trainable(self, mode: str) -> None:
+        trained = trainable_blocks(mode)
+        self.trainable = mode
+        for param in self.backbone.parameters():
+            param.requires_grad_(trained is None)
+        if trained:
+            if not self.layers:
+                raise ValueError(f"language_trainable={mode!r}: vlapt finds no transformer layers in "
+                                 f"{type(self.backbone).__name__}; use 'all' or 'none'")
+            layer_params = {id(p) for layer in self.layers for p in layer.parameters()}
+            for layer in self.layers[-trained:]:
+                for param in layer.parameters():
+                    param.requires_grad_(True)
+            for name, param in self.backbone.named_parameters():
+                if id(param) not in layer_params and not any(part in name for part in BEFORE_OR_UNUSED):
+                    param.requires_grad_(True)
+        self.train(self.training)
+
+    def cacheable(self) -> bool:
+        return self.trainable == "none" and not any(p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True) -> "HFLanguageEncoder":
+        super().train(mode)
+        if self.trainable == "none":
+            self.backbone.eval()
+        return self
+
+    @staticmethod
+    def pack(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Ids and mask side by side: the key a cache stores an instruction's features under."""
+        return torch.cat([ids, mask.long()], dim=1)
+
+    def features(self, packed: torch.Tensor) -> torch.Tensor:
+        ids, mask = packed.chunk(2, dim=1)
+        return self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        return self.project(features)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.tokens(self.features(self.pack(ids, mask)))
+
+
+def _transformers_class(name: str):
+    """A model or config class that transformers exports by ``name`` (nothing else is ever instantiated)."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, (transformers.PreTrainedModel, transformers.PretrainedConfig)):
+        raise ValueError(f"{name!r} is not a model or config class of transformers {transformers.__version__}")
+    return cls

@@ -79,6 +79,13 @@ class PolicyConfig:
     image_grid: int = 4
     image_keypoints: int = 16  # "conv": extra spatial-softmax keypoint tokens (sub-patch positions); 0 disables
 
+    # "words": vlapt's word tokenizer + a small transformer, trained from scratch; "hf": a pretrained Hugging Face text
+    # model (or a CLIP / SigLIP / VLM's text tower) from language_backbone_path, with its own tokenizer
+    language_backbone: str = "words"
+    language_backbone_path: str = ""
+    language_backbone_spec: str = ""  # "hf": filled in when built; the checkpoint then carries weights and tokenizer
+    language_trainable: str = "all"  # "hf": "all" | "none" (frozen, features cached per instruction) | "last_<k>"
+
     chunk_len: int = 10
     action_dim: int = 4
     proprio_dim: int = 4
@@ -130,6 +137,12 @@ class PolicyConfig:
                 f"= [{self.min_log_std}, {self.max_log_std}]"
             )
         trainable_blocks(self.vision_trainable)  # raises on a malformed value
+        trainable_blocks(self.language_trainable)
+        if self.language_backbone not in ("words", "hf"):
+            raise ValueError(f"language_backbone must be 'words' or 'hf', got {self.language_backbone!r}")
+        if self.language_backbone == "words" and self.language_trainable != "all":
+            raise ValueError("language_trainable applies to a pretrained language tower (language_backbone='hf'); "
+                             "vlapt's own word encoder trains whole")
         if self.vision_input_size < 0 or self.vision_lora_rank < 0 or self.feature_cache_mb < 0:
             raise ValueError(f"vision_input_size, vision_lora_rank and feature_cache_mb must be >= 0, got "
                              f"{self.vision_input_size}, {self.vision_lora_rank}, {self.feature_cache_mb}")
