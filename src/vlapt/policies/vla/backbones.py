@@ -48,9 +48,22 @@ class LoRALinear(nn.Module):
         for param in base.parameters():
             param.requires_grad_(False)
 
+    # attention code may read the projection's attributes (dtype, device, sizes)
     @property
-    def weight(self) -> torch.Tensor:  # some attention code reads the projection's weight (dtype, device)
+    def weight(self) -> torch.Tensor:
         return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b)
