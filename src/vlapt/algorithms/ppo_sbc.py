@@ -79,6 +79,9 @@ class PPOConfig:
     advantage_norm: str = "minibatch"  # "minibatch": zero mean, unit std per minibatch (CleanRL's); "none"
     init_log_std: float = -1.0  # reset the exploration std at the start (normalised action units); 0 keeps SFT's
     value_warmup_iterations: int = 2  # train only the critic first: SFT leaves the value head untrained
+    # parts of the policy kept as SFT left them (ChunkPolicyBase.freeze), e.g. [vision]: a frozen image encoder's
+    # features are computed once per image and reused across epochs and BC minibatches
+    freeze: list[str] = dataclasses.field(default_factory=list)
     # self behaviour cloning
     bc_weight_rule: str = "lagrangian"  # "lagrangian" (BCWeight) | "fixed" (bc_coef) | "none" (plain chunked PPO)
     bc_coef: float = 0.1  # the fixed weight, and the lagrangian rule's starting weight
@@ -253,6 +256,11 @@ def train_ppo(config: PPOConfig, progress: bool = True, evaluator: Evaluator | N
                          "trials that reached success; seed the self-BC buffer with a `vlapt collect` dataset")
     demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     policy = load_policy(config.init_policy)  # checked before the run directory exists
+    # -- option `freeze` (ChunkPolicyBase.freeze, optional for a family): the policy records what it froze, so
+    # its checkpoints, and a resumed run, stay frozen ---------------------------------------------------------
+    if config.freeze:
+        policy.freeze(config.freeze)
+    # ---------------------------------------------------------------------------------------------------------
     with start_run(config, config.output_dir, config.threads, exempt=RESUMABLE) as run:
         return _post_train(config, run.directory, suite, tasks, demos, policy, progress, evaluator)
 

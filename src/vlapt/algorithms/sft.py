@@ -38,7 +38,7 @@ from vlapt.data.dataset import ChunkDataset
 from vlapt.data.format import dataset_suite, env_args, read_episodes
 from vlapt.interfaces import EnvConfig, ObservationSpec
 from vlapt.policies import load_policy, resolve_device
-from vlapt.policies.vla import PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
+from vlapt.policies.vla import VISION_BACKBONES, PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
 
 log = logging.getLogger("vlapt.sft")
 
@@ -52,9 +52,19 @@ class ModelConfig:
     image_size: int = 0  # 0: the dataset's image size
     init_log_std: float = PolicyConfig.init_log_std
     dropout: float = PolicyConfig.dropout
-    vision_backbone: str = PolicyConfig.vision_backbone  # "hf": a pretrained Hugging Face vision model from vision_backbone_path
+    # "conv" | "hf" (a Hugging Face vision model or VLM tower from vision_backbone_path) | "efficientnet_lite0"
+    # (ImageNet weights); see docs/policies.md
+    vision_backbone: str = PolicyConfig.vision_backbone
     vision_backbone_path: str = ""
-    image_keypoints: int = PolicyConfig.image_keypoints  # spatial-softmax keypoint tokens on the pooled grid ("conv" only)
+    vision_input_size: int = PolicyConfig.vision_input_size
+    vision_trainable: str = PolicyConfig.vision_trainable  # "all" | "none" (frozen, features cached) | "last_<k>"
+    vision_lora_rank: int = PolicyConfig.vision_lora_rank
+    feature_cache_mb: int = PolicyConfig.feature_cache_mb
+    image_keypoints: int = PolicyConfig.image_keypoints  # spatial-softmax keypoint tokens ("conv" only; others get 0)
+    # "words" | "hf" (a Hugging Face text model or a CLIP / SigLIP / VLM text tower, with its tokenizer, from the path)
+    language_backbone: str = PolicyConfig.language_backbone
+    language_backbone_path: str = ""
+    language_trainable: str = PolicyConfig.language_trainable  # "hf": "all" | "none" | "last_<k>"
 
 
 @dataclasses.dataclass
@@ -124,6 +134,8 @@ class StatePredictionHead(nn.Module):
 
 def build_policy_config(model: ModelConfig, spec: ObservationSpec, stats: dict, vocabulary: list[str]) -> PolicyConfig:
     """The policy's full config: preset + knobs + normalisation + a vocabulary of every instruction of the suite."""
+    if model.vision_backbone not in VISION_BACKBONES:
+        raise ValueError(f"unknown model.vision_backbone {model.vision_backbone!r}; available: {sorted(VISION_BACKBONES)}")
     return policy_config_for_size(
         model.size,
         chunk_len=model.chunk_len,
@@ -132,7 +144,14 @@ def build_policy_config(model: ModelConfig, spec: ObservationSpec, stats: dict, 
         dropout=model.dropout,
         vision_backbone=model.vision_backbone,
         vision_backbone_path=model.vision_backbone_path,
-        image_keypoints=model.image_keypoints,
+        vision_input_size=model.vision_input_size,
+        vision_trainable=model.vision_trainable,
+        vision_lora_rank=model.vision_lora_rank,
+        feature_cache_mb=model.feature_cache_mb,
+        image_keypoints=model.image_keypoints if model.vision_backbone == "conv" else 0,  # keypoints are the conv's
+        language_backbone=model.language_backbone,
+        language_backbone_path=model.language_backbone_path,
+        language_trainable=model.language_trainable,
         camera=spec.camera,
         camera_fovy=spec.camera_fovy,
         proprio_dim=len(spec.proprio_fields),

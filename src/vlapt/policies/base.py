@@ -51,6 +51,12 @@ class ChunkPolicyBase(nn.Module):
         """Words of ``instructions`` the policy cannot read (default: none)."""
         return []
 
+    def freeze(self, parts: list[str]) -> None:
+        """Optional: stop training the named parts (e.g. ``["vision"]``); a family that can, overrides this."""
+        if parts:
+            raise ValueError(f"policy type {self.policy_type!r} cannot freeze parts of itself ({list(parts)}); "
+                             "train it whole")
+
     # -- inference ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

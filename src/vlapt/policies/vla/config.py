@@ -62,13 +62,29 @@ class PolicyConfig:
     dropout: float = 0.0
     language_layers: int = 1
 
-    vision_backbone: str = "conv"  # "conv" (trained from scratch) or "hf" (a Hugging Face vision model)
-    vision_backbone_path: str = ""  # "hf": local directory of a pretrained model (nothing is downloaded)
-    vision_backbone_spec: str = ""  # "hf": its architecture and pixel statistics as JSON, filled in when built
+    # "conv" (trained from scratch), "hf" (a Hugging Face vision model or a VLM's vision tower, from local disk)
+    # or "efficientnet_lite0" (ImageNet-pretrained EfficientNet-Lite0); more with register_vision_backbone
+    vision_backbone: str = "conv"
+    # "hf": local directory of a pretrained model (safetensors weights; nothing is downloaded).
+    # "efficientnet_lite0": its weights as a .safetensors file; "": the converted copy in the weights cache
+    # (vlapt.policies.vla.efficientnet); "random": no pretrained weights
+    vision_backbone_path: str = ""
+    vision_backbone_spec: str = ""  # pretrained backbones: filled in when built; the checkpoint then carries the weights
+    vision_input_size: int = 0  # pixels the backbone runs at ("efficientnet_lite0"); 0: image_size
+    vision_trainable: str = "all"  # "all": fine-tuned | "none": frozen (features cached) | "last_<k>": only the last k blocks
+    vision_lora_rank: int = 0  # "hf" with vision_trainable="none": LoRA adapters of this rank on attention projections
+    feature_cache_mb: int = 1024  # memory for cached features of a frozen image encoder (LRU); 0: no cache
     image_size: int = 96
     image_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     image_grid: int = 4
     image_keypoints: int = 16  # "conv": extra spatial-softmax keypoint tokens (sub-patch positions); 0 disables
+
+    # "words": vlapt's word tokenizer + a small transformer, trained from scratch; "hf": a pretrained Hugging Face text
+    # model (or a CLIP / SigLIP / VLM's text tower) from language_backbone_path, with its own tokenizer
+    language_backbone: str = "words"
+    language_backbone_path: str = ""
+    language_backbone_spec: str = ""  # "hf": filled in when built; the checkpoint then carries weights and tokenizer
+    language_trainable: str = "all"  # "hf": "all" | "none" (frozen, features cached per instruction) | "last_<k>"
 
     chunk_len: int = 10
     action_dim: int = 4
@@ -120,6 +136,20 @@ class PolicyConfig:
                 f"init_log_std ({self.init_log_std}) must lie in [min_log_std, max_log_std] "
                 f"= [{self.min_log_std}, {self.max_log_std}]"
             )
+        trainable_blocks(self.vision_trainable)  # raises on a malformed value
+        trainable_blocks(self.language_trainable)
+        if self.language_backbone not in ("words", "hf"):
+            raise ValueError(f"language_backbone must be 'words' or 'hf', got {self.language_backbone!r}")
+        if self.language_backbone == "words" and self.language_trainable != "all":
+            raise ValueError("language_trainable applies to a pretrained language tower (language_backbone='hf'); "
+                             "vlapt's own word encoder trains whole")
+        if self.vision_input_size < 0 or self.vision_lora_rank < 0 or self.feature_cache_mb < 0:
+            raise ValueError(f"vision_input_size, vision_lora_rank and feature_cache_mb must be >= 0, got "
+                             f"{self.vision_input_size}, {self.vision_lora_rank}, {self.feature_cache_mb}")
+        if self.vision_lora_rank and (self.vision_backbone != "hf" or self.vision_trainable != "none"):
+            raise ValueError(f"vision_lora_rank={self.vision_lora_rank} adapts a frozen Hugging Face backbone: it needs "
+                             f"vision_backbone='hf' and vision_trainable='none', got {self.vision_backbone!r} and "
+                             f"{self.vision_trainable!r}")
         if self.image_keypoints < 0:
             raise ValueError(f"image_keypoints must be >= 0, got {self.image_keypoints}")
         if self.image_keypoints and self.vision_backbone != "conv":
@@ -139,6 +169,19 @@ class PolicyConfig:
         _check_stats("proprio", self.proprio_mean, self.proprio_std, self.proprio_dim)
         _check_stats("action", self.action_mean, self.action_std, self.action_dim)
         return self
+
+
+def trainable_blocks(mode: str) -> int | None:
+    """``vision_trainable`` as a number of trailing blocks to train: None for "all", 0 for "none", k for "last_<k>"."""
+    if mode == "all":
+        return None
+    if mode == "none":
+        return 0
+    prefix, _, count = mode.partition("_")
+    if prefix == "last" and count.isdigit() and int(count) >= 1:
+        return int(count)
+    raise ValueError(f"vision_trainable must be 'all', 'none' or 'last_<k>' (e.g. 'last_2': train only the last 2 "
+                     f"blocks of the image encoder), got {mode!r}")
 
 
 def policy_config_for_size(size: str, **overrides: Any) -> PolicyConfig:

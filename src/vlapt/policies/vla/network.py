@@ -2,7 +2,8 @@
 
 The policy (`vlapt.policies.vla.policy`) mixes instruction words, image tokens and
 proprioception in a transformer trunk; an image encoder here turns a uint8 image batch into
-tokens.
+tokens. Pretrained encoders live in their own modules (`backbones` for Hugging Face towers,
+`efficientnet` for EfficientNet-Lite0) and are imported only when selected.
 """
 
 from __future__ import annotations
@@ -80,7 +81,48 @@ def _group_count(channels: int) -> int:
 # --------------------------------------------------------------------------- vision backbones
 
 
-class ConvVisionEncoder(nn.Module):
+class VisionEncoder(nn.Module):
+    """An image encoder split at its frozen part: ``forward(image) = tokens(features(image))``.
+
+    ``features`` runs the part that ``vision_trainable`` freezes (nothing when everything trains),
+    ``tokens`` the rest. While `cacheable` holds (the frozen part is non-empty and none of its
+    parameters needs a gradient) the policy may store ``features`` per image and skip recomputing
+    them (`vlapt.policies.vla.features.FeatureCache`). The frozen part always runs in eval mode, so
+    its output does not depend on whether the policy is training (no dropout, fixed norm statistics).
+    """
+
+    num_tokens: int
+    trainable: str = "all"
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.tokens(self.features(image))
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules ``features`` runs with weights (empty when everything trains)."""
+        raise NotImplementedError
+
+    def set_trainable(self, mode: str) -> None:
+        """Freeze the encoder to ``mode`` ("all", "none" or "last_<k>"); subclasses decide what a block is."""
+        raise NotImplementedError
+
+    def cacheable(self) -> bool:
+        modules = self.frozen_modules()
+        return bool(modules) and not any(p.requires_grad for m in modules for p in m.parameters())
+
+    def train(self, mode: bool = True) -> "VisionEncoder":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+
+class ConvVisionEncoder(VisionEncoder):
     """Stride-2 conv stack pooled to an ``image_grid x image_grid`` grid of tokens.
 
     Cheap on CPU: every stage halves the resolution, so almost all compute is
@@ -121,8 +163,32 @@ class ConvVisionEncoder(nn.Module):
             self.keypoint_log_temperature = nn.Parameter(torch.zeros(()))
             self.keypoint_embed = nn.Linear(2, config.d_model)
         self.num_tokens = config.image_grid**2 + self.keypoints
+        self.set_trainable(config.vision_trainable)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def set_trainable(self, mode: str) -> None:
+        if mode not in ("all", "none"):
+            raise ValueError(f"the 'conv' image encoder trains whole or not at all: vision_trainable must be 'all' or "
+                             f"'none', got {mode!r}")
+        self.trainable = mode
+        for param in self.parameters():
+            param.requires_grad_(mode == "all")
+        self.train(self.training)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self] if self.trainable == "none" else []
+
+    # frozen, the whole encoder is the cached part; training, all of it runs on every call
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        return self._encode(image) if self.trainable == "none" else image
+
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.trainable == "none" else self._encode(features)
+
+    def train(self, mode: bool = True) -> "ConvVisionEncoder":
+        nn.Module.train(self, mode)  # no dropout or batch statistics: the mode changes nothing here
+        return self
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         keypoint_input = None
         for index, layer in enumerate(self.convs):
@@ -155,7 +221,15 @@ def _hf_vision_encoder(config: PolicyConfig) -> nn.Module:
     return HFVisionEncoder(config)
 
 
-VISION_BACKBONES: dict[str, VisionBackboneBuilder] = {"conv": ConvVisionEncoder, "hf": _hf_vision_encoder}
+def _efficientnet_lite0_encoder(config: PolicyConfig) -> nn.Module:
+    from vlapt.policies.vla.efficientnet import EfficientNetLite0Encoder
+
+    return EfficientNetLite0Encoder(config)
+
+
+VISION_BACKBONES: dict[str, VisionBackboneBuilder] = {
+    "conv": ConvVisionEncoder, "hf": _hf_vision_encoder, "efficientnet_lite0": _efficientnet_lite0_encoder,
+}
 """Extension point for image encoders, selected by ``PolicyConfig.vision_backbone``.
 
 A builder takes the config and returns a module that maps a uint8 image batch
@@ -164,6 +238,8 @@ It owns its own pixel normalisation, so a pretrained encoder (e.g. a timm or
 transformers model loaded from local disk) can apply the statistics it was
 trained with, and keeps whatever weights it was built with (the policy's
 initialisation skips it). The policy adds learned positional embeddings on top.
+A `VisionEncoder` subclass also gets partial freezing (``vision_trainable``) and
+feature caching; a plain module trains whole and is never cached.
 """
 
 
@@ -185,4 +261,7 @@ def build_vision_backbone(config: PolicyConfig) -> nn.Module:
     encoder = builder(config)
     if not isinstance(getattr(encoder, "num_tokens", None), int):
         raise TypeError(f"vision backbone {config.vision_backbone!r} must expose an int attribute num_tokens")
+    if config.vision_trainable != "all" and not isinstance(encoder, VisionEncoder):
+        raise ValueError(f"vision backbone {config.vision_backbone!r} is not a VisionEncoder, so it cannot be frozen; "
+                         "set vision_trainable='all' or subclass vlapt.policies.vla.network.VisionEncoder")
     return encoder

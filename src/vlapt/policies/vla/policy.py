@@ -27,6 +27,7 @@ from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkSample, EnvConfig
 from vlapt.policies.base import ChunkPolicyBase
 from vlapt.policies.checkpoint import CheckpointError, check_state_matches, write_checkpoint
 from vlapt.policies.vla.config import PolicyConfig
+from vlapt.policies.vla.features import FeatureCache
 from vlapt.policies.vla.network import Transformer, _mlp_head, build_vision_backbone
 from vlapt.policies.vla.tokenizer import Tokenizer
 
@@ -36,6 +37,7 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _LANGUAGE, _IMAGE, _PROPRIO, _ACTION_READOUT, _VALUE_READOUT = range(5)
 
 BATCH_KEYS = ("image", "proprio", "instruction_ids", "instruction_mask")
+INSTRUCTION_CACHE_BYTES = 64 * 2**20  # a frozen language tower's features of distinct instructions
 POLICY_TYPE = "vla"
 
 
@@ -100,19 +102,26 @@ class VLAPolicy(ChunkPolicyBase):
 
     policy_type = POLICY_TYPE
 
-    def __init__(self, config: PolicyConfig):
+    def __init__(self, config: PolicyConfig, files: Mapping[str, str] | None = None):
+        """``files``: the text files a saved policy carries beside its weights (a pretrained tokenizer), by name."""
         super().__init__()
         config = copy.deepcopy(config).validate()
         self.config = config
-        self.tokenizer = Tokenizer(config.vocab)
         d = config.d_model
 
         self.vision = build_vision_backbone(config)
         self.image_pos = nn.Parameter(torch.zeros(1, self.vision.num_tokens, d))
 
-        self.token_embed = nn.Embedding(config.vocab_size, d)
-        self.language_pos = nn.Parameter(torch.zeros(1, config.max_instruction_tokens, d))
-        self.language_encoder = Transformer(config.language_layers, d, config.n_heads, config.mlp_ratio, config.dropout)
+        if config.language_backbone == "hf":
+            from vlapt.policies.vla.backbones import TOKENIZER_FILE, HFLanguageEncoder
+
+            self.language_tower = HFLanguageEncoder(config, (files or {}).get(TOKENIZER_FILE))
+            self.tokenizer = self.language_tower.tokenizer
+        else:
+            self.tokenizer = Tokenizer(config.vocab)
+            self.token_embed = nn.Embedding(config.vocab_size, d)
+            self.language_pos = nn.Parameter(torch.zeros(1, config.max_instruction_tokens, d))
+            self.language_encoder = Transformer(config.language_layers, d, config.n_heads, config.mlp_ratio, config.dropout)
 
         self.proprio_embed = nn.Linear(config.proprio_dim, d)
         self.readouts = nn.Parameter(torch.zeros(1, 2, d))
@@ -132,19 +141,23 @@ class VLAPolicy(ChunkPolicyBase):
         self.register_buffer("_static_allowed", self._readout_mask(), persistent=False)
         self.register_buffer("_token_types", self._trunk_token_types(), persistent=False)
         self._init_weights()
+        self._feature_cache: FeatureCache | None = None
+        self._instruction_cache: FeatureCache | None = None
+        self.configure_feature_cache(config.feature_cache_mb)
 
     # -- construction helpers ----------------------------------------------------------------------
     def _init_weights(self) -> None:
         for name, module in self.named_modules():
-            if name.startswith("vision"):
+            if name.startswith(("vision", "language_tower.backbone")):
                 continue  # backbones keep their own (possibly pretrained) weights
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.trunc_normal_(module.weight, std=0.02)
-        for param in (self.image_pos, self.language_pos, self.readouts):
-            nn.init.trunc_normal_(param, std=0.02)
+        for param in (self.image_pos, getattr(self, "language_pos", None), self.readouts):
+            if param is not None:
+                nn.init.trunc_normal_(param, std=0.02)
         # Near-zero outputs at init: initial actions sit at the data mean and values near zero.
         nn.init.normal_(self.action_head[-1].weight, std=1e-3)
         nn.init.normal_(self.value_head[-1].weight, std=1e-2)
@@ -182,11 +195,9 @@ class VLAPolicy(ChunkPolicyBase):
         image, proprio, ids, mask = self._check_batch(batch)
         batch_size, n_words = ids.shape
 
-        words = self.token_embed(ids) + self.language_pos[:, :n_words]
-        word_allowed = mask[:, None, None, :] | torch.eye(n_words, dtype=torch.bool, device=ids.device)
-        words = self.language_encoder(words, word_allowed)
+        words = self._instruction_tokens(ids, mask)
 
-        patches = self.vision(image) + self.image_pos
+        patches = self._image_tokens(image) + self.image_pos
         proprio = (proprio.float() - self.proprio_mean) / self.proprio_std
         state = self.proprio_embed(proprio)[:, None]
         readouts = self.readouts.expand(batch_size, -1, -1)
@@ -204,6 +215,70 @@ class VLAPolicy(ChunkPolicyBase):
         value = self.value_head(value_readout).squeeze(-1).float()
         log_std = self.clamped_log_std().expand_as(mean)
         return PolicyOutput(mean=mean, log_std=log_std, value=value, features=action_readout)
+
+    def _instruction_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "language_tower"):
+            words = self.token_embed(ids) + self.language_pos[:, : ids.shape[1]]
+            word_allowed = mask[:, None, None, :] | torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)
+            return self.language_encoder(words, word_allowed)
+        tower = self.language_tower
+        if self._instruction_cache is not None and tower.cacheable():  # a frozen tower: once per distinct instruction
+            return tower.tokens(self._instruction_cache.lookup(tower.pack(ids, mask), tower.features))
+        return tower(ids, mask)
+
+    def _image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The image encoder's tokens; a frozen encoder's features come from the feature cache when it has them."""
+        cacheable = getattr(self.vision, "cacheable", None)
+        if self._feature_cache is not None and cacheable is not None and cacheable():
+            return self.vision.tokens(self._feature_cache.lookup(image, self.vision.features))
+        return self.vision(image)
+
+    # -- freezing and the feature cache ------------------------------------------------------------
+    FREEZABLE = ("vision", "language")
+
+    def freeze(self, parts) -> None:
+        """Stop training ``parts``: "vision", the whole image encoder (recorded as ``vision_trainable="none"``);
+        "language", a pretrained language tower (``language_trainable="none"``)."""
+        unknown = sorted(set(parts) - set(self.FREEZABLE))
+        if unknown:
+            raise ValueError(f"the VLA policy cannot freeze {unknown}; it can freeze {list(self.FREEZABLE)}")
+        if "language" in parts:
+            if not hasattr(self, "language_tower"):
+                raise ValueError("freezing 'language' needs a pretrained language tower (language_backbone='hf')")
+            self.language_tower.set_trainable("none")
+            self.config.language_trainable = "none"
+        if "vision" in parts:
+            if not hasattr(self.vision, "set_trainable"):
+                raise ValueError(f"vision backbone {self.config.vision_backbone!r} is not a VisionEncoder, so it "
+                                 "cannot be frozen")
+            self.vision.set_trainable("none")
+            self.config.vision_trainable = "none"
+            self.clear_feature_cache()
+
+    def configure_feature_cache(self, megabytes: int) -> None:
+        """Bound the frozen encoder's feature cache to ``megabytes`` (0: no cache); drops what it held."""
+        if megabytes < 0:
+            raise ValueError(f"feature cache size must be >= 0 MB, got {megabytes}")
+        self._feature_cache = FeatureCache(int(megabytes) * 2**20) if megabytes else None
+        self._instruction_cache = FeatureCache(INSTRUCTION_CACHE_BYTES) if megabytes else None
+
+    def clear_feature_cache(self) -> None:
+        for cache in (self._feature_cache, self._instruction_cache):
+            if cache is not None:
+                cache.clear()
+
+    def feature_cache_stats(self) -> dict[str, float] | None:
+        """Entries, megabytes, hits, misses and hit rate of the feature cache (None without one)."""
+        return None if self._feature_cache is None else self._feature_cache.stats()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.clear_feature_cache()  # features of other weights
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _apply(self, fn, recurse: bool = True):
+        if hasattr(self, "_instruction_cache"):
+            self.clear_feature_cache()  # features on another device or in another dtype
+        return super()._apply(fn, recurse)
 
     def _check_batch(self, batch: dict[str, torch.Tensor]):
         missing = [k for k in BATCH_KEYS if k not in batch]
@@ -300,9 +375,10 @@ class VLAPolicy(ChunkPolicyBase):
         return BCLoss((nll * valid).sum() / count, mse.detach(), out.features)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        critic = list(self.value_head.parameters())
+        """The trained parameters (frozen ones are left out): the value head's, and the rest."""
+        critic = [p for p in self.value_head.parameters() if p.requires_grad]
         ids = {id(p) for p in critic}
-        return {"actor": [p for p in self.parameters() if id(p) not in ids], "critic": critic}
+        return {"actor": [p for p in self.parameters() if p.requires_grad and id(p) not in ids], "critic": critic}
 
     def reset_exploration(self, log_std: float) -> None:
         with torch.no_grad():
@@ -312,11 +388,22 @@ class VLAPolicy(ChunkPolicyBase):
         return float(self.clamped_log_std().detach().exp().mean())
 
     def unknown_words(self, instructions: list[str]) -> list[str]:
+        if hasattr(self, "language_tower"):
+            return []  # a subword tokenizer reads any text
         known = set(self.tokenizer.vocab)
         return [w for text in instructions for w in Tokenizer.split(text) if w not in known]
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
-        return write_checkpoint(path, POLICY_TYPE, dataclasses.asdict(self.config), self.state_dict(), metadata)
+        return write_checkpoint(path, POLICY_TYPE, dataclasses.asdict(self.config), self.state_dict(), metadata,
+                                extra_files=self.files())
+
+    def files(self) -> dict[str, str]:
+        """The text files the checkpoint carries beside the weights (a pretrained language tower's tokenizer)."""
+        if not hasattr(self, "language_tower"):
+            return {}
+        from vlapt.policies.vla.backbones import TOKENIZER_FILE
+
+        return {TOKENIZER_FILE: self.language_tower.tokenizer.json}
 
     # -- action normalisation ----------------------------------------------------------------------
     def normalize_actions(self, actions):
@@ -379,8 +466,17 @@ def config_from_document(document: dict, where: str) -> PolicyConfig:
 def load_vla(document: dict, tensors: dict[str, torch.Tensor], where: str) -> VLAPolicy:
     """The `load_policy` loader of ``policy_type: vla`` checkpoints."""
     config = config_from_document(document, where)
+    files = {}
+    if config.language_backbone == "hf":
+        from vlapt.policies.vla.backbones import TOKENIZER_FILE
+
+        tokenizer_path = Path(where) / TOKENIZER_FILE
+        if not tokenizer_path.is_file():
+            raise CheckpointError(f"{where} has no {TOKENIZER_FILE}, the tokenizer of its language tower; the checkpoint "
+                                  "is incomplete (re-save it)")
+        files[TOKENIZER_FILE] = tokenizer_path.read_text()
     try:
-        policy = VLAPolicy(config)
+        policy = VLAPolicy(config, files)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"cannot build the policy described by {where}: {exc}") from exc
     check_state_matches(policy, tensors, where)
