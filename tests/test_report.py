@@ -186,3 +186,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
     for ready, error, width, duration in state["videos"]:
         assert error is None and ready >= 2 and width == 64 and duration > 0
     assert (tmp_path / "shot.png").stat().st_size > 10_000
+
+
+def test_vlapt_train_records_how_its_run_was_made(tmp_path, capsys):
+    from test_architecture import ToyPolicy  # a policy family and algorithm of the architecture tests
+
+    ToyPolicy(chunk_len=2).save(tmp_path / "init")
+    argv = ["train", "--algorithm", "test_architecture", "--init-policy", str(tmp_path / "init"),
+            "--output-dir", str(tmp_path / "toy"), "--quiet"]
+    assert main(argv) == 0
+    recorded = json.loads((tmp_path / "toy" / "run.json").read_text())
+    assert recorded["command"] == "vlapt " + " ".join(argv)
+    assert set(recorded) == {"command", "commit", "machine", "started", "finished", "wall_time_s"}
+    assert recorded["wall_time_s"] > 0 and "cores" in recorded["machine"]
+    assert read_run(tmp_path / "toy").provenance == recorded

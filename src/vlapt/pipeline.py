@@ -236,9 +236,13 @@ def _run_stages(config: PipelineConfig, progress: bool, command: str) -> dict:
     atomic_write_json(out / "run.json", {**provenance, "finished": finished.isoformat(timespec="seconds"),
                                          "wall_time_s": time.perf_counter() - wall})
     print(report)
-    page = build_report([out], out / "report.html") if config.report else None
-    if page is not None:
-        print(f"report: {page}")
+    page = None
+    if config.report:
+        try:
+            page = build_report([out], out / "report.html")
+            print(f"report: {page}")
+        except (ValueError, OSError) as exc:  # the results are written; a report can be made again later
+            log.warning("report.html could not be written (%s); make it with: vlapt report %s", exc, out)
     return {"rows": rows, "timings": timings, "report": page}
 
 

@@ -207,11 +207,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     evaluator = checkpoint_evaluator(config.tasks or get_suite(config.suite).tasks, config.eval_episodes,
                                      config.num_workers, config.suite, config.seed, config.env_backend)
     args.run_dir = config.output_dir
+    started = _now()
     final = algorithm.train(config, progress=not args.quiet, evaluator=evaluator)
+    _record_run(config.output_dir, args, started)
     print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     if (final.parent / "policy_ema").is_dir():
         print(f"the moving average of its weights (ema_decay={config.ema_decay}): {final.parent / 'policy_ema'}")
     return 0
+
+
+def _now():
+    import datetime
+    import time
+
+    return datetime.datetime.now().astimezone(), time.perf_counter()
+
+
+def _record_run(output_dir, args: argparse.Namespace, started) -> None:
+    """output_dir/run.json: the command, commit, machine and wall time of this invocation (for `vlapt report`)."""
+    from vlapt.config import atomic_write_json
+    from vlapt.evaluation.protocol import machine_description
+    from vlapt.rundir import source_commit
+
+    (start, clock), (end, now) = started, _now()
+    atomic_write_json(Path(output_dir) / "run.json", {
+        "command": "vlapt " + " ".join(args.argv), "commit": source_commit(), "machine": machine_description(),
+        "started": start.isoformat(timespec="seconds"), "finished": end.isoformat(timespec="seconds"),
+        "wall_time_s": now - clock})
 
 
 # -- pipeline (the main job) -------------------------------------------------------------------

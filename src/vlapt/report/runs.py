@@ -69,7 +69,7 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
     evals = sorted(path.glob("eval*.json"))
     kind = "pipeline" if (path / "ppo").is_dir() or (path / "sft").is_dir() else "train" if has_history else "evaluation"
     run = Run(path=path, name=name or path.resolve().name, kind=kind)
-    if not (evals or has_history or (path / "config.yaml").is_file()):
+    if not (evals or has_history or (path / "config.yaml").is_file() or (path / "run.json").is_file()):
         raise ValueError(f"{path} holds no run: no config.yaml, history.json or eval*.json; give the output_dir of "
                          "`vlapt pipeline` or `vlapt train`, or a policy directory `vlapt eval` wrote into")
     if (path / "config.yaml").is_file():
