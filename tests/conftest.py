@@ -26,3 +26,15 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory):
+    """A tiny untrained VLA that reads every MT10/MT50 instruction and sees 32 px images: for inference paths."""
+    from vlapt.envs import get_suite
+    from vlapt.policies.vla import Tokenizer, VLAPolicy, policy_config_for_size
+
+    tokenizer = Tokenizer.build(get_suite("mt10").vocabulary())
+    torch.manual_seed(0)
+    policy = VLAPolicy(policy_config_for_size("tiny", image_size=32, vocab=tokenizer.vocab))
+    return policy.save(tmp_path_factory.mktemp("policy") / "policy")

@@ -16,7 +16,7 @@ _TINY = [
     "sft.steps=4", "sft.batch_size=8", "sft.model.size=tiny", "sft.threads=1",
     "ppo.envs_per_task=1", "ppo.horizon=4", "ppo.minibatch_size=8", "ppo.total_env_steps=30",
     "ppo.num_workers=0", "ppo.eval_every=1", "ppo.eval_episodes=1", "ppo.threads=1",
-    "eval.episodes_per_task=1", "eval.num_workers=0", "eval.max_episode_steps=40",
+    "eval.episodes_per_task=1", "eval.num_workers=0", "eval.max_episode_steps=40", "eval.video_size=64",
 ]
 
 
@@ -60,6 +60,20 @@ def test_pipeline_runs_every_stage_and_reports_every_row(tmp_path, capsys):
     periodic = json.loads((run / "ppo" / "evals" / evals[-1]).read_text())
     assert periodic["protocol"]["split"] == "eval" and periodic["protocol"]["episodes_per_task"] == 1
     assert periodic["protocol"]["tasks"] == ["reach-v3"] and str(run / "ppo" / "checkpoints") in periodic["agent"]
+
+    # the final policy's first episodes are filmed, the run's making is recorded, and the report is written
+    post_trained = json.loads((run / "eval_post_trained.json").read_text())
+    assert post_trained["row"] == "SFT + chunked PPO + self-BC" and post_trained["video_dir"] == "videos/post_trained"
+    assert [v["task"] for v in post_trained["videos"]] == ["reach-v3"]  # video_episodes=2, but 1 episode per task
+    assert (run / "videos" / "post_trained" / post_trained["videos"][0]["files"]["mp4"]).is_file()
+    assert "videos" not in json.loads((run / "eval_sft.json").read_text()), "only the final policy by default"
+    provenance = json.loads((run / "run.json").read_text())
+    assert set(provenance) == {"command", "commit", "machine", "started", "finished", "wall_time_s"}
+    assert provenance["commit"] != "" and provenance["wall_time_s"] > 0
+    assert out["report"] == run / "report.html"
+    page = out["report"].read_text()
+    assert page.count("data:video/mp4;base64,") == 1 and "data:image/png;base64," in page
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out
 
     # a second run reuses the demonstrations and resumes the finished trainings instead of redoing them
     before = (run / "demos.hdf5").stat().st_mtime_ns

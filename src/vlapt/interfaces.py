@@ -52,6 +52,10 @@ class EnvConfig:
     privileged_state: bool = False  # add observation["state"] for experts and auxiliary targets
     max_episode_steps: int = 500
     fast_render: bool = True  # no MSAA, shadows or reflections: much cheaper in software, the same at policy sizes
+    # > 0: also render a (video_size, video_size) frame of the same camera after every env step, for people to
+    # watch (reset and step report them in info["frames"]; reset option "video": False skips an episode);
+    # the policy's observations are unchanged. 0: none
+    video_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +220,7 @@ class Episode:
     actions: np.ndarray | None = None  # (steps, A) float32
     rewards: np.ndarray | None = None  # (steps,) float32
     decision_steps: np.ndarray | None = None  # (N,) int; None: every step is a decision
+    frames: np.ndarray | None = None  # (steps + 1, H, W, 3) uint8 video frames (EnvConfig.video_size), when asked
 
     def __len__(self) -> int:
         return self.steps

@@ -10,13 +10,21 @@ the ones every results table carries: the scripted expert, the SFT policy and th
 post-trained policy, on the same held-out configurations. Post-training's last iterate and,
 when it keeps one (``ppo.ema_decay > 0``, the default), the moving average of its weights
 are both rows: the same run, two ways of reading a policy off it.
+
+At the end the pipeline films a few evaluation episodes of the post-trained policy
+(``video_episodes`` per task, into ``videos/``), records how the run was made (``run.json``:
+command, commit, machine, wall time) and writes ``report.html`` (`vlapt.report`), whose path it
+prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +36,9 @@ from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.relabel import RelabelConfig, relabel
 from vlapt.envs import get_suite
 from vlapt.evaluation import CheckpointAgent, EvalConfig, checkpoint_evaluator, evaluate, format_table
-from vlapt.rundir import CONFIG_FILE, check_output_dir, check_recorded_config, open_run
+from vlapt.evaluation.protocol import machine_description
+from vlapt.report import build_report
+from vlapt.rundir import CONFIG_FILE, check_output_dir, check_recorded_config, open_run, source_commit
 
 log = logging.getLogger("vlapt.pipeline")
 
@@ -49,6 +59,10 @@ class PipelineConfig:
         default_factory=lambda: SFTConfig(steps=3000, lr=1e-4, warmup_steps=100))
     # a stage already made with other options: refuse, naming them (false), or redo it and every stage after it (true)
     rerun_stale: bool = False
+    # film the first N evaluation episodes per task of the post-trained policy (eval.video_* set size, fps, formats;
+    # eval.video_episodes > 0 films every row); 0: none
+    video_episodes: int = 2
+    report: bool = True  # write report.html (vlapt report) at the end
 
     def resolved(self) -> "PipelineConfig":
         """Wire the stages together: paths live under output_dir, every stage runs the same suite."""
@@ -68,6 +82,8 @@ class PipelineConfig:
             self.relabel.tasks = self.dagger_sft.tasks = list(self.collect.tasks)
         if self.dagger_rounds < 0:
             raise ValueError(f"dagger_rounds must be >= 0, got {self.dagger_rounds}")
+        if self.video_episodes < 0:
+            raise ValueError(f"video_episodes must be >= 0 (0: no videos), got {self.video_episodes}")
         if self.eval.execute_steps > self.sft.model.chunk_len:  # found here, not after an hour of collect and SFT
             raise ValueError(f"eval.execute_steps={self.eval.execute_steps} exceeds sft.model.chunk_len="
                              f"{self.sft.model.chunk_len}; use 1..{self.sft.model.chunk_len} (0: the whole chunk)")
@@ -133,17 +149,22 @@ def check_stages(config: PipelineConfig) -> None:
             return
 
 
-def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict:
+def run_pipeline(config: PipelineConfig, progress: bool = True, command: str | None = None) -> dict:
+    """Run (or resume) every stage; ``command`` is recorded in run.json (default: this process's argv)."""
     config.resolved()
     check_output_dir(config.output_dir)
     check_stages(config)
     with open_run(config.output_dir, config, has_progress="", log_file=None, resume=False):
-        return _run_stages(config, progress)
+        return _run_stages(config, progress, command or " ".join(sys.argv))
 
 
-def _run_stages(config: PipelineConfig, progress: bool) -> dict:
+def _run_stages(config: PipelineConfig, progress: bool, command: str) -> dict:
     out = Path(config.output_dir)
     timings: dict[str, float] = {}
+    started, wall = datetime.datetime.now().astimezone(), time.perf_counter()
+    provenance = {"command": command, "commit": source_commit(), "machine": machine_description(),
+                  "started": started.isoformat(timespec="seconds")}
+    atomic_write_json(out / "run.json", provenance)
 
     t = time.perf_counter()
     if Path(config.collect.output).exists():
@@ -198,15 +219,31 @@ def _run_stages(config: PipelineConfig, progress: bool) -> dict:
             name = f"{name} (first {eval_config.execute_steps} actions of each chunk)"
         if not protocol.deterministic and file_key != "scripted":
             name = f"{name}, sampled chunks"
-        rows[name] = evaluate(agent, eval_config, progress=progress)
+        if file_key == "post_trained" and config.video_episodes and not eval_config.video_episodes:
+            eval_config = dataclasses.replace(eval_config, video_episodes=config.video_episodes)
+        video_dir = out / "videos" / file_key
+        rows[name] = evaluate(agent, eval_config, progress=progress, video_dir=video_dir)
+        rows[name]["row"] = name
+        if "video_dir" in rows[name]:
+            rows[name]["video_dir"] = os.path.relpath(video_dir, out)
         atomic_write_json(out / f"eval_{file_key}.json", rows[name])
     timings["eval_s"] = time.perf_counter() - t
 
     report = results_markdown(rows, timings)
     atomic_write_text(out / "results.md", report)
     atomic_write_json(out / "timings.json", timings)
+    finished = datetime.datetime.now().astimezone()
+    atomic_write_json(out / "run.json", {**provenance, "finished": finished.isoformat(timespec="seconds"),
+                                         "wall_time_s": time.perf_counter() - wall})
     print(report)
-    return {"rows": rows, "timings": timings}
+    page = None
+    if config.report:
+        try:
+            page = build_report([out], out / "report.html")
+            print(f"report: {page}")
+        except (ValueError, OSError) as exc:  # the results are written; a report can be made again later
+            log.warning("report.html could not be written (%s); make it with: vlapt report %s", exc, out)
+    return {"rows": rows, "timings": timings, "report": page}
 
 
 def results_markdown(rows: dict[str, dict], timings: dict[str, float] | None = None) -> str:

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -209,3 +210,23 @@ def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] =
         lock.release()
         raise
     return Run(directory, lock, resumed)
+
+
+def source_commit() -> str:
+    """The git commit of the vlapt source that is running (``-dirty`` with uncommitted changes), or "unknown"."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() / "src" / "vlapt" != package:  # installed, not a checkout of vlapt
+        return "unknown"
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")

@@ -84,15 +84,24 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 
 # -- eval --------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
     from vlapt.config import atomic_write_json, check_output_file, load_config
     from vlapt.envs import get_suite
     from vlapt.evaluation import EvalConfig, evaluate, format_table
 
     overrides = _shortcut(args, {"suite": "suite", "tasks": "tasks", "episodes": "episodes_per_task",
-                                 "workers": "num_workers", "seed": "seed"})
+                                 "workers": "num_workers", "seed": "seed", "video": "video_episodes"})
+    if args.gif:
+        overrides.insert(0, "video_formats=[mp4,gif]")
     config = load_config(EvalConfig, args.config, overrides).validate()
     suite = get_suite(config.suite)
-    if args.policy in suite.expert_names:
+    if args.server:
+        RemotePolicyAgent = _serving().RemotePolicyAgent
+        agent = RemotePolicyAgent(args.server, deterministic=config.deterministic)
+        where = "".join(c if c.isalnum() else "_" for c in args.server.split("://", 1)[-1]).strip("_")
+        default_output = Path("outputs") / f"eval_server_{where}.json"
+    elif args.policy in suite.expert_names:
         agent = suite.make_expert(args.policy)
         default_output = (Path("outputs") /
                           f"eval_{args.policy.replace('-', '_')}_{'_'.join(config.tasks) if config.tasks else config.suite}.json")
@@ -103,11 +112,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
         default_output = Path(args.policy) / ("eval.json" if config.split == "eval" else f"eval_{config.split}.json")
     output = Path(args.output) if args.output else default_output
     check_output_file(output, "eval.json")
-    result = evaluate(agent, config, progress=not args.quiet)
+    video_dir = output.with_name(f"{output.stem}_videos")
+    try:
+        result = evaluate(agent, config, progress=not args.quiet, video_dir=video_dir)
+    finally:
+        if hasattr(agent, "close"):
+            agent.close()
     result["command"] = "vlapt " + " ".join(args.argv)
+    if "video_dir" in result:
+        result["video_dir"] = os.path.relpath(video_dir, output.parent)
     atomic_write_json(output, result)
     print(format_table(result, title=f"{agent.name} on {config.split} configurations"))
     print(f"\nwall time {result['wall_time_s']:.1f} s, {result['env_steps']} env steps; results written to {output}")
+    if "videos" in result:
+        print(f"{len(result['videos'])} episode videos written to {video_dir}")
+    return 0
+
+
+# -- serve -------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from vlapt.config import load_config
+
+    ServeConfig, serve_policy = _serving().ServeConfig, _serving().serve_policy
+    paths = [item for item in args.overrides if "=" not in item]  # the policy, among the key=value overrides
+    if len(paths) > 1:
+        raise ValueError(f"serve takes one policy directory, got {paths}")
+    args.overrides = [item for item in args.overrides if "=" in item]
+    overrides = _shortcut(args, {"host": "host", "port": "port", "device": "device", "seed": "seed"})
+    config = load_config(ServeConfig, args.config, overrides)
+    config.policy = paths[0] if paths else config.policy
+    config.validate()
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    def ready(server) -> None:
+        meta = server.metadata
+        print(f"serving {config.policy} ({meta['policy_type']}, chunks of {meta['chunk_len']}x{meta['action_dim']}) "
+              f"at {server.url}; stop with Ctrl-C or SIGTERM", flush=True)
+
+    try:
+        serve_policy(config, ready)
+    except KeyboardInterrupt:
+        print("vlapt serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _serving():
+    """vlapt.serving, or a ValueError (exit 2) saying how to install it."""
+    try:
+        import vlapt.serving
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    return vlapt.serving
+
+
+# -- report ------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from vlapt.report import build_report
+
+    labels = args.labels.split(",") if args.labels else None
+    output = Path(args.output) if args.output else (Path(args.runs[0]) / "report.html" if len(args.runs) == 1
+                                                     else Path("report.html"))
+    path = build_report(args.runs, output, labels=labels, title=args.title, max_video_mb=args.max_video_mb)
+    print(f"report written to {path}")
     return 0
 
 
@@ -139,11 +207,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     evaluator = checkpoint_evaluator(config.tasks or get_suite(config.suite).tasks, config.eval_episodes,
                                      config.num_workers, config.suite, config.seed, config.env_backend)
     args.run_dir = config.output_dir
+    started = _now()
     final = algorithm.train(config, progress=not args.quiet, evaluator=evaluator)
+    _record_run(config.output_dir, args, started)
     print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     if (final.parent / "policy_ema").is_dir():
         print(f"the moving average of its weights (ema_decay={config.ema_decay}): {final.parent / 'policy_ema'}")
     return 0
+
+
+def _now():
+    import datetime
+    import time
+
+    return datetime.datetime.now().astimezone(), time.perf_counter()
+
+
+def _record_run(output_dir, args: argparse.Namespace, started) -> None:
+    """output_dir/run.json: the command, commit, machine and wall time of this invocation (for `vlapt report`)."""
+    from vlapt.config import atomic_write_json
+    from vlapt.evaluation.protocol import machine_description
+    from vlapt.rundir import source_commit
+
+    (start, clock), (end, now) = started, _now()
+    atomic_write_json(Path(output_dir) / "run.json", {
+        "command": "vlapt " + " ".join(args.argv), "commit": source_commit(), "machine": machine_description(),
+        "started": start.isoformat(timespec="seconds"), "finished": end.isoformat(timespec="seconds"),
+        "wall_time_s": now - clock})
 
 
 # -- pipeline (the main job) -------------------------------------------------------------------
@@ -155,7 +245,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     config = load_config(PipelineConfig, args.config, overrides)
     for stage in (config.collect, config.sft, config.ppo, config.dagger_sft, config.eval):
         stage.validate()
-    run_pipeline(config, progress=not args.quiet)
+    run_pipeline(config, progress=not args.quiet, command="vlapt " + " ".join(args.argv))
     return 0
 
 
@@ -210,15 +300,47 @@ def build_parser() -> argparse.ArgumentParser:
                                    "configurations, 500-step limit, first success ends the episode. Prints a "
                                    "per-task table and writes it as JSON. Options: vlapt.evaluation.EvalConfig.")
     _common(p)
-    p.add_argument("--policy", required=True, help="a checkpoint directory, or one of the suite's scripted experts "
-                   "(MetaWorld: 'scripted', 'scripted-fast': the same with their corners cut)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--policy", help="a checkpoint directory, or one of the suite's scripted experts "
+                       "(MetaWorld: 'scripted', 'scripted-fast': the same with their corners cut)")
+    which.add_argument("--server", help="a policy served by `vlapt serve`, e.g. ws://127.0.0.1:8000")
     p.add_argument("--suite", help="mt10 or mt50")
     p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
     p.add_argument("--episodes", type=int, help="episodes per task (default 50)")
     p.add_argument("--workers", type=int, help="env worker processes")
     p.add_argument("--seed", type=int, help="policy sampling seed")
     p.add_argument("--output", help="JSON file for the results")
+    p.add_argument("--video", type=int, metavar="N", help="film the first N episodes of each task (MP4, into "
+                   "OUTPUT_videos/ beside the results; size: video_size=...)")
+    p.add_argument("--gif", action="store_true", help="with --video: GIFs as well as MP4s")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a saved policy over a websocket (loopback by default)",
+                       usage="vlapt serve POLICY [--host HOST] [--port PORT] [--config FILE] [key=value ...]",
+                       description="Serve a checkpoint to `vlapt.serving.PolicyClient` clients (websocket + msgpack; "
+                                   "docs/serving.md): predict and predict_batch as load_policy(path) has them. Binds "
+                                   "to 127.0.0.1 unless --host says otherwise; there is no authentication, so "
+                                   "exposing it lets anyone who reaches the port run the policy. Options: "
+                                   "vlapt.serving.ServeConfig.")
+    _common(p)
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--seed", type=int, help="sampling seed (for deterministic=false requests)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="write an HTML report of one or more runs",
+                       description="One self-contained HTML page (figures and videos embedded) of pipeline, train "
+                                   "or eval output directories: results beside the scripted expert and SFT, per-task "
+                                   "tables, learning curves, episode videos, the resolved config, and the command, "
+                                   "commit, machine and wall time. Several runs are shown side by side.")
+    p.add_argument("runs", nargs="+", help="run directories (vlapt pipeline / vlapt train output_dir)")
+    p.add_argument("--output", help="HTML file (default: RUN_DIR/report.html for one run, ./report.html for several)")
+    p.add_argument("--labels", help="comma-separated labels, one per run")
+    p.add_argument("--title", help="page title")
+    p.add_argument("--max-video-mb", dest="max_video_mb", type=float, default=64.0,
+                   help="embed videos up to this many MB in all (default 64)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (the baseline)",
                        description="Behaviour-clone action chunks from a demonstration dataset; writes TensorBoard "

@@ -4,6 +4,11 @@ Every task runs ``episodes_per_task`` episodes on configurations ``0..N-1`` of t
 split (never used for demonstrations or training), at most ``max_episode_steps`` env steps,
 ending at the first success. Episodes of all tasks share env workers and the agent sees
 one batch per decision. The same agent, seed and config give the same numbers.
+
+With ``video_episodes`` = N, the first N episodes of each task (successes and failures alike)
+are also filmed: the env renders a ``video_size`` frame of the policy's camera after every env
+step (the policy still sees only its own image, so the episodes are the same as without video)
+and `vlapt.evaluation.video` writes them, annotated, to ``video_dir``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tqdm import tqdm
 from vlapt.envs import get_suite
 from vlapt.envs.pools import check_backend, make_pool
 from vlapt.evaluation.metrics import SUCCESS_WITHIN, summarize
+from vlapt.evaluation.video import VIDEO_FORMATS, write_episode_video
 from vlapt.interfaces import Agent, Episode, SlotSpec
 from vlapt.rollout.episodes import run_episodes
 
@@ -41,6 +47,10 @@ class EvalConfig:
     # execute only the first k actions of each chunk, then decide again (receding horizon, as LeRobot's
     # n_action_steps or openpi's replan_steps); 0: the whole chunk, open-loop, as in post-training
     execute_steps: int = 0
+    video_episodes: int = 0  # film the first N episodes of each task (0: none); needs a video_dir
+    video_size: int = 256  # side of the video frames in pixels (the policy's own image is left as it is)
+    video_fps: int = 30
+    video_formats: list[str] = dataclasses.field(default_factory=lambda: ["mp4"])  # "mp4" and/or "gif"
 
     def validate(self) -> "EvalConfig":
         suite = get_suite(self.suite)
@@ -59,6 +69,16 @@ class EvalConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.execute_steps < 0:
             raise ValueError(f"execute_steps must be >= 0 (0: the whole chunk), got {self.execute_steps}")
+        if self.video_episodes < 0:
+            raise ValueError(f"video_episodes must be >= 0 (0: no videos), got {self.video_episodes}")
+        if self.video_episodes:
+            if not 32 <= self.video_size <= 2048:
+                raise ValueError(f"video_size must be in [32, 2048] pixels, got {self.video_size}")
+            if not 1 <= self.video_fps <= 120:
+                raise ValueError(f"video_fps must be in [1, 120], got {self.video_fps}")
+            unknown = sorted(set(self.video_formats) - set(VIDEO_FORMATS))
+            if unknown or not self.video_formats:
+                raise ValueError(f"video_formats must name one or more of {list(VIDEO_FORMATS)}, got {self.video_formats}")
         return self
 
     @property
@@ -71,14 +91,23 @@ def evaluate(
     config: EvalConfig,
     progress: bool = True,
     on_episode: Callable[[Episode], None] | None = None,
+    video_dir: str | Path | None = None,
 ) -> dict:
-    """Run the protocol and return a JSON-ready result (protocol, per-task and average metrics, every episode)."""
+    """Run the protocol and return a JSON-ready result (protocol, per-task and average metrics, every episode).
+
+    With ``config.video_episodes``, the videos go to ``video_dir`` and the result lists them
+    (``videos``: each episode's summary and its file names; ``video_dir``).
+    """
     config.validate()
+    filmed = min(config.video_episodes, config.episodes_per_task)
+    if filmed and video_dir is None:
+        raise ValueError("video_episodes > 0 needs a directory for the videos (video_dir)")
     suite = get_suite(config.suite)
     actor = RecedingHorizon(agent, config.execute_steps) if config.execute_steps else agent
     tasks = config.task_names
     limit = config.max_episode_steps or suite.max_episode_steps
-    env_config = suite.check_env_config(dataclasses.replace(actor.observation_config(), max_episode_steps=limit))
+    env_config = suite.check_env_config(dataclasses.replace(actor.observation_config(), max_episode_steps=limit,
+                                                            video_size=config.video_size if filmed else 0))
     envs_per_task = min(config.envs_per_task, config.episodes_per_task)
     slots = [SlotSpec(suite, task, env_config, actor.chunk_len, config.config_seed) for task in tasks for _ in range(envs_per_task)]
     # slot k of a task runs that task's episodes k, k + E, k + 2E, ...
@@ -86,22 +115,30 @@ def evaluate(
 
     start = time.perf_counter()
     episodes: list[Episode] = []
+    videos: list[dict] = []
     bar = tqdm(total=len(tasks) * config.episodes_per_task, desc="eval", unit="ep", disable=not progress, dynamic_ncols=True)
 
     def finished(episode: Episode, slot: int) -> None:
         episodes.append(episode)
+        if episode.frames is not None:
+            files = write_episode_video(episode, video_dir, config.video_formats, config.video_fps, limit)
+            videos.append({**episode.summary(), "files": files})
         if on_episode is not None:
             on_episode(episode)
+        episode.frames = None  # written: not kept in memory
         bar.update(1)
         bar.set_postfix(success=f"{sum(e.success for e in episodes) / len(episodes):.3f}")
 
     with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
         env_steps = run_episodes(actor, pool, [s.task for s in slots], queues, config.split, finished,
-                                 config_seed=config.config_seed)
+                                 config_seed=config.config_seed,
+                                 video=(lambda task, index: index < filmed) if filmed else None)
     bar.close()
     wall = time.perf_counter() - start
     episodes.sort(key=lambda e: (tasks.index(e.task), e.config_index))
     summary = summarize(episodes, tasks, limit, SUCCESS_WITHIN)
+    videos.sort(key=lambda v: (tasks.index(v["task"]), v["config_index"]))
+    filming = {"videos": videos, "video_dir": str(video_dir)} if filmed else {}
     return {
         "agent": actor.name,
         "protocol": {
@@ -124,6 +161,7 @@ def evaluate(
         "env_steps": env_steps,
         "wall_time_s": wall,
         "machine": machine_description(),
+        **filming,
     }
 
 
@@ -164,4 +202,17 @@ class RecedingHorizon:
 def machine_description() -> str:
     import os
 
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    cpu = _cpu_model()
+    return (f"{cpu + ', ' if cpu else ''}{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
+            f"Python {platform.python_version()}")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor()

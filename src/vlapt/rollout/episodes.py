@@ -5,6 +5,8 @@ trajectories). Each slot works through its own queue of configuration indices; a
 every finished `Episode` (with its slot) and may queue more work (collection keeps going until it has enough
 successes). The order of decisions depends only on the queues, so runs are reproducible. An
 episode lost to an env worker that died is run again from the start on the same configuration.
+Episodes picked by ``video`` keep the video frames their env reports (``info["frames"]``, when
+its `EnvConfig.video_size` asks for them) in ``Episode.frames``; the others skip rendering them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _Running:
         self.observations: list[dict] = []
         self.actions: list[np.ndarray] = []
         self.rewards: list[np.ndarray] = []
+        self.frames: list[np.ndarray] = []
 
     def finish(self, success: bool, steps: int, instruction: str, config_seed: int, source: str, record: bool) -> Episode:
         episode = Episode(task=self.task, instruction=instruction, success=success, steps=steps, split=self.split,
@@ -45,6 +48,8 @@ class _Running:
             episode.rewards = np.concatenate(self.rewards).astype(np.float32)
             if np.any(lengths != 1):
                 episode.decision_steps = np.cumsum(lengths) - lengths
+        if self.frames:
+            episode.frames = np.concatenate(self.frames)
         return episode
 
 
@@ -59,12 +64,15 @@ def run_episodes(
     execute: ExecuteFn | None = None,
     config_seed: int = 0,
     source: str = "policy",
+    video: Callable[[str, int], bool] | None = None,
 ) -> int:
     """Run until every slot's queue is empty; returns the env steps executed.
 
     ``execute`` returns, for one decision of all active slots, the chunks the env executes
     instead of the agent's: another policy acting while the agent (an expert) only labels. The
-    recorded actions stay the agent's, i.e. the labels.
+    recorded actions stay the agent's, i.e. the labels. ``video(task, index)`` says which
+    episodes keep their video frames (None: the env's default, frames for every episode when it
+    renders them).
     """
     current: dict[int, _Running] = {}
     observations: dict[int, dict] = {}
@@ -77,10 +85,14 @@ def run_episodes(
                 index = queues[i].popleft()
                 current[i] = _Running(i, slot_tasks[i], split, index)
                 requests[i] = {"split": split, "index": index}
+                if video is not None:
+                    requests[i]["video"] = bool(video(slot_tasks[i], index))
             else:
                 current.pop(i, None)
-        for i, (obs, _) in pool.reset(requests).items():
+        for i, (obs, info) in pool.reset(requests).items():
             observations[i] = obs
+            if "frames" in info:
+                current[i].frames.append(info["frames"])
 
     start_next(range(len(slot_tasks)))
     while current:
@@ -99,6 +111,8 @@ def run_episodes(
                 continue
             steps = result.info["steps"]
             env_steps += steps
+            if "frames" in result.info:
+                running.frames.append(result.info["frames"])
             if record:
                 running.observations.append(observations[i])
                 running.actions.append(np.asarray(chunk, dtype=np.float32)[:steps])

@@ -2,7 +2,9 @@
 instruction; one `step` executes a whole action chunk.
 
 The image is rendered once per chunk (after its last executed action), because software
-rendering costs ~10x a physics step on our CPUs; physics runs every step.
+rendering costs ~10x a physics step on our CPUs; physics runs every step. For videos
+(``EnvConfig.video_size``) a second renderer of the same camera draws a larger frame after
+every step, into ``info["frames"]``, leaving the policy's image as it is.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def check_env_config(config: EnvConfig) -> EnvConfig:
         raise ValueError(f"image_size must be in [8, 1024], got {config.image_size}")
     if config.camera_fovy and not 5.0 <= config.camera_fovy <= 120.0:
         raise ValueError(f"camera_fovy must be 0 (the camera's own) or in [5, 120] degrees, got {config.camera_fovy}")
+    if config.video_size and not 32 <= config.video_size <= 2048:
+        raise ValueError(f"video_size must be 0 (no video) or in [32, 2048], got {config.video_size}")
     if not 1 <= config.max_episode_steps <= MAX_EPISODE_STEPS:
         raise ValueError(f"max_episode_steps must be in [1, {MAX_EPISODE_STEPS}], got {config.max_episode_steps}")
     return config
@@ -55,7 +59,10 @@ class MetaWorldVLAEnv(gym.Env):
     draws configuration i of split s; with neither, ``reset(seed=i)`` uses training
     configuration ``i``. ``step(chunk)`` runs the chunk's actions one by one, stops at the first
     success or at the step limit, and reports the per-step rewards (1 at the first success, else
-    0) and the number of steps actually executed in ``info`` (``rewards``, ``steps``).
+    0) and the number of steps actually executed in ``info`` (``rewards``, ``steps``). With
+    ``config.video_size`` > 0, reset's and step's ``info["frames"]`` hold a ``(n, video_size,
+    video_size, 3)`` frame after reset and after each executed step (``reset(options={"video":
+    False})``: none this episode).
     """
 
     metadata = {"render_modes": ["rgb_array"]}
@@ -71,6 +78,8 @@ class MetaWorldVLAEnv(gym.Env):
         self.render_mode = "rgb_array" if self.config.render else None
         self._env = make_raw_env(task)
         self._renderer = None
+        self._video_renderer = None
+        self._video = False  # render video frames this episode
         self._raw_obs: np.ndarray | None = None
         self._steps = 0
         self._done = True
@@ -110,7 +119,12 @@ class MetaWorldVLAEnv(gym.Env):
         self.configuration = configuration
         self._steps = 0
         self._done = False
-        return self._observation(), {"configuration": configuration.as_dict(), "success": False}
+        self._video = bool(self.config.video_size) and bool(options.get("video", True))
+        observation = self._observation()
+        info = {"configuration": configuration.as_dict(), "success": False}
+        if self._video:
+            info["frames"] = self._video_frame()[None]
+        return observation, info
 
     def step(self, action):
         if self._done:
@@ -122,10 +136,13 @@ class MetaWorldVLAEnv(gym.Env):
             raise ValueError(f"action chunk must have shape (n, {ACTION_DIM}) with n >= 1, got {chunk.shape}")
         chunk = np.clip(chunk, -1.0, 1.0)
         rewards: list[float] = []
+        frames: list[np.ndarray] = []
         success = False
         for act in chunk:
             self._raw_obs, _, _, _, info = self._env.step(act)
             self._steps += 1
+            if self._video:
+                frames.append(self._video_frame())
             success = bool(info["success"])
             rewards.append(1.0 if success else 0.0)
             if success or self._steps >= self.config.max_episode_steps:
@@ -135,6 +152,8 @@ class MetaWorldVLAEnv(gym.Env):
         self._done = terminated or truncated
         reward_array = np.asarray(rewards, dtype=np.float32)
         info = {"rewards": reward_array, "steps": len(rewards), "success": success, "episode_steps": self._steps}
+        if self._video:
+            info["frames"] = np.stack(frames)
         return self._observation(), float(reward_array.sum()), terminated, truncated, info
 
     def render(self) -> np.ndarray:
@@ -146,23 +165,36 @@ class MetaWorldVLAEnv(gym.Env):
 
     def _render(self, segmentation: bool) -> np.ndarray:
         if self._renderer is None:
-            self._renderer = self._make_renderer()
+            self._renderer = self._make_renderer(self.config.image_size)
         if segmentation:
             self._renderer.enable_segmentation_rendering()
         try:
-            self._renderer.update_scene(self._env.data, camera=self.config.camera)
-            image = self._renderer.render()
+            image = self._draw(self._renderer)
         finally:
             if segmentation:
                 self._renderer.disable_segmentation_rendering()
+        return image
+
+    def _video_frame(self) -> np.ndarray:
+        """The scene now, at ``video_size``, from the policy's camera (its own renderer: the policy's stays as it is)."""
+        if self._video_renderer is None:
+            if self.config.render and self._renderer is None:  # the policy's renderer is made first, as without video
+                self._renderer = self._make_renderer(self.config.image_size)
+            self._video_renderer = self._make_renderer(self.config.video_size)
+        return self._draw(self._video_renderer)
+
+    def _draw(self, renderer) -> np.ndarray:
+        renderer.update_scene(self._env.data, camera=self.config.camera)
+        image = renderer.render()
         if self.config.camera in _ROTATED_CAMERAS:
             image = image[::-1, ::-1]
         return np.ascontiguousarray(image)
 
     def close(self):
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        for renderer in (self._renderer, self._video_renderer):
+            if renderer is not None:
+                renderer.close()
+        self._renderer = self._video_renderer = None
         self._env.close()
 
     # -- internals -------------------------------------------------------------------------
@@ -185,11 +217,10 @@ class MetaWorldVLAEnv(gym.Env):
             obs["state"] = np.asarray(raw, dtype=np.float32)
         return obs
 
-    def _make_renderer(self):
+    def _make_renderer(self, size: int):
         import mujoco
 
         model = self._env.model
-        size = self.config.image_size
         if self.config.camera_fovy:  # zoom in: small objects (goals, pucks) cover more pixels
             model.cam_fovy[model.camera(self.config.camera).id] = self.config.camera_fovy
         model.vis.global_.offwidth = size
