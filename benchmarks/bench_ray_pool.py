@@ -5,11 +5,13 @@ decisions each, in two slot groups kept in flight as the chunked rollout keeps t
 group's chunks run, the other's are submitted), and a slot whose episode ends is reset to its
 next training configuration in the same call. No policy: this is the pool's own speed.
 
-1. local vs ray at equal workers (``--workers``): ``ratio`` = ray / local (target >= 0.9).
+1. local vs ray at equal workers (``--workers``), both pools open and measured in turn:
+   ``ratio`` = ray / local (target >= 0.9).
 2. ray with 1, 2, 4 ... actors (``--actors``): where steps/s stops growing, the cores are saturated.
 
-The Ray pools run on a local Ray started here with ``max(--actors)`` logical CPUs, so every actor
-count gets one CPU per actor even past the physical cores (the point is to see the saturation).
+The Ray pools run on a local Ray started here as a pool starts one (workers at normal priority),
+with ``max(--actors)`` logical CPUs, so every actor count gets one CPU per actor even past the
+physical cores (the point is to see the saturation).
 Startup (processes, actors, env construction) is not timed. Not a test: numbers depend on the
 machine and its load; the script prints both with the figures.
 
@@ -25,10 +27,12 @@ import statistics
 import time
 
 import numpy as np
+import ray
 
 import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
 from vlapt.envs import get_suite
 from vlapt.envs.pools import make_pool
+from vlapt.envs.pools.ray import connect
 from vlapt.interfaces import EnvConfig, SlotSpec
 
 
@@ -57,11 +61,12 @@ def steps_per_s(pool, slots: list[SlotSpec], decisions: int, chunk_len: int, see
     return steps / (time.perf_counter() - start)
 
 
-def measure(backend: str, workers: int, slots, args) -> float:
+def measure(backend: str, workers: int, slots, args) -> tuple[float, list[float]]:
+    """Median steps/s of ``--repeats`` runs on one pool, and the runs."""
     with make_pool(slots, num_workers=workers, backend=backend) as pool:
         steps_per_s(pool, slots, 2, args.chunk_len, args.seed)  # warm-up: first renders, caches
         runs = [steps_per_s(pool, slots, args.decisions, args.chunk_len, args.seed + k) for k in range(args.repeats)]
-    return statistics.median(runs)
+    return statistics.median(runs), runs
 
 
 def main() -> None:
@@ -79,30 +84,37 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import ray
-
     suite = get_suite(args.suite)
     tasks = suite.resolve_tasks(args.tasks.split(","))
     config = suite.check_env_config(EnvConfig(image_size=args.image_size))
     slots = [SlotSpec(suite, tasks[i % len(tasks)], config, args.chunk_len) for i in range(args.slots)]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, ray {ray.__version__}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{args.slots} slots ({', '.join(tasks)}), {args.image_size} px, chunks of {args.chunk_len}, "
           f"{args.decisions} decisions per slot, median of {args.repeats}")
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=max([*args.actors, args.workers]), include_dashboard=False)
+    connect("local", num_cpus=max([*args.actors, args.workers]))  # as a pool starts a local Ray, with more CPUs
 
-    local = measure("local", args.workers, slots, args)
-    on_ray = measure("ray", args.workers, slots, args)
+    # both pools open at once and measured in turn, so a change in the machine's load hits both alike
+    with make_pool(slots, num_workers=args.workers, backend="local") as local_pool, \
+            make_pool(slots, num_workers=args.workers, backend="ray") as ray_pool:
+        runs: dict[str, list[float]] = {"local": [], "ray": []}
+        for pool in (local_pool, ray_pool):
+            steps_per_s(pool, slots, 2, args.chunk_len, args.seed)  # warm-up
+        for k in range(args.repeats):
+            for name, pool in (("local", local_pool), ("ray", ray_pool)):
+                runs[name].append(steps_per_s(pool, slots, args.decisions, args.chunk_len, args.seed + k))
+    local, on_ray = statistics.median(runs["local"]), statistics.median(runs["ray"])
     print(f"\nequal workers ({args.workers}): local {local:.0f} steps/s, ray {on_ray:.0f} steps/s, "
-          f"ratio {on_ray / local:.2f}")
+          f"ratio {on_ray / local:.2f}   (runs: local {', '.join(f'{x:.0f}' for x in runs['local'])}; "
+          f"ray {', '.join(f'{x:.0f}' for x in runs['ray'])})")
 
-    print(f"\nray actors  steps/s  per actor  vs {args.actors[0]} actor(s)")
+    print(f"\nray actors  steps/s  per actor  vs {args.actors[0]} actor(s)  runs")
     base = None
     for n in args.actors:
-        rate = on_ray if n == args.workers else measure("ray", n, slots, args)
+        rate, measured = measure("ray", n, slots, args)
         base = base or rate
-        print(f"{n:>10}  {rate:7.0f}  {rate / n:9.0f}  {rate / base:9.2f}x")
+        print(f"{n:>10}  {rate:7.0f}  {rate / n:9.0f}  {rate / base:14.2f}x  {', '.join(f'{x:.0f}' for x in measured)}")
     ray.shutdown()
     print(f"\nwall time {time.perf_counter() - started:.0f} s; load average now "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 import vlapt  # noqa: E402,F401  (sets the headless GL backend before mujoco is imported)
 from vlapt.envs import get_suite  # noqa: E402
 from vlapt.envs.pools import WorkerError, make_pool  # noqa: E402
-from vlapt.envs.pools.ray import RayPool  # noqa: E402
+from vlapt.envs.pools.ray import RayPool, connect  # noqa: E402
 from vlapt.envs.pools.subprocess import SubprocessPool  # noqa: E402
 from vlapt.interfaces import EnvConfig, EnvPool, SlotSpec, StepResult  # noqa: E402
 from vlapt.policies.vla import Tokenizer, VLAPolicy, policy_config_for_size  # noqa: E402
@@ -32,7 +32,7 @@ CONFIG = EnvConfig(image_size=32, max_episode_steps=12)  # episodes end (mid-chu
 def local_ray():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster `ray start` left running
+    connect("local", num_cpus=2)  # as a pool starts its own Ray; never a cluster `ray start` left running
     yield
     ray.shutdown()
 

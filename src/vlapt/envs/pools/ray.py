@@ -125,17 +125,20 @@ def _brief(exc: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect this process to Ray: ``address``, else ``RAY_ADDRESS``, else a new local Ray started here.
 
     ``"auto"`` is the cluster that ``ray start`` runs on this machine; without any address the pool
-    never joins such a cluster by accident: it starts its own.
+    never joins such a cluster by accident: it starts its own, with ``num_cpus`` logical CPUs (default:
+    the machine's) and its workers at normal priority, as local env workers run (Ray's default
+    lowers its workers' priority to nice 15, which starves them next to any other busy process).
     """
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = {"num_cpus": num_cpus, "_system_config": {"worker_niceness": 0}} if target == "local" else {}
     try:
-        ray.init(address=target, include_dashboard=False)
+        ray.init(address=target, include_dashboard=False, **local)
     except ConnectionError as exc:
         raise ValueError(
             f"cannot connect to the Ray cluster at {target!r}: {exc}. Start it first (`ray start --head` on the head "
