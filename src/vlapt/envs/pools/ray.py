@@ -212,13 +212,12 @@ class RayPool:
         return spread_groups(self._owner, count)
 
     def close(self) -> None:
-        closing = [(actor, actor.close.remote()) for actor in self._actors if actor is not None]
-        for actor, done in closing:
-            try:
-                ray.get(done, timeout=10)  # after the commands still queued on it
-            except Exception:  # noqa: BLE001 - a dead or stuck actor is killed below all the same
-                pass
-            ray.kill(actor)
+        running = [actor for w, actor in enumerate(self._actors) if actor is not None and self._where[w]]
+        if running:  # their envs close after the commands still queued on them; then every actor goes
+            ray.wait([actor.close.remote() for actor in running], num_returns=len(running), timeout=10)
+        for actor in self._actors:
+            if actor is not None:
+                ray.kill(actor)
         self._actors = [None] * self.num_workers
         self._outstanding = [{} for _ in range(self.num_workers)]
 
