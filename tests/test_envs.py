@@ -11,7 +11,7 @@ from vlapt.envs.metaworld.configurations import make_configuration, make_configu
 from vlapt.envs.metaworld.env import MetaWorldVLAEnv, check_env_config
 from vlapt.envs.metaworld.experts import ScriptedExpert
 from vlapt.envs.metaworld.tasks import MT10, MT50
-from vlapt.envs.pools import make_pool
+from vlapt.envs.pools import check_backend, make_pool
 from vlapt.envs.pools.inprocess import InProcessPool
 from vlapt.envs.pools.subprocess import SubprocessPool, WorkerError
 from vlapt.interfaces import (
@@ -380,7 +380,9 @@ def test_pool_groups_spread_over_workers():
             pool.groups(0)
 
 
-def test_make_pool_rejects_bad_arguments():
+def test_make_pool_rejects_bad_arguments(monkeypatch):
+    import sys
+
     slot = SlotSpec(SUITE, "reach-v3", EnvConfig(render=False))
     with pytest.raises(ValueError, match="valid backends: local, subprocess, inprocess, ray"):
         make_pool([slot], backend="threads")
@@ -390,8 +392,12 @@ def test_make_pool_rejects_bad_arguments():
         make_pool([slot], num_workers=-1)
     with pytest.raises(ValueError, match="num_workers >= 1"):
         make_pool([slot], num_workers=0, backend="subprocess")
-    with pytest.raises(ValueError, match="ray"):  # an optional backend that is not installed says so
-        make_pool([slot], num_workers=1, backend="ray")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the optional extra were not installed
+    monkeypatch.delitem(sys.modules, "vlapt.envs.pools.ray", raising=False)
+    with pytest.raises(ValueError, match=r"backend 'ray' cannot be imported.*pip install 'vlapt\[ray\]'"):
+        make_pool([slot], num_workers=1, backend="ray")  # an optional backend that is not installed says so
+    with pytest.raises(ValueError, match="ray is not installed"):
+        check_backend("ray")  # what configs validate with: refused before a run writes anything
     with make_pool([slot], num_workers=0, backend="vlapt.envs.pools.inprocess:InProcessPool") as pool:
         assert isinstance(pool, InProcessPool)  # a backend of one's own, by module:Class
 

@@ -9,6 +9,7 @@ a backend of your own is named by ``module:Class``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Sequence
 
 from vlapt.interfaces import EnvPool, SlotSpec
@@ -21,10 +22,21 @@ BACKENDS: dict[str, str] = {
 }
 
 
+class WorkerError(RuntimeError):
+    """An env worker (a process or a Ray actor) failed for good; the message names it, its tasks and the cause."""
+
+
+# built-in backends that need an optional extra: backend -> (the module it imports, the extra)
+OPTIONAL: dict[str, tuple[str, str]] = {"ray": ("ray", "ray")}
+
+
 def check_backend(name: str) -> str:
     if name not in BACKENDS and ":" not in name:
         raise ValueError(f"unknown env pool backend {name!r}; valid backends: {', '.join(BACKENDS)} "
                          "(or module:Class of your own EnvPool)")
+    if name in OPTIONAL and importlib.util.find_spec(OPTIONAL[name][0]) is None:
+        raise ValueError(f"env pool backend {name!r} cannot be imported: {OPTIONAL[name][0]} is not installed "
+                         f"(pip install 'vlapt[{OPTIONAL[name][1]}]')")
     return name
 
 
@@ -41,7 +53,7 @@ def make_pool(slots: Sequence[SlotSpec], num_workers: int = 2, backend: str = "l
     try:
         cls = getattr(importlib.import_module(module), name)
     except ImportError as exc:
-        hint = " (pip install 'vlapt[ray]')" if backend == "ray" else ""
+        hint = f" (pip install 'vlapt[{OPTIONAL[backend][1]}]')" if backend in OPTIONAL else ""
         raise ValueError(f"env pool backend {backend!r} cannot be imported: {exc}{hint}") from exc
     return cls(list(slots), num_workers, **options)
 
@@ -75,4 +87,4 @@ def run_slot_commands(envs: dict, command: str, payload: dict) -> dict:
     raise ValueError(f"unknown slot command {command!r}")
 
 
-__all__ = ["BACKENDS", "check_backend", "make_pool", "run_slot_commands", "spread_groups"]
+__all__ = ["BACKENDS", "WorkerError", "check_backend", "make_pool", "run_slot_commands", "spread_groups"]

@@ -24,14 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from vlapt.envs.pools import run_slot_commands, spread_groups
+from vlapt.envs.pools import WorkerError, run_slot_commands, spread_groups
 from vlapt.interfaces import SlotSpec, StepResult
 
 log = logging.getLogger("vlapt.envs.pool")
-
-
-class WorkerError(RuntimeError):
-    """An env worker failed for good; the message names it, its tasks and the cause."""
 
 
 def _worker(conn, specs: dict[int, SlotSpec]) -> None:
