@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations before each measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], nargs="+", default=["fp32"],
+                        help="the training step's forward precision (bf16: autocast, as precision=bf16 in sft/train)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -66,7 +68,7 @@ def random_observations(batch: int, image_size: int, proprio_dim: int, rng: np.r
     }
 
 
-def bench_size(size: str, args: argparse.Namespace, tokenizer: Tokenizer, device: torch.device) -> dict:
+def bench_size(size: str, args: argparse.Namespace, tokenizer: Tokenizer, device: torch.device, precision: str) -> dict:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     config = policy_config_for_size(size, image_size=args.image_size, vocab=tokenizer.vocab)
@@ -84,8 +86,9 @@ def bench_size(size: str, args: argparse.Namespace, tokenizer: Tokenizer, device
     returns = torch.randn(args.batch, device=device)
 
     def train_step() -> None:
-        log_prob, _, value = model.evaluate(batch_obs, actions)
-        loss = -log_prob.mean() + 0.5 * (value - returns).square().mean()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            log_prob, _, value = model.evaluate(batch_obs, actions)
+            loss = -log_prob.mean() + 0.5 * (value - returns).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -93,6 +96,7 @@ def bench_size(size: str, args: argparse.Namespace, tokenizer: Tokenizer, device
     train = median_seconds(train_step, args.iters, args.warmup, device)
     return {
         "size": size,
+        "precision": precision,
         "params": model.num_parameters(),
         "latency_ms": 1000 * latency,
         "infer_sps": args.batch / batched,
@@ -116,16 +120,16 @@ def main() -> None:
     )
     rows = []
     for size in sizes:
-        row = bench_size(size, args, tokenizer, device)
-        rows.append(row)
-        print(f"  done {size}", flush=True)
+        for precision in args.precision:
+            rows.append(bench_size(size, args, tokenizer, device, precision))
+            print(f"  done {size} {precision}", flush=True)
 
     print()
-    print(f"| size | params | 1-obs latency (ms/chunk) | batched inference (obs/s, B={args.batch}) "
+    print(f"| size | training precision | params | 1-obs latency (ms/chunk) | batched inference (obs/s, B={args.batch}) "
           f"| train fwd+bwd+AdamW (samples/s, B={args.batch}) |")
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['size']} | {r['params'] / 1e6:.2f}M | {r['latency_ms']:.1f} | {r['infer_sps']:.0f} "
+        print(f"| {r['size']} | {r['precision']} | {r['params'] / 1e6:.2f}M | {r['latency_ms']:.1f} | {r['infer_sps']:.0f} "
               f"| {r['train_sps']:.0f} |")
 
 
