@@ -87,12 +87,12 @@ def test_training_runs_on_two_nodes_and_stops_with_a_clear_error_when_one_is_los
                                                                                  monkeypatch):
     worker = cluster.add_node(num_cpus=1)  # with the head's CPU: room for exactly the run's two env actors
     cluster.wait_for_nodes()
-    monkeypatch.setenv("VLAPT_RAY_START_TIMEOUT_S", "5")
     pools, updates = [], []
     real_make_pool, real_update = ppo_module.make_pool, ppo_module._update
 
     def recording_make_pool(*args, **kwargs):
         pools.append(real_make_pool(*args, **kwargs))
+        pools[-1].start_timeout_s = 5  # once the actors are up (however loaded the machine): a replacement's deadline
         return pools[-1]
 
     def update_then_lose_the_node(*args, **kwargs):

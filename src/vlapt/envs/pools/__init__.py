@@ -70,6 +70,70 @@ def spread_groups(owner: Sequence[int], count: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
+class WorkerPool:
+    """What pools whose slots live in workers (processes, actors) share.
+
+    Slot i lives in worker i mod ``num_workers``. A call is split into one message per worker
+    under a ticket number, and each worker answers its messages in order. Subclasses deliver a
+    worker's part (`_send`) and fetch its answer to a ticket (`_receive`); `reset`, `submit`,
+    `wait` and `groups` (the `EnvPool` protocol) are built on those two.
+    """
+
+    def __init__(self, slots: Sequence[SlotSpec], num_workers: int):
+        self.specs = list(slots)
+        self.num_workers = min(num_workers, len(self.specs))
+        self._owner = [i % self.num_workers for i in range(len(self.specs))]
+        self._next_ticket = 0
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def reset(self, requests: dict[int, dict]) -> dict[int, tuple[dict, dict]]:
+        return self.wait(self._submit("reset", requests))
+
+    def submit(self, actions: dict, reset_options: dict[int, dict] | None = None) -> tuple:
+        return self._submit("step", {i: (a, None if reset_options is None else reset_options.get(i))
+                                     for i, a in actions.items()})
+
+    def wait(self, ticket: tuple) -> dict:
+        number, workers, slots = ticket
+        merged: dict = {}
+        for w in workers:
+            merged.update(self._receive(w, number))
+        return {i: merged[i] for i in slots}
+
+    def groups(self, count: int) -> list[list[int]]:
+        return spread_groups(self._owner, count)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _submit(self, command: str, payload: dict) -> tuple:
+        unknown = [i for i in payload if not 0 <= i < len(self.specs)]
+        if unknown:
+            raise IndexError(f"no env slots {unknown}; the pool has {len(self.specs)}")
+        number = self._next_ticket
+        self._next_ticket += 1
+        per_worker: dict[int, dict] = {}
+        for i, value in payload.items():
+            per_worker.setdefault(self._owner[i], {})[i] = value
+        for w, part in per_worker.items():
+            self._send(w, number, command, part)
+        return number, list(per_worker), list(payload)
+
+    def _send(self, worker: int, number: int, command: str, part: dict) -> None:
+        raise NotImplementedError
+
+    def _receive(self, worker: int, number: int) -> dict:
+        raise NotImplementedError
+
+
 def run_slot_commands(envs: dict, command: str, payload: dict) -> dict:
     """The commands every backend's slots answer, on the envs one process owns."""
     from vlapt.interfaces import StepResult
@@ -87,4 +151,4 @@ def run_slot_commands(envs: dict, command: str, payload: dict) -> dict:
     raise ValueError(f"unknown slot command {command!r}")
 
 
-__all__ = ["BACKENDS", "WorkerError", "check_backend", "make_pool", "run_slot_commands", "spread_groups"]
+__all__ = ["BACKENDS", "WorkerError", "WorkerPool", "check_backend", "make_pool", "run_slot_commands", "spread_groups"]

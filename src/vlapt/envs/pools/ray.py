@@ -40,7 +40,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
-from vlapt.envs.pools import WorkerError, run_slot_commands, spread_groups
+from vlapt.envs.pools import WorkerError, WorkerPool, run_slot_commands
 from vlapt.interfaces import SlotSpec, StepResult
 
 log = logging.getLogger("vlapt.envs.pool")
@@ -150,7 +150,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
              len(nodes), ray.cluster_resources().get("CPU", 0))
 
 
-class RayPool:
+class RayPool(WorkerPool):
     """`EnvPool` over ``num_workers`` Ray actors (slot i lives in actor i mod num_workers)."""
 
     def __init__(self, slots: list[SlotSpec], num_workers: int = 2, ray_address: str | None = None,
@@ -165,15 +165,12 @@ class RayPool:
         if self.actor_cpus <= 0 or self.timeout_s <= 0 or self.start_timeout_s <= 0 or self.restarts_left < 0:
             raise ValueError("actor_cpus, timeout_s and start_timeout_s must be > 0 and max_restarts >= 0 "
                              "(VLAPT_RAY_ACTOR_CPUS, ..._TIMEOUT_S, ..._START_TIMEOUT_S, ..._MAX_RESTARTS)")
-        self.specs = list(slots)
-        self.num_workers = min(num_workers, len(self.specs))
+        super().__init__(slots, num_workers)
         self.lost_episodes = 0
-        self._owner = [i % self.num_workers for i in range(len(self.specs))]
         self._actors: list = [None] * self.num_workers
         self._where: list[dict] = [{} for _ in range(self.num_workers)]
         # per actor: ticket -> (command, payload part, its ObjectRef), in submission order, until received
         self._outstanding: list[dict[int, tuple[str, dict, Any]]] = [{} for _ in range(self.num_workers)]
-        self._next_ticket = 0
         connect(_option("address", ray_address, None, str))
         cpus = ray.cluster_resources().get("CPU", 0.0)
         if self.num_workers * self.actor_cpus > cpus:
@@ -190,27 +187,7 @@ class RayPool:
         placement = Counter(self._where[w]["ip"] + " " + self._where[w]["node_id"][:8] for w in range(self.num_workers))
         log.info("%d env actors on %d Ray node(s): %s", self.num_workers, len(placement), dict(placement))
 
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    # -- the EnvPool protocol ------------------------------------------------------------------
-    def reset(self, requests: dict[int, dict]) -> dict[int, tuple[dict, dict]]:
-        return self.wait(self._submit("reset", requests))
-
-    def submit(self, actions: dict[int, np.ndarray], reset_options: dict[int, dict] | None = None) -> tuple:
-        return self._submit("step", {i: (a, None if reset_options is None else reset_options.get(i))
-                                     for i, a in actions.items()})
-
-    def wait(self, ticket: tuple) -> dict[int, Any]:
-        number, workers, slots = ticket
-        merged: dict[int, Any] = {}
-        for w in workers:
-            merged.update(self._receive(w, number))
-        return {i: merged[i] for i in slots}
-
-    def groups(self, count: int) -> list[list[int]]:
-        return spread_groups(self._owner, count)
-
+    # -- the EnvPool protocol (reset, submit, wait, groups: WorkerPool) ---------------------------
     def close(self) -> None:
         running = [actor for w, actor in enumerate(self._actors) if actor is not None and self._where[w]]
         if running:  # their envs close after the commands still queued on them; then every actor goes
@@ -220,12 +197,6 @@ class RayPool:
                 ray.kill(actor)
         self._actors = [None] * self.num_workers
         self._outstanding = [{} for _ in range(self.num_workers)]
-
-    def __enter__(self) -> "RayPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- where the actors are (logs, tests, fault drills) ----------------------------------------
     def actor(self, worker: int):
@@ -279,18 +250,8 @@ class RayPool:
                 self._start(w, replacement)
                 pending[self._actors[w].where.remote()] = w
 
-    def _submit(self, command: str, payload: dict[int, Any]) -> tuple:
-        unknown = [i for i in payload if not 0 <= i < len(self.specs)]
-        if unknown:
-            raise IndexError(f"no env slots {unknown}; the pool has {len(self.specs)}")
-        number = self._next_ticket
-        self._next_ticket += 1
-        per_worker: dict[int, dict] = {}
-        for i, value in payload.items():
-            per_worker.setdefault(self._owner[i], {})[i] = value
-        for w, part in per_worker.items():
-            self._outstanding[w][number] = (command, part, self._actors[w].run.remote(command, part))
-        return number, list(per_worker), list(payload)
+    def _send(self, w: int, number: int, command: str, part: dict) -> None:
+        self._outstanding[w][number] = (command, part, self._actors[w].run.remote(command, part))
 
     def _receive(self, w: int, number: int) -> dict:
         """Actor ``w``'s part of ticket ``number``, replacing the actor if it died or hung meanwhile."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vlapt.envs.pools import WorkerError, run_slot_commands, spread_groups
+from vlapt.envs.pools import WorkerError, WorkerPool, run_slot_commands
 from vlapt.interfaces import SlotSpec, StepResult
 
 log = logging.getLogger("vlapt.envs.pool")
@@ -60,7 +60,7 @@ class _WorkerGone(Exception):
     """The worker died or did not answer in time (the message says which)."""
 
 
-class SubprocessPool:
+class SubprocessPool(WorkerPool):
     """`EnvPool` over ``num_workers`` processes (slot i lives in worker i mod num_workers)."""
 
     def __init__(self, slots: list[SlotSpec], num_workers: int = 2, timeout_s: float = 300.0,
@@ -69,18 +69,15 @@ class SubprocessPool:
             raise ValueError(f"a subprocess pool needs num_workers >= 1, got {num_workers}")
         if timeout_s <= 0 or start_timeout_s <= 0 or max_restarts < 0:
             raise ValueError("timeout_s and start_timeout_s must be > 0 and max_restarts >= 0")
-        self.specs = list(slots)
-        self.num_workers = min(num_workers, len(self.specs))
+        super().__init__(slots, num_workers)
         self.timeout_s, self.start_timeout_s, self.restarts_left = timeout_s, start_timeout_s, max_restarts
         self.lost_episodes = 0
-        self._owner = [i % self.num_workers for i in range(len(self.specs))]
         self._ctx = mp.get_context("spawn")
         self._conns: list = [None] * self.num_workers
         self._procs: list = [None] * self.num_workers
         # per worker: (ticket, command, payload) sent and not yet received, in order
         self._outstanding: list[deque] = [deque() for _ in range(self.num_workers)]
         self._arrived: dict[tuple[int, int], Any] = {}  # (worker, ticket) -> its part of the answer
-        self._next_ticket = 0
         try:
             for w in range(self.num_workers):
                 self._spawn(w)
@@ -90,27 +87,7 @@ class SubprocessPool:
             self.close()
             raise
 
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    # -- the EnvPool protocol ------------------------------------------------------------------
-    def reset(self, requests: dict[int, dict]) -> dict[int, tuple[dict, dict]]:
-        return self.wait(self._submit("reset", requests))
-
-    def submit(self, actions: dict[int, np.ndarray], reset_options: dict[int, dict] | None = None) -> tuple:
-        return self._submit("step", {i: (a, None if reset_options is None else reset_options.get(i))
-                                     for i, a in actions.items()})
-
-    def wait(self, ticket: tuple) -> dict[int, Any]:
-        number, workers, slots = ticket
-        merged: dict[int, Any] = {}
-        for w in workers:
-            merged.update(self._receive_ticket(w, number))
-        return {i: merged[i] for i in slots}
-
-    def groups(self, count: int) -> list[list[int]]:
-        return spread_groups(self._owner, count)
-
+    # -- the EnvPool protocol (reset, submit, wait, groups: WorkerPool) ---------------------------
     def close(self) -> None:
         for w in range(self.num_workers):
             conn, proc = self._conns[w], self._procs[w]
@@ -134,12 +111,6 @@ class SubprocessPool:
         self._outstanding = [deque() for _ in range(self.num_workers)]
         self._arrived = {}
 
-    def __enter__(self) -> "SubprocessPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def worker_pid(self, worker: int) -> int:
         return self._procs[worker].pid
 
@@ -161,24 +132,14 @@ class SubprocessPool:
         except _WorkerGone as exc:
             raise WorkerError(f"env worker {w} (tasks: {self._tasks_of(w)}) failed to start: {exc}") from None
 
-    def _submit(self, command: str, payload: dict[int, Any]) -> tuple:
-        unknown = [i for i in payload if not 0 <= i < len(self.specs)]
-        if unknown:
-            raise IndexError(f"no env slots {unknown}; the pool has {len(self.specs)}")
-        number = self._next_ticket
-        self._next_ticket += 1
-        per_worker: dict[int, dict] = {}
-        for i, value in payload.items():
-            per_worker.setdefault(self._owner[i], {})[i] = value
-        for w, part in per_worker.items():
-            self._outstanding[w].append((number, command, part))
-            try:
-                self._conns[w].send((command, part))
-            except (OSError, EOFError, ValueError):
-                pass  # a dead worker: found and handled when its answer is awaited
-        return number, list(per_worker), list(payload)
+    def _send(self, w: int, number: int, command: str, part: dict) -> None:
+        self._outstanding[w].append((number, command, part))
+        try:
+            self._conns[w].send((command, part))
+        except (OSError, EOFError, ValueError):
+            pass  # a dead worker: found and handled when its answer is awaited
 
-    def _receive_ticket(self, w: int, number: int) -> Any:
+    def _receive(self, w: int, number: int) -> Any:
         """Receive from worker ``w`` until ticket ``number``'s answer is in, keeping earlier answers for their waiters."""
         while (w, number) not in self._arrived:
             oldest, command, part = self._outstanding[w][0]
