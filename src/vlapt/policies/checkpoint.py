@@ -12,12 +12,13 @@ readers never see a half-written checkpoint, even if the process dies mid-save.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,16 +33,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the problem and how to fix it."""
 
 
-def write_checkpoint(path: str | os.PathLike, policy_type: str, config: dict, tensors: dict[str, torch.Tensor],
-                     metadata: dict[str, Any] | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a policy directory atomically: staged in ``.<name>.tmp-<pid>``, fsynced, then renamed over ``path``.
+@contextlib.contextmanager
+def publish_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory; when the block ends, fsync it and rename it over ``path`` atomically.
 
-    ``extra_files`` are further text files of the family (e.g. a processor config), by name.
+    Readers never see a half-written directory: ``path`` holds the previous version until the
+    rename, and an error (or a crash) inside the block leaves it untouched and the staging removed.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"cannot save checkpoint to {path}: a file with that name exists")
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     retired = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -50,19 +51,7 @@ def write_checkpoint(path: str | os.PathLike, policy_type: str, config: dict, te
             shutil.rmtree(leftover)
     try:
         staging.mkdir()
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        document: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "policy_type": policy_type,
-                                    "policy": config, "policy_sha256": _config_hash(config),
-                                    "files": {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}}
-        if metadata is not None:
-            document["metadata"] = metadata
-        try:
-            text = json.dumps(document, indent=2) + "\n"
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
-        (staging / CONFIG_FILE).write_text(text)
-        for name, content in (extra_files or {}).items():
-            (staging / name).write_text(content)
+        yield staging
         for child in staging.iterdir():
             _fsync_file(child)
         _fsync_dir(staging)
@@ -76,7 +65,28 @@ def write_checkpoint(path: str | os.PathLike, policy_type: str, config: dict, te
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(retired, ignore_errors=True)
-    return path
+
+
+def write_checkpoint(path: str | os.PathLike, policy_type: str, config: dict, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, Any] | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a policy directory atomically (`publish_directory`); ``extra_files`` are further text files of the
+    family (e.g. a tokenizer), by name."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    document: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "policy_type": policy_type,
+                                "policy": config, "policy_sha256": _config_hash(config)}
+    if metadata is not None:
+        document["metadata"] = metadata
+    try:
+        json.dumps(document)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
+    with publish_directory(path) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        document["files"] = {WEIGHTS_FILE: file_sha256(staging / WEIGHTS_FILE)}
+        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            (staging / name).write_text(content)
+    return Path(path)
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -116,7 +126,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     if not weights_path.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete (re-save it)")
     expected = (document.get("files") or {}).get(WEIGHTS_FILE)
-    if expected is not None and _sha256(weights_path) != expected:
+    if expected is not None and file_sha256(weights_path) != expected:
         raise CheckpointError(f"{weights_path} does not match the SHA-256 recorded in its {CONFIG_FILE}: the file was "
                               "modified or corrupted after it was written; re-save or re-download the checkpoint")
     try:
@@ -166,7 +176,7 @@ def _config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

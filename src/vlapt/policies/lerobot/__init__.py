@@ -18,17 +18,15 @@ Which LeRobot types chunked PPO can post-train, and why the others cannot (yet),
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlapt.policies.checkpoint import CheckpointError
+from vlapt.policies.checkpoint import CheckpointError, file_sha256, publish_directory
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -210,7 +208,7 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
         target = path / name
         if not target.is_file():
             raise CheckpointError(f"{path} lacks {name}, which {SIDECAR_FILE} lists; the policy directory is incomplete")
-        if sha256(target) != digest:
+        if file_sha256(target) != digest:
             raise CheckpointError(f"{target} does not match the SHA-256 recorded in {SIDECAR_FILE}: it was modified after "
                                   "vlapt wrote it (e.g. retrained in LeRobot). Delete vlapt_policy.json and "
                                   "vlapt_heads.safetensors to post-train it as a new LeRobot policy")
@@ -222,54 +220,21 @@ def write_policy_dir(path: str | os.PathLike, files: dict[str, bytes], tensors: 
     """Write a policy directory atomically: LeRobot's files, the weights files, and the sidecar with their digests."""
     from safetensors.torch import save_file
 
-    from vlapt.policies.checkpoint import _fsync_dir, _fsync_file
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"cannot save a policy to {path}: a file with that name exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    retired = path.with_name(f".{path.name}.old-{os.getpid()}")
-    for leftover in (staging, retired):
-        if leftover.exists():
-            shutil.rmtree(leftover)
+    document = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **sidecar}
     try:
-        staging.mkdir()
+        json.dumps(document)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"policy metadata must be JSON-serialisable: {exc}") from exc
+    with publish_directory(path) as staging:
         for name, content in files.items():
             (staging / name).write_bytes(content)
         digests = {}
         for name, weights in tensors.items():
             save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(staging / name),
                       metadata={"format": "pt"})
-            digests[name] = sha256(staging / name)
-        document = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **sidecar, "files": digests}
-        try:
-            text = json.dumps(document, indent=2) + "\n"
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"policy metadata must be JSON-serialisable: {exc}") from exc
-        (staging / SIDECAR_FILE).write_text(text)
-        for child in staging.iterdir():
-            _fsync_file(child)
-        _fsync_dir(staging)
-        if path.exists():
-            os.replace(path, retired)
-        os.replace(staging, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if retired.exists() and not path.exists():
-            os.replace(retired, path)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-    return path
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            digests[name] = file_sha256(staging / name)
+        (staging / SIDECAR_FILE).write_text(json.dumps({**document, "files": digests}, indent=2) + "\n")
+    return Path(path)
 
 
 def training_observation(path: Path) -> dict[str, Any] | None:
