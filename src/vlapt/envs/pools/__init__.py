@@ -12,7 +12,9 @@ import importlib
 import importlib.util
 from typing import Sequence
 
-from vlapt.interfaces import EnvPool, SlotSpec
+import numpy as np
+
+from vlapt.interfaces import EnvPool, SlotSpec, StepResult
 
 BACKENDS: dict[str, str] = {
     "local": "",  # worker processes when num_workers > 0, else in this process
@@ -84,6 +86,7 @@ class WorkerPool:
         self.num_workers = min(num_workers, len(self.specs))
         self._owner = [i % self.num_workers for i in range(len(self.specs))]
         self._next_ticket = 0
+        self.lost_episodes = 0  # step answers whose episode was lost with its worker
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -100,7 +103,11 @@ class WorkerPool:
         merged: dict = {}
         for w in workers:
             merged.update(self._receive(w, number))
+        self.lost_episodes += sum(isinstance(r, StepResult) and bool(r.info.get("lost")) for r in merged.values())
         return {i: merged[i] for i in slots}
+
+    def _tasks_of(self, worker: int) -> str:
+        return ", ".join(sorted({self.specs[i].task for i in range(len(self.specs)) if self._owner[i] == worker}))
 
     def groups(self, count: int) -> list[list[int]]:
         return spread_groups(self._owner, count)
@@ -134,21 +141,53 @@ class WorkerPool:
         raise NotImplementedError
 
 
-def run_slot_commands(envs: dict, command: str, payload: dict) -> dict:
-    """The commands every backend's slots answer, on the envs one process owns."""
-    from vlapt.interfaces import StepResult
+class Slots:
+    """The env slots one worker owns and the commands they answer: the same code in every backend.
 
-    if command == "reset":
-        return {i: envs[i].reset(options=options) for i, options in payload.items()}
-    if command == "step":
-        out = {}
-        for i, (action, reset_options) in payload.items():
-            result = StepResult(*envs[i].step(action))
-            if (result.terminated or result.truncated) and reset_options is not None:
-                result = result._replace(reset_observation=envs[i].reset(options=reset_options)[0])
-            out[i] = result
-        return out
-    raise ValueError(f"unknown slot command {command!r}")
+    ``reset`` ({slot: options}) and ``step`` ({slot: (chunk, reset options or None)}: a slot whose
+    episode ends is reset at once with its options). A replacement worker starts with every slot's
+    episode lost: its next ``step`` answers lost (``truncated``, ``info["lost"]``, no steps) until the
+    slot is reset, as does ``lose`` ({slot: reset options}) for the steps a dead worker left unanswered.
+    """
+
+    def __init__(self, specs: dict[int, SlotSpec], replacement: bool = False):
+        self.envs = {i: spec.build() for i, spec in specs.items()}
+        self.lost = set(specs) if replacement else set()
+
+    def run(self, command: str, payload: dict) -> dict:
+        if command == "reset":
+            self.lost.difference_update(payload)
+            return {i: self.envs[i].reset(options=options) for i, options in payload.items()}
+        if command == "lose":
+            return {i: self._lost(i, options) for i, options in payload.items()}
+        if command == "step":
+            out = {}
+            for i, (action, reset_options) in payload.items():
+                if i in self.lost:
+                    out[i] = self._lost(i, reset_options)
+                    continue
+                result = StepResult(*self.envs[i].step(action))
+                if (result.terminated or result.truncated) and reset_options is not None:
+                    result = result._replace(reset_observation=self.envs[i].reset(options=reset_options)[0])
+                out[i] = result
+            return out
+        raise ValueError(f"unknown slot command {command!r}")
+
+    def _lost(self, slot: int, reset_options: dict | None) -> StepResult:
+        """The answer of a step whose episode was lost with its worker; the next episode starts when asked for."""
+        info = {"rewards": np.zeros(0, np.float32), "steps": 0, "success": False, "episode_steps": 0, "lost": True}
+        first = None
+        if reset_options is not None:
+            first = self.envs[slot].reset(options=reset_options)[0]
+            self.lost.discard(slot)
+        else:
+            self.lost.add(slot)
+        return StepResult(first if first is not None else {}, 0.0, False, True, info, first)
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+        self.envs = {}
 
 
-__all__ = ["BACKENDS", "WorkerError", "WorkerPool", "check_backend", "make_pool", "run_slot_commands", "spread_groups"]
+__all__ = ["BACKENDS", "Slots", "WorkerError", "WorkerPool", "check_backend", "make_pool", "spread_groups"]

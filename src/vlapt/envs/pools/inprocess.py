@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from vlapt.envs.pools import run_slot_commands, spread_groups
+from vlapt.envs.pools import Slots, spread_groups
 from vlapt.interfaces import SlotSpec, StepResult
 
 
@@ -15,7 +15,7 @@ class InProcessPool:
 
     def __init__(self, slots: list[SlotSpec], num_workers: int = 0):
         self.specs = list(slots)
-        self.envs = {i: spec.build() for i, spec in enumerate(self.specs)}
+        self.slots = Slots(dict(enumerate(self.specs)))
         self._answers: dict[int, dict[int, StepResult]] = {}
         self._next_ticket = 0
 
@@ -23,12 +23,12 @@ class InProcessPool:
         return len(self.specs)
 
     def reset(self, requests: dict[int, dict]) -> dict[int, tuple[dict, dict]]:
-        return run_slot_commands(self.envs, "reset", _checked(requests, len(self)))
+        return self.slots.run("reset", _checked(requests, len(self)))
 
     def submit(self, actions: dict[int, np.ndarray], reset_options: dict[int, dict] | None = None) -> int:
-        payload = {i: (a, None if reset_options is None else reset_options[i]) for i, a in _checked(actions, len(self)).items()}
+        payload = {i: (a, None if reset_options is None else reset_options.get(i)) for i, a in _checked(actions, len(self)).items()}
         ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
-        self._answers[ticket] = run_slot_commands(self.envs, "step", payload)
+        self._answers[ticket] = self.slots.run("step", payload)
         return ticket
 
     def wait(self, ticket: Any) -> dict[int, StepResult]:
@@ -38,9 +38,7 @@ class InProcessPool:
         return spread_groups([0] * len(self), count)
 
     def close(self) -> None:
-        for env in self.envs.values():
-            env.close()
-        self.envs = {}
+        self.slots.close()
 
     def __enter__(self) -> "InProcessPool":
         return self

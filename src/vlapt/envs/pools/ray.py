@@ -2,7 +2,7 @@
 
 The pool behaves as the subprocess pool does, with actors in place of worker processes: slot i
 lives in actor i mod num_workers, each actor answers its slots' commands in the order they were
-submitted (`vlapt.envs.pools.run_slot_commands`, the code every backend runs), ``submit``
+submitted (`vlapt.envs.pools.Slots`, the code every backend runs), ``submit``
 returns at once and ``wait`` collects, so for the same seed and config an algorithm collects
 the same batch on either backend. The actors ask for ``actor_cpus`` CPUs each and are spread
 over the cluster's nodes (Ray's ``SPREAD`` scheduling).
@@ -40,7 +40,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
-from vlapt.envs.pools import WorkerError, WorkerPool, run_slot_commands
+from vlapt.envs.pools import Slots, WorkerError, WorkerPool
 from vlapt.interfaces import SlotSpec, StepResult
 
 log = logging.getLogger("vlapt.envs.pool")
@@ -49,43 +49,12 @@ ENV_PREFIX = "VLAPT_RAY_"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the remote traceback
 
 
-def _lost_result(env, reset_options: dict | None) -> StepResult:
-    """The answer of a step whose episode was lost with its actor (the next episode started when asked for)."""
-    info = {"rewards": np.zeros(0, np.float32), "steps": 0, "success": False, "episode_steps": 0, "lost": True}
-    first = env.reset(options=reset_options)[0] if reset_options is not None else None
-    return StepResult(first if first is not None else {}, 0.0, False, True, info, first)
-
-
-class _EnvActor:
-    """The slots of one actor. A replacement starts with every slot's episode lost until the slot is reset."""
-
-    def __init__(self, specs: dict[int, SlotSpec], replacement: bool = False):
-        self.envs = {i: spec.build() for i, spec in specs.items()}
-        self.lost = set(specs) if replacement else set()
+class _EnvActor(Slots):
+    """The slots of one actor (`vlapt.envs.pools.Slots`), and where it runs."""
 
     def where(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "host": socket.gethostname()}
-
-    def run(self, command: str, payload: dict) -> dict:
-        if command == "lose":  # steps that were in flight on a dead actor: {slot: reset options}
-            out = {i: _lost_result(self.envs[i], options) for i, options in payload.items()}
-            self.lost.difference_update(i for i, options in payload.items() if options is not None)
-            return out
-        if command == "reset":
-            self.lost.difference_update(payload)
-            return run_slot_commands(self.envs, command, payload)
-        if command == "step" and self.lost.intersection(payload):
-            lost = {i: options for i, (_, options) in payload.items() if i in self.lost}
-            out = run_slot_commands(self.envs, "step", {i: v for i, v in payload.items() if i not in lost})
-            out.update(self.run("lose", lost))
-            return {i: out[i] for i in payload}
-        return run_slot_commands(self.envs, command, payload)
-
-    def close(self) -> None:
-        for env in self.envs.values():
-            env.close()
-        self.envs = {}
 
 
 _RemoteEnvActor = ray.remote(_EnvActor)
@@ -166,7 +135,6 @@ class RayPool(WorkerPool):
             raise ValueError("actor_cpus, timeout_s and start_timeout_s must be > 0 and max_restarts >= 0 "
                              "(VLAPT_RAY_ACTOR_CPUS, ..._TIMEOUT_S, ..._START_TIMEOUT_S, ..._MAX_RESTARTS)")
         super().__init__(slots, num_workers)
-        self.lost_episodes = 0
         self._actors: list = [None] * self.num_workers
         self._where: list[dict] = [{} for _ in range(self.num_workers)]
         # per actor: ticket -> (command, payload part, its ObjectRef), in submission order, until received
@@ -211,9 +179,6 @@ class RayPool(WorkerPool):
         return self._where[worker]["node_id"]
 
     # -- internals -------------------------------------------------------------------------------
-    def _tasks_of(self, worker: int) -> str:
-        return ", ".join(sorted({self.specs[i].task for i in range(len(self.specs)) if self._owner[i] == worker}))
-
     def _describe(self, worker: int) -> str:
         where = self._where[worker]
         node = f", node {where['ip']} {where['node_id'][:8]}" if where else ""
@@ -269,8 +234,6 @@ class RayPool(WorkerPool):
                 self._replace(w, f"died ({type(exc).__name__}: {_brief(exc)})")
                 continue
             del self._outstanding[w][number]
-            if command == "step":
-                self.lost_episodes += sum(1 for r in answer.values() if r.info.get("lost"))
             return _writable(answer)
 
     def _replace(self, w: int, cause: str) -> None:

@@ -22,18 +22,16 @@ import traceback
 from collections import deque
 from typing import Any
 
-import numpy as np
-
-from vlapt.envs.pools import WorkerError, WorkerPool, run_slot_commands
-from vlapt.interfaces import SlotSpec, StepResult
+from vlapt.envs.pools import Slots, WorkerError, WorkerPool
+from vlapt.interfaces import SlotSpec
 
 log = logging.getLogger("vlapt.envs.pool")
 
 
-def _worker(conn, specs: dict[int, SlotSpec]) -> None:
+def _worker(conn, specs: dict[int, SlotSpec], replacement: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; workers end when it closes them
     try:
-        envs = {i: spec.build() for i, spec in specs.items()}
+        slots = Slots(specs, replacement)
     except BaseException:  # report construction errors instead of dying silently
         conn.send(("error", traceback.format_exc()))
         conn.close()
@@ -45,12 +43,11 @@ def _worker(conn, specs: dict[int, SlotSpec]) -> None:
         except (EOFError, OSError):
             break
         if command == "close":
-            for env in envs.values():
-                env.close()
+            slots.close()
             conn.send(("ok", None))
             break
         try:
-            conn.send(("ok", run_slot_commands(envs, command, payload)))
+            conn.send(("ok", slots.run(command, payload)))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
     conn.close()
@@ -71,7 +68,6 @@ class SubprocessPool(WorkerPool):
             raise ValueError("timeout_s and start_timeout_s must be > 0 and max_restarts >= 0")
         super().__init__(slots, num_workers)
         self.timeout_s, self.start_timeout_s, self.restarts_left = timeout_s, start_timeout_s, max_restarts
-        self.lost_episodes = 0
         self._ctx = mp.get_context("spawn")
         self._conns: list = [None] * self.num_workers
         self._procs: list = [None] * self.num_workers
@@ -115,13 +111,10 @@ class SubprocessPool(WorkerPool):
         return self._procs[worker].pid
 
     # -- internals -------------------------------------------------------------------------------
-    def _tasks_of(self, worker: int) -> str:
-        return ", ".join(sorted({self.specs[i].task for i in range(len(self.specs)) if self._owner[i] == worker}))
-
-    def _spawn(self, w: int) -> None:
+    def _spawn(self, w: int, replacement: bool = False) -> None:
         mine = {i: s for i, s in enumerate(self.specs) if self._owner[i] == w}
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(child, mine), daemon=True, name=f"vlapt-env-{w}")
+        proc = self._ctx.Process(target=_worker, args=(child, mine, replacement), daemon=True, name=f"vlapt-env-{w}")
         proc.start()
         child.close()
         self._conns[w], self._procs[w] = parent, proc
@@ -174,7 +167,7 @@ class SubprocessPool(WorkerPool):
         return value
 
     def _replace(self, w: int, cause: str) -> None:
-        """Kill worker ``w``, start a new one for its slots, and answer its outstanding requests."""
+        """Kill worker ``w`` and start a new one for its slots; send it every request the old one left unanswered."""
         tasks = self._tasks_of(w)
         proc = self._procs[w]
         if proc.is_alive():
@@ -188,31 +181,13 @@ class SubprocessPool(WorkerPool):
         self.restarts_left -= 1
         pending = list(self._outstanding[w])
         self._outstanding[w].clear()
-        lost = sorted({i for _, command, part in pending if command == "step" for i in part})
-        log.warning("env worker %d (tasks: %s) %s; restarting it (%d restarts left); %d episode(s) in flight lost",
-                    w, tasks, cause, self.restarts_left, len(lost))
-        self._spawn(w)
+        in_flight = sorted({i for _, command, part in pending if command == "step" for i in part})
+        log.warning("env worker %d (tasks: %s) %s; restarting it (%d restarts left); the episodes of its slots are "
+                    "lost (%d with a step in flight)", w, tasks, cause, self.restarts_left, len(in_flight))
+        self._spawn(w, replacement=True)
         self._await_ready(w)
-        self.lost_episodes += len(lost)
-        envs_reset = set()
-        for number, command, part in pending:
-            if command == "reset":  # resets are determined by their options: run them again
-                self._arrived[(w, number)] = self._direct(w, "reset", part)
-                envs_reset.update(part)
-                continue
-            answers = {}
-            for i, (_, reset_options) in part.items():
-                info = {"rewards": np.zeros(0, np.float32), "steps": 0, "success": False, "episode_steps": 0, "lost": True}
-                first = None
-                if reset_options is not None and i not in envs_reset:
-                    first = self._direct(w, "reset", {i: reset_options})[i][0]
-                    envs_reset.add(i)
-                answers[i] = StepResult(first if first is not None else {}, 0.0, False, True, info, first)
-            self._arrived[(w, number)] = answers
-
-    def _direct(self, w: int, command: str, part: dict) -> Any:
-        self._conns[w].send((command, part))
-        try:
-            return self._recv(w, self.timeout_s, command)
-        except _WorkerGone as exc:
-            raise WorkerError(f"env worker {w} (tasks: {self._tasks_of(w)}) failed again right after a restart: {exc}") from None
+        for number, command, part in pending:  # in submission order: resets run again, steps answer lost
+            if command == "step":
+                self._send(w, number, "lose", {i: options for i, (_, options) in part.items()})
+            else:
+                self._send(w, number, command, part)
