@@ -15,7 +15,7 @@ _TINY = [
     "collect.tasks=[reach-v3]", "collect.demos_per_task=2", "collect.image_size=32", "collect.num_workers=0",
     "sft.steps=4", "sft.batch_size=8", "sft.model.size=tiny", "sft.threads=1",
     "ppo.envs_per_task=1", "ppo.horizon=4", "ppo.minibatch_size=8", "ppo.total_env_steps=30",
-    "ppo.num_workers=0", "ppo.eval_every=1", "ppo.eval_episodes=1", "ppo.threads=1",
+    "ppo.num_workers=0", "ppo.checkpoint_every=1", "ppo.eval_every=1", "ppo.eval_episodes=1", "ppo.threads=1",
     "eval.episodes_per_task=1", "eval.num_workers=0", "eval.max_episode_steps=40", "eval.video_size=64",
 ]
 

@@ -232,3 +232,17 @@ def test_an_option_added_after_a_run_was_made_counts_as_unchanged_at_its_default
     check_recorded_config(recorded, PPOConfig())
     with pytest.raises(ConfigError, match="ratio: '<unset>' -> 'action'"):
         check_recorded_config(recorded, PPOConfig(ratio="action"))
+
+
+def test_starting_over_in_a_directory_removes_the_earlier_runs_outputs(dataset, sft_policy, tmp_path):
+    out = tmp_path / "ppo"
+    train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=80), progress=False)
+    earlier = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert earlier[-1] > "step_000000002"
+    train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=20, lr=1e-3, resume=False), progress=False)
+    # the new run's checkpoints only, and `latest` names one of them; the earlier run's never mix in
+    now = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert now[-1] <= "step_000000002" and latest_checkpoint(out).name == now[-1]
+    assert json.loads((out / "history.json").read_text())[-1]["env_steps"] < 80
+    with pytest.raises(ValueError, match="eval_every .* must be a multiple of checkpoint_every"):
+        _ppo_config(dataset, sft_policy, out, eval_every=3, checkpoint_every=2).validate()

@@ -233,6 +233,16 @@ class Episode:
         """The fields an evaluation result keeps per episode."""
         return {"task": self.task, "config_index": self.config_index, "success": bool(self.success), "steps": int(self.steps)}
 
+    def record(self, observations: Sequence[Observation], chunks: Sequence[np.ndarray]) -> "Episode":
+        """Fill in the trajectory from the observation each decision acted on and the actions it ran (a chunk each)."""
+        lengths = np.array([len(c) for c in chunks])
+        self.images = np.stack([o["image"] for o in observations]) if "image" in observations[0] else None
+        self.proprio = np.stack([o["proprio"] for o in observations]).astype(np.float32)
+        self.states = np.stack([o["state"] for o in observations]).astype(np.float32) if "state" in observations[0] else None
+        self.actions = np.concatenate(chunks).astype(np.float32)
+        self.decision_steps = np.cumsum(lengths) - lengths
+        return self
+
 
 # -- policies -----------------------------------------------------------------------------------------
 class ChunkSample(NamedTuple):

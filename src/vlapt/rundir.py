@@ -35,6 +35,8 @@ from vlapt.config import ConfigError, save_config, to_dict
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
+# what a run writes as it goes, removed when a run starts over in the directory (resume=false)
+STARTED_OVER = ("checkpoints", "evals", "tb", "history.json", "policy", "policy_ema", "run.json")
 _TEMPORARY = re.compile(r"^\..+\.(tmp|tmp-|old-)(\d+)$")
 
 
@@ -183,7 +185,8 @@ def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] =
     """Create or reopen a run directory: checked, locked, cleaned, its config checked then recorded, logging to a file.
 
     A run counts as started (and its recorded config binding) once ``has_progress`` exists in it;
-    ``resume=False`` starts over in the directory whatever it recorded.
+    ``resume=False`` starts over in the directory whatever it recorded: the earlier run's checkpoints,
+    evaluations, curves and policies are removed, so the two runs never mix.
     """
     directory = check_output_dir(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -194,6 +197,12 @@ def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] =
         resumed = resume and (directory / has_progress).exists()
         if resumed:
             check_recorded_config(directory / CONFIG_FILE, config, exempt)
+        elif has_progress and (directory / has_progress).exists():  # resume=false: the earlier run's outputs go
+            for name in STARTED_OVER:
+                stale = directory / name
+                if stale.exists():
+                    logging.getLogger("vlapt").warning("resume=false: removing %s of the earlier run", stale)
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         save_config(config, directory / CONFIG_FILE)
         if log_file is None:
             return Run(directory, lock, resumed)

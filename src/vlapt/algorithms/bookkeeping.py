@@ -39,13 +39,14 @@ class RunLog:
                         dynamic_ncols=True)
         self.start = time.perf_counter()
 
-    def begin(self, init_policy: str, resumed_from: Path | None, iteration: int, env_steps: int) -> None:
-        """Evaluate where the curves start (the starting policy), or an evaluation a crash interrupted."""
+    def begin(self, init_policy: str, resumed_from: Path | None, iteration: int, env_steps: int, finished: bool) -> None:
+        """Evaluate where the curves start (the starting policy), or an evaluation a crash interrupted (that of an
+        evaluation iteration's checkpoint, or of the run's last one)."""
         if self.evaluator is None:
             return
         if resumed_from is None:
             self.evaluate(Path(init_policy), 0, 0)
-        elif self.is_eval_iteration(iteration) and not self._eval_path(iteration).exists():
+        elif (self.is_eval_iteration(iteration) or finished) and not self._eval_path(iteration).exists():
             self.evaluate(resumed_from, iteration, env_steps)
 
     def is_eval_iteration(self, iteration: int) -> bool:

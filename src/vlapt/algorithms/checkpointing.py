@@ -139,6 +139,9 @@ def save_training_checkpoint(
         model.save(tmp, metadata={"step": step})
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
+        for name in ("state.safetensors", "state.json"):  # on disk before `latest` can name them
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
     except Exception as exc:  # a full disk surfaces as OSError or as safetensors' own error type
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)

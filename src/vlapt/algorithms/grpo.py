@@ -74,6 +74,7 @@ class GRPOConfig:
     clip_coef: float = 0.2
     max_grad_norm: float = 1.0
     target_kl: float = 0.05  # stop the epochs once the approximate KL per chunk exceeds this (0: never)
+    max_nonfinite_updates: int = 20  # abort (keeping the last good checkpoint) after this many skipped updates
     init_log_std: float = -1.0  # reset the exploration std at the start; 0 keeps SFT's
     # self behaviour cloning, as in chunked PPO
     bc_weight_rule: str = "lagrangian"  # "lagrangian" | "fixed" | "none"
@@ -119,6 +120,9 @@ class GRPOConfig:
             raise ValueError(f"pace_weight must be in [0, 1) so that every success beats every failure, got {self.pace_weight}")
         if self.lr <= 0 or self.num_workers < 0 or self.eval_every < 0 or self.eval_episodes < 1:
             raise ValueError("lr must be > 0, num_workers and eval_every >= 0, eval_episodes >= 1")
+        if self.eval_every % self.checkpoint_every:
+            raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every ({self.checkpoint_every}): "
+                             "an evaluation scores the checkpoint written at its iteration")
         if not self.bc_coef_min <= self.bc_coef <= self.bc_coef_max or self.bc_coef_min <= 0:
             raise ValueError(f"bc_coef ({self.bc_coef}) must lie in [bc_coef_min, bc_coef_max] with bc_coef_min > 0")
         if not 0 <= self.ema_decay < 1:
@@ -157,6 +161,7 @@ class GroupBatch:
     step_log_probs: np.ndarray  # (N, h)
     executed: np.ndarray  # (N,) env steps each chunk ran
     episode_of: np.ndarray  # (N,) the episode each decision belongs to
+    env_steps: int  # every env step the iteration ran, those of episodes lost with an env worker included
     episodes: list[Episode]  # one per slot, with trajectories for successes (BC samples for the buffer)
     groups: list[list[int]]  # episode indices of each group (episodes lost with an env worker left out)
 
@@ -208,13 +213,7 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
         success, steps = outcome[i] or (False, 0)
         episode = Episode(task=slot_tasks[i], instruction=seen[i][0]["instruction"] if seen[i] else "", success=success,
                           steps=steps, split="train", config_index=configurations[i // group_size], source="policy")
-        if success:
-            lengths = np.array([len(a) for a in sent[i]])
-            episode.images = np.stack([o["image"] for o in seen[i]])
-            episode.proprio = np.stack([o["proprio"] for o in seen[i]])
-            episode.actions = np.concatenate(sent[i]).astype(np.float32)
-            episode.decision_steps = np.cumsum(lengths) - lengths
-        episodes.append(episode)
+        episodes.append(episode.record(seen[i], sent[i]) if success else episode)
     def kept(name: str, dtype=None) -> np.ndarray:
         return np.asarray(rows[name], dtype=dtype)[keep]
 
@@ -223,7 +222,7 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
                       "instruction": [text for text, k in zip(rows["instruction"], keep) if k]},
         actions=kept("actions", np.float32), log_probs=kept("log_probs", np.float32),
         step_log_probs=kept("step_log_probs", np.float32), executed=kept("executed"), episode_of=kept("episode_of"),
-        episodes=episodes,
+        env_steps=int(np.sum(rows["executed"])), episodes=episodes,
         groups=[[e for e in range(g * group_size, (g + 1) * group_size) if e not in lost] for g in range(S // group_size)])
 
 
@@ -265,7 +264,7 @@ def train_grpo(config: GRPOConfig, progress: bool = True, evaluator: Evaluator |
 
 
 RESUMABLE = ("total_env_steps", "checkpoint_every", "eval_every", "eval_episodes", "num_workers", "env_backend",
-             "threads", "rollout_threads", "resume", "ema_decay", "device")
+             "threads", "rollout_threads", "resume", "ema_decay", "device", "precision")
 
 
 def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, evaluator) -> Path:
@@ -287,7 +286,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     sample_gen = torch.Generator().manual_seed(config.seed)
-    iteration, env_steps = 0, 0
+    iteration, env_steps, nonfinite, lost_episodes = 0, 0, 0, 0
     next_index = {t: 0 for t in tasks}
     history: list[dict] = []
     if resume_from is not None:
@@ -297,6 +296,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
         bc_weight.load(state["bc_weight"])
         average.load(tensors, resume_from)
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
+        lost_episodes = history[-1]["lost_episodes"] if history else 0
 
     env_config = suite.check_env_config(dataclasses.replace(policy.observation_config(),
                                                             max_episode_steps=config.max_episode_steps))
@@ -304,7 +304,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
     slot_tasks = [t for t in tasks for _ in range(config.groups_per_task * G)]
     slots = [SlotSpec(suite, t, env_config, policy.chunk_len) for t in slot_tasks]
     run_log = RunLog(out_dir, "grpo", config.total_env_steps, env_steps, history, evaluator, config.eval_every, progress)
-    run_log.begin(config.init_policy, resume_from, iteration, env_steps)
+    run_log.begin(config.init_policy, resume_from, iteration, env_steps, finished=env_steps >= config.total_env_steps)
     with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
         while env_steps < config.total_env_steps:
             iteration += 1
@@ -317,7 +317,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
             batch = run_groups(actor, pool, slot_tasks, configurations, G, sample_gen)
             torch.set_num_threads(config.threads)
             rollout_time = time.perf_counter() - t0
-            steps_now = int(batch.executed.sum())
+            steps_now = batch.env_steps
             env_steps += steps_now
             rewards = np.array([outcome_reward(e.success, e.steps, config.max_episode_steps, config.pace_weight)
                                 for e in batch.episodes])
@@ -330,6 +330,11 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
                     keep_shortest(buffer, episode)
             t1 = time.perf_counter()
             stats = _update(policy, optimizer, batch, advantages[batch.episode_of], buffer, bc_weight, config, rng)
+            nonfinite += stats.pop("nonfinite")
+            if nonfinite > config.max_nonfinite_updates:
+                raise FloatingPointError(
+                    f"{nonfinite} updates had non-finite losses or gradients; stopped. The last good checkpoint is in "
+                    f"{out_dir / 'checkpoints'}; lower lr or max_grad_norm and resume")
             if actor is not policy:
                 actor.load_state_dict(policy.state_dict())
             average.update(policy)
@@ -338,13 +343,14 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
             row = {
                 "iteration": iteration, "env_steps": env_steps,
                 "train_success": len(successes) / max(1, len(finished)),
-                "lost_episodes": len(batch.episodes) - len(finished),
+                "lost_episodes": lost_episodes + len(batch.episodes) - len(finished),
                 "train_steps_to_success": float(np.mean([e.steps for e in successes])) if successes else float("nan"),
                 "mean_reward": float(rewards.mean()),
                 "informative_groups": sum(len(m) > 1 and float(np.ptp(rewards[m])) > 0 for m in batch.groups) / len(batch.groups),
                 "bc_weight": bc_weight.value, **stats, **{f"buffer_{k}": v for k, v in buffer.stats().items()},
                 "rollout_env_steps_per_s": steps_now / rollout_time, "learn_time_s": time.perf_counter() - t1,
             }
+            lost_episodes = row["lost_episodes"]
             run_log.record(row, steps_now, it=iteration, succ=f"{row['train_success']:.2f}",
                            steps=f"{row['train_steps_to_success']:.0f}", kl=f"{stats['approx_kl']:.3f}")
             done = env_steps >= config.total_env_steps
@@ -380,7 +386,7 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     policy.train()
     sums = {"policy_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
-    updates = 0
+    updates, nonfinite = 0, 0
     for _ in range(config.epochs):
         order = rng.permutation(n)
         epoch_kl = []
@@ -398,10 +404,15 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
                 total = loss + bc_weight.value * bc
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(total):
+                nonfinite += 1
                 log.warning("non-finite loss (%s); minibatch skipped", total.item())
                 continue
             total.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)):
+                nonfinite += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("non-finite gradient norm; minibatch skipped")
+                continue
             optimizer.step()
             updates += 1
             for key, value in zip(sums, (loss, entropy, kl, clipfrac, bc)):
@@ -412,7 +423,7 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
     stats = {k: (v / updates if updates else float("nan")) for k, v in sums.items()}
     if bc_weight.value > 0 and updates:
         bc_weight.update(stats["bc_loss"])
-    stats.update({"updates": updates, "action_std": policy.exploration_std()})
+    stats.update({"updates": updates, "nonfinite": nonfinite, "action_std": policy.exploration_std()})
     return stats
 
 

@@ -64,7 +64,7 @@ class PPOConfig:
     # PPO
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n, so faster successes earn more
     gae_lambda: float = 0.95  # per decision
-    lr: float = 2e-5  # small: a joint ratio over a 10 x 4 chunk moves far per step, and tasks collapse above ~1e-4
+    lr: float = 2e-5  # small: a joint ratio over a 10 x 4 chunk moves far for a small change of the mean
     epochs: int = 4
     minibatch_size: int = 128
     # "chunk": one probability ratio per chunk, from its joint likelihood (the paper's); "action": one ratio per
@@ -125,6 +125,9 @@ class PPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.eval_every < 0 or self.eval_episodes < 1 or self.value_warmup_iterations < 0:
             raise ValueError("num_workers, eval_every and value_warmup_iterations must be >= 0, eval_episodes >= 1")
+        if self.eval_every % self.checkpoint_every:
+            raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every ({self.checkpoint_every}): "
+                             "an evaluation scores the checkpoint written at its iteration")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         resolve_device(self.device)
@@ -267,7 +270,7 @@ def train_ppo(config: PPOConfig, progress: bool = True, evaluator: Evaluator | N
 
 # options that may differ when a run is resumed: its budget, bookkeeping and resources, not what it learns
 RESUMABLE = ("total_env_steps", "checkpoint_every", "eval_every", "eval_episodes", "num_workers", "env_backend",
-             "rollout_groups", "threads", "rollout_threads", "resume", "ema_decay")
+             "rollout_groups", "threads", "rollout_threads", "resume", "ema_decay", "device", "rollout_device", "precision")
 
 
 def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Episode], policy: ChunkPolicy,
@@ -292,7 +295,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
     average = WeightAverage(policy, config.ema_decay)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
-    sample_gen = torch.Generator(device=next(actor.parameters()).device).manual_seed(config.seed)
+    sample_gen = torch.Generator().manual_seed(config.seed)  # on the CPU whatever the devices: its state resumes anywhere
     iteration, env_steps, nonfinite = 0, 0, 0
     next_index = {t: 0 for t in tasks}
     history: list[dict] = []
@@ -309,7 +312,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
     slots = [SlotSpec(suite, t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
     run_log = RunLog(out_dir, "ppo", config.total_env_steps, env_steps, history, evaluator, config.eval_every, progress)
     recent = deque(maxlen=max(20, 2 * len(slots)))  # recent finished training episodes
-    run_log.begin(config.init_policy, resume_from, iteration, env_steps)
+    run_log.begin(config.init_policy, resume_from, iteration, env_steps, finished=env_steps >= config.total_env_steps)
     with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
         rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index, config.rollout_groups)
         while env_steps < config.total_env_steps:

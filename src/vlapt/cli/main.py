@@ -1,7 +1,7 @@
 """The `vlapt` command line.
 
 Every command takes ``--config FILE.yaml`` and trailing ``key=value`` overrides of its
-typed config (``vlapt sft --config configs/sft.yaml train.lr=1e-4``); flags such as
+typed config (``vlapt sft --config configs/sft_mt10.yaml lr=1e-4``); flags such as
 ``--suite`` are shortcuts for the most used overrides. Each run writes its resolved config
 next to its outputs. Errors in the input exit with status 2 and a message saying what to fix.
 """
@@ -242,7 +242,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from vlapt.pipeline import PipelineConfig, run_pipeline
 
     overrides = _shortcut(args, {"output_dir": "output_dir", "suite": "suite"})
-    config = load_config(PipelineConfig, args.config, overrides)
+    config = load_config(PipelineConfig, args.config, overrides).resolved()  # stages wired to the suite, then checked
     for stage in (config.collect, config.sft, config.ppo, config.dagger_sft, config.eval):
         stage.validate()
     run_pipeline(config, progress=not args.quiet, command="vlapt " + " ".join(args.argv))

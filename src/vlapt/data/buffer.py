@@ -118,8 +118,9 @@ class DemoBuffer:
                     rows.append({"demo_key": entry.demo_key})
                     continue
                 prefix, ep = f"buffer.{task}.{k}", entry.episode
-                for name in ("images", "proprio", "actions", "decision_steps"):
-                    tensors[f"{prefix}.{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(ep, name)))
+                for name, array in (("images", ep.images), ("proprio", ep.proprio), ("actions", ep.actions),
+                                    ("decision_steps", ep.decisions)):
+                    tensors[f"{prefix}.{name}"] = torch.from_numpy(np.ascontiguousarray(array))
                 rows.append({"prefix": prefix, "steps": ep.steps, "instruction": ep.instruction, "source": ep.source,
                              "config_index": ep.config_index})
             layout[task] = rows

@@ -25,7 +25,7 @@ from vlapt.rollout.episodes import run_episodes
 class CollectConfig:
     suite: str = "mt10"
     tasks: list[str] = dataclasses.field(default_factory=list)  # overrides the suite's task list when given
-    demos_per_task: int = 150  # SFT keeps improving from 50 to 150 per task (docs/experiments)
+    demos_per_task: int = 150  # the default SFT set (docs/experiments/more-demonstrations-and-noise-injection.md)
     expert: str = "scripted"  # one of the suite's experts (MetaWorld: scripted, scripted-fast)
     camera: str = ""  # "": the suite's default view
     camera_fovy: float = 30.0  # narrower than MetaWorld's corner camera (45): small goals and objects cover more pixels

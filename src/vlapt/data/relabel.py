@@ -1,8 +1,7 @@
 """Expert relabelling (DAgger): the policy acts, the scripted expert labels the states it visits.
 
 A policy cloned from demonstrations only ever saw the expert's states; once its own small
-errors carry it elsewhere it has no data for getting back (on MT10 the SFT policy fails on
-its own training configurations about as often as on held-out ones). Scripted experts
+errors carry it elsewhere it has no data for getting back. Scripted experts
 read the simulator state, so any state the policy reaches can be labelled for free: the
 env executes the policy's chunks one action per step (so every step is rendered and
 stored), and the dataset stores, at each step, the expert's action from that state.

@@ -59,19 +59,13 @@ class _Trajectory:
     """What one slot saw and sent in its episode so far."""
 
     def __init__(self) -> None:
-        self.images: list[np.ndarray] = []
-        self.proprio: list[np.ndarray] = []
+        self.observations: list[dict] = []
         self.actions: list[np.ndarray] = []
 
     def episode(self, task: str, instruction: str, success: bool, steps: int, index: int) -> Episode:
         episode = Episode(task=task, instruction=instruction, success=success, steps=steps, split="train",
                           config_index=index, source="policy")
-        if success:
-            lengths = np.array([len(a) for a in self.actions])
-            episode.images, episode.proprio = np.stack(self.images), np.stack(self.proprio)
-            episode.actions = np.concatenate(self.actions).astype(np.float32)
-            episode.decision_steps = np.cumsum(lengths) - lengths
-        return episode
+        return episode.record(self.observations, self.actions) if success else episode
 
 
 class ChunkedRollout:
@@ -157,8 +151,7 @@ class ChunkedRollout:
                     steps[t, i] = n
                     rewards[t, i] = float(np.sum(r.info["rewards"] * self.gamma ** np.arange(n)))
                     discounts[t, i] = self.gamma**n
-                    trajectory.images.append(seen[i]["image"])
-                    trajectory.proprio.append(seen[i]["proprio"])
+                    trajectory.observations.append(seen[i])
                     trajectory.actions.append(sent[i][:n])
                     self.observations[i] = r.observation
                     if r.terminated or r.truncated:

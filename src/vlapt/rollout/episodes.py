@@ -39,15 +39,8 @@ class _Running:
         episode = Episode(task=self.task, instruction=instruction, success=success, steps=steps, split=self.split,
                           config_index=self.index, config_seed=config_seed, source=source)
         if record:
-            obs = self.observations
-            lengths = np.array([len(a) for a in self.actions])
-            episode.images = np.stack([o["image"] for o in obs]) if "image" in obs[0] else None
-            episode.proprio = np.stack([o["proprio"] for o in obs]).astype(np.float32)
-            episode.states = np.stack([o["state"] for o in obs]).astype(np.float32) if "state" in obs[0] else None
-            episode.actions = np.concatenate(self.actions).astype(np.float32)
+            episode.record(self.observations, self.actions)
             episode.rewards = np.concatenate(self.rewards).astype(np.float32)
-            if np.any(lengths != 1):
-                episode.decision_steps = np.cumsum(lengths) - lengths
         if self.frames:
             episode.frames = np.concatenate(self.frames)
         return episode

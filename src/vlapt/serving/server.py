@@ -139,6 +139,7 @@ class PolicyServer:
 
     # -- connections -------------------------------------------------------------------------------
     def _admit(self, connection, request):
+        """Turn a client away before its handshake when the server is full (the limit itself is kept in `_handle`)."""
         if self._active >= self.max_connections:
             log.warning("turned away a client: %d connections already open (max_connections)", self._active)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
@@ -148,8 +149,14 @@ class PolicyServer:
     def _handle(self, connection) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        with self._count:
-            self._active += 1
+        with self._count:  # a burst of handshakes can pass `_admit` together: the count decides here
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            log.warning("closed a client's connection: %d connections already open (max_connections)", self._active)
+            connection.close(code=1013, reason="the policy server is full; try again later")
+            return
         peer = _peer(connection)
         log.info("client %s connected (%d open)", peer, self._active)
         try:

@@ -2,7 +2,7 @@
 instruction; one `step` executes a whole action chunk.
 
 The image is rendered once per chunk (after its last executed action), because software
-rendering costs ~10x a physics step on our CPUs; physics runs every step. For videos
+rendering costs several physics steps; physics runs every step. For videos
 (``EnvConfig.video_size``) a second renderer of the same camera draws a larger frame after
 every step, into ``info["frames"]``, leaving the policy's image as it is.
 """

@@ -51,8 +51,8 @@ class ScriptedExpert:
 # several slow down near each one (proportional gains of 4-10). These controllers keep each task's phases, contact points and
 # gripper logic, but approach down a cone (the height over the target shrinks with the horizontal distance
 # still to go) and at full speed (gain 25), which is where most of the experts' steps above the full-speed
-# floor go (scripts/steps_floor.py). Tuned on training configurations only; door-open and peg-insert-side, where
-# the cone approach was no faster (on training configurations), keep MetaWorld's controller.
+# floor go (scripts/steps_floor.py). Their constants were set on training configurations only; door-open and
+# peg-insert-side keep MetaWorld's controller (docs/experiments/faster-demonstrations.md).
 
 def _toward(hand: np.ndarray, target: np.ndarray, gain: float = 25.0) -> np.ndarray:
     return np.clip(gain * (np.asarray(target) - hand), -1.0, 1.0)

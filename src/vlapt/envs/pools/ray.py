@@ -141,10 +141,19 @@ class RayPool(WorkerPool):
         self._outstanding: list[dict[int, tuple[str, dict, Any]]] = [{} for _ in range(self.num_workers)]
         connect(_option("address", ray_address, None, str))
         cpus = ray.cluster_resources().get("CPU", 0.0)
-        if self.num_workers * self.actor_cpus > cpus:
+        need = self.num_workers * self.actor_cpus
+        deadline = time.monotonic() + 15.0  # actors just killed give their CPUs back with a delay
+        while (free := ray.available_resources().get("CPU", 0.0)) < need <= cpus and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if need > cpus:
             raise ValueError(
-                f"{self.num_workers} env actors of {self.actor_cpus:g} CPU each need {self.num_workers * self.actor_cpus:g} "
+                f"{self.num_workers} env actors of {self.actor_cpus:g} CPU each need {need:g} "
                 f"CPUs, but the Ray cluster has {cpus:g}: lower num_workers or VLAPT_RAY_ACTOR_CPUS, or add nodes")
+        if need > free:  # e.g. a periodic evaluation's pool beside the training pool: refused now, not after a timeout
+            raise ValueError(
+                f"{self.num_workers} env actors of {self.actor_cpus:g} CPU each need {need:g} CPUs, but only {free:g} of "
+                f"the Ray cluster's {cpus:g} are free (other actors, e.g. a training run's, hold the rest): lower "
+                "num_workers, or leave CPUs for the periodic evaluations (docs/distributed.md), or set eval_every=0")
         try:
             for w in range(self.num_workers):
                 self._start(w, replacement=False)

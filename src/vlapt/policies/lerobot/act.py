@@ -20,7 +20,6 @@ The instruction is not an ACT input. ACT configurations that read ``observation.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +30,7 @@ from torch import nn
 from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkSample, EnvConfig
 from vlapt.policies.base import ChunkPolicyBase
 from vlapt.policies.checkpoint import CheckpointError, check_state_matches
+from vlapt.policies.gaussian import chunk_entropy, chunk_log_prob, chunk_nll
 from vlapt.policies.lerobot import (
     HEADS_FILE, POSTPROCESSOR, PREPROCESSOR, WEIGHTS_FILE, Normalization, kept_files, read_normalization, read_sidecar,
     require_lerobot, training_observation, write_policy_dir,
@@ -43,7 +43,6 @@ LEROBOT_TYPE = "act"
 OBS_STATE = "observation.state"
 OBS_IMAGES = "observation.images"
 ACTION = "action"
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 class LeRobotACTPolicy(ChunkPolicyBase):
@@ -143,21 +142,16 @@ class LeRobotACTPolicy(ChunkPolicyBase):
         chunk, _ = self.lerobot_policy.model(batch)
         features = self._encoder_out.mean(dim=0)
         self._encoder_out = None
-        mean = chunk[:, : self._chunk_len]
-        value = self.value_head(features).squeeze(-1)
+        # the outputs in float32 whatever the autocast precision, so likelihoods and ratios stay exact
+        mean = chunk[:, : self._chunk_len].float()
+        value = self.value_head(features).squeeze(-1).float()
         return mean, self.clamped_log_std().expand_as(mean), value, features
 
     def clamped_log_std(self) -> torch.Tensor:
         return self.log_std.clamp(self.min_log_std, self.max_log_std)
 
-    @staticmethod
-    def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        z = (actions - mean) * torch.exp(-log_std)
-        return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(dim=(-2, -1))
-
-    @staticmethod
-    def chunk_entropy(log_std: torch.Tensor) -> torch.Tensor:
-        return (log_std + 0.5 + _LOG_SQRT_2PI).sum(dim=(-2, -1))
+    chunk_log_prob = staticmethod(chunk_log_prob)  # vlapt.policies.gaussian
+    chunk_entropy = staticmethod(chunk_entropy)
 
     # -- the ChunkPolicy interface -----------------------------------------------------------------
     def observation_config(self) -> EnvConfig:
@@ -173,15 +167,18 @@ class LeRobotACTPolicy(ChunkPolicyBase):
                 if deterministic:
                     actions = mean
                 else:
-                    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-                    actions = mean + noise * log_std.exp()
+                    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                                        device=generator.device if generator is not None else mean.device)
+                    actions = mean + noise.to(mean.device) * log_std.exp()
                 log_prob = self.chunk_log_prob(mean, log_std, actions)
+                step_log_prob = self.chunk_log_prob(mean, log_std, actions, per_step=True)
                 env_actions = self.unnormalize_actions(actions)
         finally:
             self.train(was_training)
-        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), value.cpu().numpy())
+        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), value.cpu().numpy(),
+                           step_log_prob.cpu().numpy())
 
-    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0) -> ChunkEvaluation:
+    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0, per_step: bool = False) -> ChunkEvaluation:
         mean, log_std, value, _ = self(self.make_batch(observations))
         if actions.shape != mean.shape:
             raise ValueError(f"actions must have shape (B, chunk_len, action_dim) = {tuple(mean.shape)}, got {tuple(actions.shape)}")
@@ -189,8 +186,8 @@ class LeRobotACTPolicy(ChunkPolicyBase):
             raise ValueError(f"steps must be in [0, {self._chunk_len}] (0: the whole chunk), got {steps}")
         k = steps or self._chunk_len
         actions = actions.to(mean.device, mean.dtype)
-        log_prob = self.chunk_log_prob(mean[:, :k], log_std[:, :k], actions[:, :k])
-        return ChunkEvaluation(log_prob, self.chunk_entropy(log_std[:, :k]), value)
+        log_prob = self.chunk_log_prob(mean[:, :k], log_std[:, :k], actions[:, :k], per_step)
+        return ChunkEvaluation(log_prob, self.chunk_entropy(log_std[:, :k], per_step), value)
 
     def value(self, observations) -> np.ndarray:
         was_training = self.training
@@ -204,12 +201,8 @@ class LeRobotACTPolicy(ChunkPolicyBase):
     def bc_loss(self, observations, actions: torch.Tensor, pad: torch.Tensor) -> BCLoss:
         mean, log_std, _, features = self(self.make_batch(observations))
         target = self.normalize_actions(torch.as_tensor(actions).to(mean.device, mean.dtype))
-        valid = (~torch.as_tensor(pad).to(mean.device)).unsqueeze(-1).float().expand_as(target)
-        count = valid.sum().clamp_min(1.0)
-        sq = (mean - target).square()
-        log_var = 2.0 * log_std
-        nll = 0.5 * sq * torch.exp(-log_var) + 0.5 * log_var + _LOG_SQRT_2PI
-        return BCLoss((nll * valid).sum() / count, ((sq * valid).sum() / count).detach(), features)
+        loss, mse = chunk_nll(mean, log_std, target, torch.as_tensor(pad).to(mean.device))
+        return BCLoss(loss, mse, features)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         critic = list(self.value_head.parameters())

@@ -67,7 +67,7 @@ class FeatureCache:
             with torch.inference_mode(False), torch.no_grad():
                 computed = compute(images[first].clone())
             for (key, positions), feature in zip(pending.items(), computed):
-                feature = feature.clone()  # its own storage: a stored row must not pin the whole batch
+                feature = feature.float().clone()  # its own float32 storage (whatever autocast computed it in)
                 self.misses += len(positions)
                 for i in positions:
                     rows[i] = feature

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -26,12 +25,11 @@ from torch import nn
 from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkSample, EnvConfig
 from vlapt.policies.base import ChunkPolicyBase
 from vlapt.policies.checkpoint import CheckpointError, check_state_matches, write_checkpoint
+from vlapt.policies.gaussian import chunk_entropy, chunk_log_prob, chunk_nll
 from vlapt.policies.vla.config import PolicyConfig
 from vlapt.policies.vla.features import FeatureCache
 from vlapt.policies.vla.network import Transformer, _mlp_head, build_vision_backbone
 from vlapt.policies.vla.tokenizer import Tokenizer
-
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 # Token types, in trunk order.
 _LANGUAGE, _IMAGE, _PROPRIO, _ACTION_READOUT, _VALUE_READOUT = range(5)
@@ -303,16 +301,8 @@ class VLAPolicy(ChunkPolicyBase):
     def clamped_log_std(self) -> torch.Tensor:
         return self.log_std.clamp(self.config.min_log_std, self.config.max_log_std)
 
-    @staticmethod
-    def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor, per_step: bool = False) -> torch.Tensor:
-        """Gaussian log-density of whole chunks ``(B, h, A)`` -> ``(B,)``: the sum over the ``h * A`` entries;
-        ``per_step``: of each action, ``(B, h)`` (the chunk's is their sum)."""
-        z = (actions - mean) * torch.exp(-log_std)
-        return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(dim=-1 if per_step else (-2, -1))
-
-    @staticmethod
-    def chunk_entropy(log_std: torch.Tensor, per_step: bool = False) -> torch.Tensor:
-        return (log_std + 0.5 + _LOG_SQRT_2PI).sum(dim=-1 if per_step else (-2, -1))
+    chunk_log_prob = staticmethod(chunk_log_prob)  # vlapt.policies.gaussian
+    chunk_entropy = staticmethod(chunk_entropy)
 
     def _scored_steps(self, steps: int) -> int:
         if not 0 <= steps <= self.chunk_len:
@@ -333,8 +323,9 @@ class VLAPolicy(ChunkPolicyBase):
                 if deterministic:
                     actions = out.mean
                 else:
-                    noise = torch.randn(out.mean.shape, generator=generator, device=out.mean.device, dtype=out.mean.dtype)
-                    actions = out.mean + noise * out.log_std.exp()
+                    noise = torch.randn(out.mean.shape, generator=generator, dtype=out.mean.dtype,
+                                        device=generator.device if generator is not None else out.mean.device)
+                    actions = out.mean + noise.to(out.mean.device) * out.log_std.exp()
                 log_prob = self.chunk_log_prob(out.mean, out.log_std, actions)
                 step_log_prob = self.chunk_log_prob(out.mean, out.log_std, actions, per_step=True)
                 env_actions = self.unnormalize_actions(actions)
@@ -366,13 +357,8 @@ class VLAPolicy(ChunkPolicyBase):
         """Chunk Gaussian NLL of env-unit chunks (trains the mean and a calibrated std), padding masked out."""
         out = self(self.make_batch(observations))
         target = self.normalize_actions(actions.to(out.mean.device))
-        valid = (~pad.to(out.mean.device)).unsqueeze(-1).float().expand_as(target)
-        count = valid.sum().clamp_min(1.0)
-        sq = (out.mean - target).square()
-        mse = (sq * valid).sum() / count
-        log_var = 2.0 * out.log_std
-        nll = 0.5 * sq * torch.exp(-log_var) + 0.5 * log_var + 0.5 * math.log(2 * math.pi)
-        return BCLoss((nll * valid).sum() / count, mse.detach(), out.features)
+        loss, mse = chunk_nll(out.mean, out.log_std, target, pad.to(out.mean.device))
+        return BCLoss(loss, mse, out.features)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The trained parameters (frozen ones are left out): the value head's, and the rest."""

@@ -1,7 +1,7 @@
 """Word-level instruction tokenizer.
 
-MetaWorld instructions come from a small closed set of templates, so a word
-vocabulary built from them is exact, tiny, and needs nothing downloaded. The
+A suite's instructions come from a small closed set of phrases, so a word
+vocabulary built from them (`EnvSuite.vocabulary`) is exact, tiny, and needs nothing downloaded. The
 vocabulary is stored in :class:`~vlapt.policies.vla.config.PolicyConfig` so a
 checkpoint always carries the tokenizer it was trained with.
 """
