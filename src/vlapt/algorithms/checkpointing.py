@@ -12,6 +12,7 @@ intact and resumable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -35,7 +36,30 @@ def start_run(config: Any, output_dir: str | os.PathLike, threads: int, exempt: 
     """
     run = open_run(output_dir, config, exempt, resume=getattr(config, "resume", True))
     torch.set_num_threads(threads)
+    warn_if_busy(threads)
     return run
+
+
+def warn_if_busy(threads: int) -> None:
+    """Say so when other processes already load the cores this run's torch threads need.
+
+    Two torch threads beside one busy process train ~2.8x slower than alone and slower than one
+    thread would (docs/experiments/thread-hygiene.md); the thread count is not chosen
+    automatically because it changes the floating-point results, and the same seed and config
+    must give the same numbers.
+    """
+    import sys
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # platforms without a load average
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads > 1 and load > cores - threads + 0.5:
+        message = (f"the machine is already busy (load average {load:.1f} on {cores} cores) and this run uses {threads} "
+                   "torch threads: with other work on the cores, threads=1 trains faster")
+        logging.getLogger("vlapt").warning(message)
+        print(f"vlapt: warning: {message}", file=sys.stderr)
 
 
 class CheckpointWriteError(OSError):
