@@ -297,10 +297,16 @@ def test_vlapt_serve_answers_and_stops_cleanly_on_a_signal(tiny_policy_dir, poli
         client = PolicyClient(found.group(1))
         np.testing.assert_array_equal(client.predict(observation()), policy.predict(observation()))
         process.send_signal(stop)
-        assert process.wait(timeout=30) == 0
+        try:  # communicate drains both pipes, so a chatty server cannot block on a full pipe while it stops
+            _, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+            pytest.fail(f"vlapt serve did not stop within 60 s of signal {stop}; its stderr:\n{err}")
+        assert process.returncode == 0, err
         with pytest.raises(ConnectionError):
             client.predict(observation())
-        assert "stopped" in process.stderr.read()
+        assert "stopped" in err
     finally:
         if process.poll() is None:
             process.kill()
