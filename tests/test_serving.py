@@ -289,7 +289,10 @@ def test_eval_server_that_is_not_there_exits_2(capsys):
 def test_vlapt_serve_answers_and_stops_cleanly_on_a_signal(tiny_policy_dir, policy, stop):
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen([sys.executable, "-m", "vlapt.cli.main", "serve", str(tiny_policy_dir), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               # a shell's background job starts with SIGINT ignored, and so would the server:
+                               # give it the default disposition that a terminal's Ctrl-C meets
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         found = re.search(r"at (ws://127\.0\.0\.1:\d+)", line)
