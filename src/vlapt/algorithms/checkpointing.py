@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,13 +44,10 @@ def start_run(config: Any, output_dir: str | os.PathLike, threads: int, exempt: 
 def warn_if_busy(threads: int) -> None:
     """Say so when other processes already load the cores this run's torch threads need.
 
-    Two torch threads beside one busy process train ~2.8x slower than alone and slower than one
-    thread would (docs/experiments/thread-hygiene.md); the thread count is not chosen
-    automatically because it changes the floating-point results, and the same seed and config
-    must give the same numbers.
+    Two torch threads beside a busy process train slower than one thread would
+    (docs/experiments/thread-hygiene.md); the thread count is not chosen automatically because it
+    changes the floating-point results, and the same seed and config must give the same numbers.
     """
-    import sys
-
     try:
         load = os.getloadavg()[0]
     except OSError:  # platforms without a load average
