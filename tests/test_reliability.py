@@ -15,7 +15,7 @@ import yaml
 
 import vlapt  # noqa: F401
 import vlapt.config
-from vlapt.algorithms.checkpointing import CheckpointWriteError, latest_checkpoint
+from vlapt.algorithms.checkpointing import CheckpointWriteError, latest_checkpoint, warn_if_busy
 from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
 from vlapt.cli.main import main
@@ -246,3 +246,12 @@ def test_starting_over_in_a_directory_removes_the_earlier_runs_outputs(dataset, 
     assert json.loads((out / "history.json").read_text())[-1]["env_steps"] < 80
     with pytest.raises(ValueError, match="eval_every .* must be a multiple of checkpoint_every"):
         _ppo_config(dataset, sft_policy, out, eval_every=3, checkpoint_every=2).validate()
+
+
+@pytest.mark.parametrize("load, threads, warned", [(3.0, 2, True), (0.2, 2, False), (3.0, 1, False)])
+def test_training_warns_only_when_other_load_takes_the_cores_its_threads_need(monkeypatch, capsys, load, threads, warned):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    warn_if_busy(threads)
+    err = capsys.readouterr().err
+    assert ("threads=1 trains faster" in err) is warned, err
