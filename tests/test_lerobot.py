@@ -118,6 +118,18 @@ def test_png_round_trip_is_exact_with_boundaries_tasks_fps_and_stats(tmp_path):
         read_episodes(path, tasks=["door-open-v3"])
 
 
+def test_tasks_are_read_in_their_recorded_order_not_in_the_order_workers_finished(tmp_path):
+    # parallel collection writes episodes as workers finish them; the HDF5 reader orders tasks by env_args["tasks"]
+    path = tmp_path / "interleaved"
+    with lerobot.LeRobotWriter(path, {**ENV_ARGS, "tasks": ["push-v3", "reach-v3"]}, fps=80) as writer:
+        for episode in EPISODES:  # reach, push, reach, push
+            writer.add(episode)
+    read = read_episodes(path)
+    assert [(e.task, e.config_index) for e in read] == [("push-v3", 1), ("push-v3", 3), ("reach-v3", 0), ("reach-v3", 2)]
+    unrecorded = _write(tmp_path / "unrecorded")  # no recorded task list: first appearance
+    assert [e.task for e in read_episodes(unrecorded)] == ["reach-v3", "reach-v3", "push-v3", "push-v3"]
+
+
 def test_video_round_trip_keeps_numbers_exact_and_frames_close(tmp_path):
     path = _write(tmp_path / "ds", images="video")
     back = read_episodes(path)

@@ -634,7 +634,10 @@ def _read_episode_rows(root: Path) -> list[dict]:
 
 def read_episodes(path: str | os.PathLike, tasks: Sequence[str] | None = None, demos_per_task: int | None = None,
                   keys: FeatureKeys | None = None, suite: Any = None) -> list[Episode]:
-    """Episodes in dataset order, optionally only some tasks and the first ``demos_per_task`` of each.
+    """Episodes grouped by task, optionally only some tasks and the first ``demos_per_task`` of each.
+
+    Tasks come in the order vlapt recorded (``env_args["tasks"]``, as in the HDF5 format), then any
+    others in order of first appearance; within a task, episodes keep the dataset's order.
 
     Task names come from vlapt's own episode column when the dataset has it, else from the
     instruction (LeRobot's ``task`` string) matched against ``suite``'s instructions, else the
@@ -657,7 +660,10 @@ def read_episodes(path: str | os.PathLike, tasks: Sequence[str] | None = None, d
     order: dict[str, list[dict]] = {}
     for row in rows:
         order.setdefault(task_of(row), []).append(row)
-    available = list(order)
+    # Tasks in the order the dataset recorded (as the HDF5 reader does), not in the order parallel workers happened
+    # to finish their episodes: the same demonstrations then give the same SFT minibatches in either format.
+    recorded = [t for t in ((info.get(VLAPT_KEY) or {}).get("env_args") or {}).get("tasks", []) if t in order]
+    available = recorded + [t for t in order if t not in recorded]
     wanted = list(tasks) if tasks else available
     missing = [t for t in wanted if t not in order]
     if missing:
