@@ -15,6 +15,7 @@ import yaml
 
 import vlapt  # noqa: F401
 import vlapt.config
+from vlapt.algorithms import checkpointing
 from vlapt.algorithms.checkpointing import CheckpointWriteError, latest_checkpoint, warn_if_busy
 from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
@@ -248,10 +249,26 @@ def test_starting_over_in_a_directory_removes_the_earlier_runs_outputs(dataset, 
         _ppo_config(dataset, sft_policy, out, eval_every=3, checkpoint_every=2).validate()
 
 
-@pytest.mark.parametrize("load, threads, warned", [(3.0, 2, True), (0.2, 2, False), (3.0, 1, False)])
-def test_training_warns_only_when_other_load_takes_the_cores_its_threads_need(monkeypatch, capsys, load, threads, warned):
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+@pytest.mark.parametrize("busy, threads, warned", [(1.2, 2, True), (0.2, 2, False), (1.9, 1, False)])
+def test_training_warns_only_when_other_work_takes_the_cores_its_threads_need(monkeypatch, capsys, busy, threads, warned):
+    monkeypatch.setattr(checkpointing, "busy_cores", lambda: busy)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     warn_if_busy(threads)
     err = capsys.readouterr().err
     assert ("threads=1 trains faster" in err) is warned, err
+
+
+def test_busy_cores_are_measured_now_not_read_from_the_lagging_load_average(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+
+    def write(busy, idle):
+        stat.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 1 0 0 1 0 0 0 0 0 0\ncpu1 1 0 0 1 0 0 0 0 0 0\nintr 0\n")
+
+    write(100, 1000)
+    monkeypatch.setattr(checkpointing.time, "sleep", lambda s: write(100 + 150, 1000 + 50))
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # a job that has just ended
+    assert checkpointing.busy_cores(stat=str(stat)) == pytest.approx(2 * 150 / 200)
+    write(100, 1000)
+    monkeypatch.setattr(checkpointing.time, "sleep", lambda s: write(100, 1000 + 200))
+    assert checkpointing.busy_cores(stat=str(stat)) == 0.0  # idle now, whatever the load average says
+    assert checkpointing.busy_cores(stat=str(tmp_path / "missing")) == 2.0  # no /proc/stat: the load average

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -48,16 +49,42 @@ def warn_if_busy(threads: int) -> None:
     (docs/experiments/thread-hygiene.md); the thread count is not chosen automatically because it
     changes the floating-point results, and the same seed and config must give the same numbers.
     """
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # platforms without a load average
+    busy = busy_cores()
+    if busy is None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if threads > 1 and load > cores - threads + 0.5:
-        message = (f"the machine is already busy (load average {load:.1f} on {cores} cores) and this run uses {threads} "
-                   "torch threads: with other work on the cores, threads=1 trains faster")
+    if threads > 1 and busy > cores - threads + 0.5:
+        message = (f"the machine is already busy ({busy:.1f} of {cores} cores in use by other work) and this run uses "
+                   f"{threads} torch threads: with other work on the cores, threads=1 trains faster")
         logging.getLogger("vlapt").warning(message)
         print(f"vlapt: warning: {message}", file=sys.stderr)
+
+
+def busy_cores(window_s: float = 0.25, stat: str = "/proc/stat") -> float | None:
+    """How many cores other work keeps busy now: CPU time over a short window (Linux), else the load average.
+
+    Measured now rather than read from the 1-minute load average, which still counts a job that
+    has just finished (a pipeline's SFT stage would make its post-training stage warn). The
+    caller sleeps through the window, so its own threads are not counted.
+    """
+    def sample() -> tuple[float, float, int]:
+        with open(stat) as f:
+            lines = f.read().splitlines()
+        fields = [float(x) for x in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+        cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+        return sum(fields) - fields[3] - fields[4], sum(fields), cpus
+    try:
+        busy0, total0, cpus = sample()
+        time.sleep(window_s)
+        busy1, total1, _ = sample()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (OSError, AttributeError):  # platforms without a load average
+            return None
+    if total1 <= total0:
+        return 0.0
+    return cpus * (busy1 - busy0) / (total1 - total0)
 
 
 class CheckpointWriteError(OSError):
