@@ -49,11 +49,13 @@ def warn_if_busy(threads: int) -> None:
     (docs/experiments/thread-hygiene.md); the thread count is not chosen automatically because it
     changes the floating-point results, and the same seed and config must give the same numbers.
     """
+    if threads < 2:  # one thread is what the warning recommends: nothing to measure
+        return
     busy = busy_cores()
     if busy is None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if threads > 1 and busy > cores - threads + 0.5:
+    if busy > cores - threads + 0.5:
         message = (f"the machine is already busy ({busy:.1f} of {cores} cores in use by other work) and this run uses "
                    f"{threads} torch threads: with other work on the cores, threads=1 trains faster")
         logging.getLogger("vlapt").warning(message)
