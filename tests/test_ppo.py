@@ -1186,6 +1186,9 @@ def test_train_ppo_resume_continues_where_the_checkpoint_left_off(reference_run,
     assert env_steps[:2] == [row["env_steps"] for row in ckpt_state["history"]]
     assert env_steps[1] == ckpt_state["env_steps"] < env_steps[2] <= ckpt_state["env_steps"] + 20
     assert np.all(np.diff(env_steps) > 0) and env_steps[-1] >= 60 > env_steps[-2]
+    # the wall time carries on from the checkpoint's last row instead of restarting at 0
+    walls = [row["wall_time_s"] for row in history]
+    assert np.all(np.diff(walls) > 0) and walls[2] > walls[1] == ckpt_state["history"][-1]["wall_time_s"]
     # the rows before the crash are the checkpointed ones, and the same as in the uninterrupted run
     for mine, saved in zip(history[:2], ckpt_state["history"]):
         assert _same(mine, saved)

@@ -37,7 +37,8 @@ class RunLog:
         self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=env_steps + 1 if env_steps else None)
         self.bar = tqdm(total=total_env_steps, initial=env_steps, desc=name, unit="step", disable=not progress,
                         dynamic_ncols=True)
-        self.start = time.perf_counter()
+        # wall time accumulates over resumes: a resumed run continues from its checkpoint's last row
+        self.start = time.perf_counter() - (history[-1].get("wall_time_s", 0.0) if history else 0.0)
 
     def begin(self, init_policy: str, resumed_from: Path | None, iteration: int, env_steps: int, finished: bool) -> None:
         """Evaluate where the curves start (the starting policy), or an evaluation a crash interrupted (that of an
