@@ -61,6 +61,8 @@ def test_family_trains_evaluates_and_serves_by_path(family, dataset, tmp_path, c
     assert main(["sft", "--quiet", f"dataset={dataset}", f"output_dir={sft_dir}", "model.size=tiny", "model.chunk_len=5",
                  "steps=3", "batch_size=8", "warmup_steps=1", "checkpoint_every=3", "log_every=3", "threads=1",
                  *model_options(tmp_path)]) == 0
+    recorded = json.loads((sft_dir / "run.json").read_text())  # how the SFT run was made, as `vlapt train` records
+    assert recorded["command"].startswith("vlapt sft --quiet") and recorded["wall_time_s"] > 0 and recorded["commit"]
     assert main(["train", "--quiet", f"init_policy={sft_dir / 'policy'}", f"demos={dataset}", f"output_dir={ppo_dir}",
                  f"tasks=[{TASK}]", "envs_per_task=1", "horizon=2", "num_workers=0", "total_env_steps=20", "epochs=1",
                  "minibatch_size=4", "bc_batch_size=4", "eval_every=0", "value_warmup_iterations=1", "threads=1",

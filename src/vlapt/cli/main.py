@@ -188,7 +188,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
                                  "steps": "steps"})
     config = load_config(SFTConfig, args.config, overrides).validate()
     args.run_dir = config.output_dir
+    started = _now()
     final = train_sft(config, progress=not args.quiet)
+    _record_run(config.output_dir, args, started)
     print(f"policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     return 0
 
