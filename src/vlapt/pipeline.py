@@ -203,8 +203,9 @@ def _run_stages(config: PipelineConfig, progress: bool, command: str) -> dict:
         return CheckpointAgent(str(path), deterministic=protocol.deterministic, seed=protocol.seed)
 
     suite = get_suite(protocol.suite)
-    expert = suite.expert_names[0]  # the suite's own scripted experts: the reference row
-    agents = [("scripted expert", "scripted", suite.make_expert(expert), dataclasses.replace(protocol, execute_steps=0))
+    expert = config.collect.expert  # the reference row: the experts whose demonstrations SFT learned from
+    expert_row = "scripted expert" if expert == suite.expert_names[0] else f"scripted expert ({expert})"
+    agents = [(expert_row, "scripted", suite.make_expert(expert), dataclasses.replace(protocol, execute_steps=0))
               ] if config.evaluate_scripted else []
     agents.append(("SFT", "sft", policy_agent(sft_policy), protocol))
     if config.dagger_rounds:
