@@ -35,6 +35,7 @@ from vlapt.config import ConfigError, atomic_write_json, atomic_write_text
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.relabel import RelabelConfig, relabel
 from vlapt.envs import get_suite
+from vlapt.envs.experts import make_experts
 from vlapt.evaluation import CheckpointAgent, EvalConfig, checkpoint_evaluator, evaluate, format_table
 from vlapt.evaluation.protocol import machine_description
 from vlapt.report import build_report
@@ -203,9 +204,10 @@ def _run_stages(config: PipelineConfig, progress: bool, command: str) -> dict:
         return CheckpointAgent(str(path), deterministic=protocol.deterministic, seed=protocol.seed)
 
     suite = get_suite(protocol.suite)
-    expert = config.collect.expert  # the reference row: the experts whose demonstrations SFT learned from
-    expert_row = "scripted expert" if expert == suite.expert_names[0] else f"scripted expert ({expert})"
-    agents = [(expert_row, "scripted", suite.make_expert(expert), dataclasses.replace(protocol, execute_steps=0))
+    # the reference row: the experts whose demonstrations SFT learned from
+    expert = make_experts(suite, config.collect.expert, config.collect.expert_per_task)
+    expert_row = "scripted expert" if expert.name == suite.expert_names[0] else f"scripted expert ({expert.name})"
+    agents = [(expert_row, "scripted", expert, dataclasses.replace(protocol, execute_steps=0))
               ] if config.evaluate_scripted else []
     agents.append(("SFT", "sft", policy_agent(sft_policy), protocol))
     if config.dagger_rounds:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from vlapt.data import lerobot
 from vlapt.data.format import DemoWriter, check_writable
 from vlapt.envs import get_suite
+from vlapt.envs.experts import check_expert_choice, make_experts
 from vlapt.envs.pools import make_pool
 from vlapt.interfaces import EnvConfig, EnvSuite, Episode, SlotSpec
 from vlapt.rollout.episodes import run_episodes
@@ -27,6 +28,7 @@ class CollectConfig:
     tasks: list[str] = dataclasses.field(default_factory=list)  # overrides the suite's task list when given
     demos_per_task: int = 150  # the default SFT set (docs/experiments/more-demonstrations-and-noise-injection.md)
     expert: str = "scripted"  # one of the suite's experts (MetaWorld: scripted, scripted-fast)
+    expert_per_task: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> another expert for that task only
     camera: str = ""  # "": the suite's default view
     camera_fovy: float = 30.0  # narrower than MetaWorld's corner camera (45): small goals and objects cover more pixels
     image_size: int = 96
@@ -43,8 +45,7 @@ class CollectConfig:
     def validate(self) -> "CollectConfig":
         suite = get_suite(self.suite)
         suite.resolve_tasks(self.tasks)
-        if self.expert not in suite.expert_names:
-            raise ValueError(f"unknown expert {self.expert!r} for suite {suite.name}; valid experts: {', '.join(suite.expert_names)}")
+        check_expert_choice(suite, self.expert, self.expert_per_task)
         if self.demos_per_task < 1:
             raise ValueError(f"demos_per_task must be >= 1, got {self.demos_per_task}")
         if self.envs_per_task < 1 or self.num_workers < 0 or self.max_attempts_factor < 1:
@@ -106,7 +107,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     suite = get_suite(config.suite)
     tasks = suite.resolve_tasks(config.tasks)
     env_config = config.env_config(suite)
-    expert = suite.make_expert(config.expert)
+    expert = make_experts(suite, config.expert, config.expert_per_task)
     slots = [SlotSpec(suite, t, env_config, 1, config.config_seed) for t in tasks for _ in range(config.envs_per_task)]
     n = config.demos_per_task
     per = config.envs_per_task
@@ -118,7 +119,8 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     env_args = {
         **dataset_env_args(suite, tasks, env_config, config.config_seed),
         "expert": config.expert,
-        "policy": f"{suite.family} {config.expert} expert, actions clipped to the action bounds",
+        "expert_per_task": dict(config.expert_per_task),
+        "policy": f"{suite.family} {expert.name} expert, actions clipped to the action bounds",
         "success": "episode ends at the first info['success']; only successful episodes are kept",
     }
     start = time.perf_counter()
