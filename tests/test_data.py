@@ -376,6 +376,24 @@ def test_collecting_from_the_fast_expert_records_it_and_its_shorter_demos(tmp_pa
     assert all(f.success and len(f) < len(e) for f, e in zip(fast, expert))
 
 
+def test_experts_chosen_task_by_task_act_as_each_tasks_own_expert(tmp_path, dataset):
+    """collect.expert_per_task: the fast experts' episodes on the tasks it names, the default experts' elsewhere."""
+    fast_path, mixed_path = tmp_path / "fast.hdf5", tmp_path / "mixed.hdf5"
+    tasks = ["reach-v3", "drawer-open-v3"]
+    collect(_config(fast_path, tasks=tasks, expert="scripted-fast"), progress=False)
+    collect(_config(mixed_path, tasks=tasks, expert_per_task={"drawer-open-v3": "scripted-fast"}), progress=False)
+    args = env_args(mixed_path)
+    assert args["expert"] == "scripted" and args["expert_per_task"] == {"drawer-open-v3": "scripted-fast"}
+    assert "scripted-fast on drawer-open-v3" in args["policy"]
+    mixed, fast = read_episodes(mixed_path), read_episodes(fast_path)
+    by_task = lambda episodes, task: [e for e in episodes if e.task == task]  # noqa: E731
+    for got, want in [(by_task(mixed, "reach-v3"), read_episodes(dataset[0])),
+                      (by_task(mixed, "drawer-open-v3"), by_task(fast, "drawer-open-v3"))]:
+        assert [e.config_index for e in got] == [e.config_index for e in want]
+        assert all(np.array_equal(g.actions, w.actions) for g, w in zip(got, want))
+    assert by_task(fast, "reach-v3")[0].steps < by_task(mixed, "reach-v3")[0].steps  # reach kept the default expert
+
+
 def test_invalid_collect_config_is_rejected_before_work(tmp_path):
     with pytest.raises(ValueError, match="valid cameras"):
         collect(_config(tmp_path / "d.hdf5", camera="ceiling"), progress=False)
@@ -383,6 +401,10 @@ def test_invalid_collect_config_is_rejected_before_work(tmp_path):
         collect(_config(tmp_path / "d.hdf5", demos_per_task=0), progress=False)
     with pytest.raises(ValueError, match="valid experts: scripted, scripted-fast"):
         collect(_config(tmp_path / "d.hdf5", expert="oracle"), progress=False)
+    with pytest.raises(ValueError, match="unknown expert 'oracle' for push-v3"):
+        collect(_config(tmp_path / "d.hdf5", expert_per_task={"push-v3": "oracle"}), progress=False)
+    with pytest.raises(UnknownTaskError, match="push-v4"):
+        collect(_config(tmp_path / "d.hdf5", expert_per_task={"push-v4": "scripted-fast"}), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -112,13 +112,15 @@ def test_pipeline_evaluates_every_policy_row_under_the_eval_protocol(tmp_path):
     decide at every step whatever they say, and the reference row is the experts that made the demonstrations."""
     config = load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'run'}", "eval.execute_steps=2",
                                                     "eval.deterministic=false", "ppo.eval_every=0",
-                                                    "ppo.value_warmup_iterations=0", "collect.expert=scripted-fast"])
+                                                    "ppo.value_warmup_iterations=0", "collect.expert=scripted-fast",
+                                                    "collect.expert_per_task.reach-v3=scripted"])
     out = run_pipeline(config, progress=False)
     run = tmp_path / "run"
     suffix = " (first 2 actions of each chunk), sampled chunks"
-    assert list(out["rows"]) == ["scripted expert (scripted-fast)", f"SFT{suffix}",
+    expert = "scripted-fast; scripted on reach-v3"  # the experts that made the demonstrations, task by task
+    assert list(out["rows"]) == [f"scripted expert ({expert})", f"SFT{suffix}",
                                  f"SFT + chunked PPO + self-BC{suffix}", f"SFT + chunked PPO + self-BC, weight average{suffix}"]
-    assert json.loads((run / "eval_scripted.json").read_text())["agent"] == "scripted-fast"
+    assert json.loads((run / "eval_scripted.json").read_text())["agent"] == expert
     protocols = {key: json.loads((run / f"eval_{key}.json").read_text())["protocol"]
                  for key in ("scripted", "sft", "post_trained", "post_trained_average")}
     for key in ("sft", "post_trained", "post_trained_average"):
