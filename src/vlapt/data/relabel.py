@@ -28,6 +28,7 @@ from tqdm import tqdm
 from vlapt.data.collect import dataset_env_args
 from vlapt.data.format import RELABELLED, DemoWriter, check_writable
 from vlapt.envs import get_suite
+from vlapt.envs.experts import check_expert_choice
 from vlapt.envs.pools import make_pool
 from vlapt.interfaces import Episode, SlotSpec
 from vlapt.policies import PolicyAgent, load_policy
@@ -56,8 +57,7 @@ class RelabelConfig:
             raise ValueError("relabel needs policy=<saved policy directory> (e.g. runs/pipeline/sft/policy)")
         suite = get_suite(self.suite)
         suite.resolve_tasks(self.tasks)
-        if self.expert not in suite.expert_names:
-            raise ValueError(f"unknown expert {self.expert!r} for suite {suite.name}; valid experts: {', '.join(suite.expert_names)}")
+        check_expert_choice(suite, self.expert, {})
         if self.episodes_per_task < 1 or self.envs_per_task < 1 or self.num_workers < 0 or self.first_config_index < 0:
             raise ValueError("episodes_per_task and envs_per_task must be >= 1, num_workers and first_config_index >= 0")
         if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
