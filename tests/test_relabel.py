@@ -127,6 +127,9 @@ def test_relabel_needs_a_policy_and_leaves_nothing_behind(tmp_path, policy):
     with pytest.raises(ValueError, match="valid experts: scripted, scripted-fast"):
         relabel(RelabelConfig(policy=str(policy), tasks=[TASK], expert="oracle", output=str(tmp_path / "r.hdf5")),
                 progress=False)
+    with pytest.raises(ValueError, match="unknown expert 'oracle' for reach-v3"):
+        relabel(RelabelConfig(policy=str(policy), tasks=[TASK], expert_per_task={TASK: "oracle"},
+                              output=str(tmp_path / "r.hdf5")), progress=False)
     with pytest.raises(ValueError, match="max_episode_steps"):
         relabel(RelabelConfig(policy=str(policy), tasks=[TASK], max_episode_steps=501, output=str(tmp_path / "r.hdf5")),
                 progress=False)
@@ -163,3 +166,18 @@ def test_the_fast_expert_can_label_instead(policy, relabelled, tmp_path):
     with h5py.File(path) as f:
         meta = json.loads(f["data"].attrs["env_args"])
     assert meta["expert"] == "scripted-fast" and "scripted-fast" in meta["policy"]
+
+
+def test_experts_chosen_task_by_task_label_their_tasks(policy, relabelled, tmp_path):
+    path = tmp_path / "per_task.hdf5"
+    relabel(RelabelConfig(policy=str(policy), tasks=[TASK], episodes_per_task=1, max_episode_steps=8,
+                          expert="scripted-fast", expert_per_task={TASK: "scripted"}, num_workers=0, output=str(path)),
+            progress=False)
+    (episode,) = read_episodes(path)
+    (scripted,) = read_episodes(relabelled[0], demos_per_task=1)
+    np.testing.assert_allclose(episode.states, scripted.states, atol=1e-6)
+    np.testing.assert_allclose(episode.actions, scripted.actions, atol=1e-6)  # the task's own expert labels it
+    with h5py.File(path) as f:
+        meta = json.loads(f["data"].attrs["env_args"])
+    assert meta["expert"] == "scripted-fast" and meta["expert_per_task"] == {TASK: "scripted"}
+    assert "scripted-fast; scripted on reach-v3" in meta["policy"]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from vlapt.data.collect import dataset_env_args
 from vlapt.data.format import RELABELLED, DemoWriter, check_writable
 from vlapt.envs import get_suite
-from vlapt.envs.experts import check_expert_choice
+from vlapt.envs.experts import check_expert_choice, make_experts
 from vlapt.envs.pools import make_pool
 from vlapt.interfaces import Episode, SlotSpec
 from vlapt.policies import PolicyAgent, load_policy
@@ -46,6 +46,7 @@ class RelabelConfig:
     first_config_index: int = 100_000
     max_episode_steps: int = 200  # a stuck policy is labelled this long, not for all 500 steps
     expert: str = "scripted"  # the suite's expert that labels
+    expert_per_task: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> another expert labels that task
     config_seed: int = 0
     num_workers: int = 2
     envs_per_task: int = 1
@@ -57,7 +58,7 @@ class RelabelConfig:
             raise ValueError("relabel needs policy=<saved policy directory> (e.g. runs/pipeline/sft/policy)")
         suite = get_suite(self.suite)
         suite.resolve_tasks(self.tasks)
-        check_expert_choice(suite, self.expert, {})
+        check_expert_choice(suite, self.expert, self.expert_per_task)
         if self.episodes_per_task < 1 or self.envs_per_task < 1 or self.num_workers < 0 or self.first_config_index < 0:
             raise ValueError("episodes_per_task and envs_per_task must be >= 1, num_workers and first_config_index >= 0")
         if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
@@ -96,6 +97,7 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
     suite = get_suite(config.suite)
     tasks = suite.resolve_tasks(config.tasks)
     agent = PolicyAgent(load_policy(config.policy), name=f"checkpoint:{config.policy}")
+    expert = make_experts(suite, config.expert, config.expert_per_task)
     env_config = suite.check_env_config(dataclasses.replace(
         agent.observation_config(), privileged_state=True, max_episode_steps=config.max_episode_steps))
     slots = [SlotSpec(suite, t, env_config, 1, config.config_seed) for t in tasks for _ in range(config.envs_per_task)]
@@ -103,8 +105,9 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
     queues = [deque(range(first + k, first + n, per)) for _ in tasks for k in range(per)]
     env_args = {
         **dataset_env_args(suite, tasks, env_config, config.config_seed),
-        "policy": f"{suite.family} {config.expert} expert labels, actions clipped to the action bounds",
+        "policy": f"{suite.family} {expert.name} expert labels, actions clipped to the action bounds",
         "expert": config.expert,
+        "expert_per_task": dict(config.expert_per_task),
         RELABELLED: {"executed_policy": str(config.policy), "deterministic": True, "first_config_index": first,
                      "note": "the env executed the policy's chunks; actions stores the expert's action at each visited state"},
         "success": "success of the executed policy; episodes end at its first success or at max_episode_steps",
@@ -123,7 +126,7 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
         bar.update(1)
 
     with writer, bar, make_pool(slots, num_workers=config.num_workers) as pool:
-        env_steps = run_episodes(suite.make_expert(config.expert), pool, [s.task for s in slots], queues, "train", finished,
+        env_steps = run_episodes(expert, pool, [s.task for s in slots], queues, "train", finished,
                                  record=True, execute=PolicyExecution(agent), config_seed=config.config_seed,
                                  source=RELABELLED)
     return {"output": str(writer.path), "tasks": stats, "env_steps": env_steps, "wall_time_s": time.perf_counter() - start}
