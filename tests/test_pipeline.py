@@ -8,7 +8,7 @@ from vlapt.config import ConfigError, load_config
 from vlapt.algorithms.ppo_sbc import PPOConfig
 from vlapt.algorithms.sft import SFTConfig
 from vlapt.data import read_episodes
-from vlapt.pipeline import PipelineConfig, run_pipeline
+from vlapt.pipeline import PipelineConfig, load_pipeline_config, pipeline_config_class, run_pipeline
 
 
 _TINY = [
@@ -68,7 +68,8 @@ def test_pipeline_runs_every_stage_and_reports_every_row(tmp_path, capsys):
     assert (run / "videos" / "post_trained" / post_trained["videos"][0]["files"]["mp4"]).is_file()
     assert "videos" not in json.loads((run / "eval_sft.json").read_text()), "only the final policy by default"
     provenance = json.loads((run / "run.json").read_text())
-    assert set(provenance) == {"command", "commit", "machine", "started", "finished", "wall_time_s"}
+    assert set(provenance) == {"command", "commit", "machine", "started", "finished", "wall_time_s", "post_training_dir"}
+    assert provenance["post_training_dir"] == "ppo"
     assert provenance["commit"] != "" and provenance["wall_time_s"] > 0
     assert out["report"] == run / "report.html"
     page = out["report"].read_text()
@@ -135,6 +136,62 @@ def test_pipeline_evaluates_every_policy_row_under_the_eval_protocol(tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ConfigError, match="execute_steps"):  # post-training always executes whole chunks now
         load_config(PipelineConfig, overrides=[*_TINY, "ppo.execute_steps=2"])
+
+
+_TINY_GRPO = [
+    "grpo.group_size=2", "grpo.max_episode_steps=10", "grpo.total_env_steps=20", "grpo.minibatch_size=8",
+    "grpo.bc_batch_size=8", "grpo.num_workers=0", "grpo.checkpoint_every=1", "grpo.eval_every=1",
+    "grpo.eval_episodes=1", "grpo.threads=1",
+]
+
+
+def test_pipeline_post_trains_with_the_algorithm_it_is_given(tmp_path, capsys):
+    from vlapt.report.runs import read_run
+
+    run = tmp_path / "run"
+    common = [o for o in _TINY if not o.startswith("ppo.")]
+    argv = ["pipeline", "--quiet", "--post-training", "grpo", "--output-dir", str(run), "evaluate_scripted=false",
+            "video_episodes=0", *common, *_TINY_GRPO]
+    assert main(argv) == 0
+    rows = [json.loads((run / f"eval_{key}.json").read_text())["row"] for key in ("post_trained", "post_trained_average")]
+    assert rows == ["SFT + GRPO + self-BC", "SFT + GRPO + self-BC, weight average"]
+    assert (run / "grpo" / "policy" / "model.safetensors").is_file() and not (run / "ppo").exists()
+    assert str(run / "grpo" / "policy") in json.loads((run / "eval_post_trained.json").read_text())["agent"]
+    # the recorded config holds the algorithm's own section, wired to the earlier stages, and no PPO section
+    recorded = load_pipeline_config(run / "config.yaml")
+    assert recorded.post_training == "grpo" and not hasattr(recorded, "ppo")
+    assert recorded.grpo.init_policy == str(run / "sft" / "policy") and recorded.grpo.demos == str(run / "demos.hdf5")
+    assert recorded.grpo.output_dir == str(run / "grpo") and recorded.grpo.tasks == ["reach-v3"]
+    assert recorded.grpo.group_size == 2 and json.loads((run / "grpo" / "history.json").read_text())
+    # the report finds the post-training curves where the pipeline put them
+    assert json.loads((run / "run.json").read_text())["post_training_dir"] == "grpo"
+    report_run = read_run(run)
+    assert report_run.kind == "pipeline" and report_run.history and report_run.evaluations
+
+    # the post-training stage is checked against its own options, which a rerun may not change unnoticed ...
+    capsys.readouterr()
+    assert main([*argv, "grpo.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "post-training stage" in err and "lr" in err
+    # ... while its budget may grow
+    assert main([*argv, "grpo.total_env_steps=40"]) == 0
+    assert json.loads((run / "grpo" / "history.json").read_text())[-1]["env_steps"] >= 40
+    # options of an algorithm the pipeline does not run are refused, not ignored
+    capsys.readouterr()
+    assert main([*argv, "ppo.lr=1e-3"]) == 2
+    assert "Key 'ppo' not in 'PipelineConfig'" in capsys.readouterr().err
+
+
+def test_pipeline_names_a_post_training_it_cannot_run(capsys):
+    assert main(["pipeline", "--post-training", "nope"]) == 2
+    assert "unknown algorithm 'nope'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="toy-reinforce"):  # a module of one's own, whose name cannot be a section
+        pipeline_config_class("test_architecture")
+    assert pipeline_config_class("ppo") is PipelineConfig
+    grpo = pipeline_config_class("grpo")()  # defaults to the algorithm it was made for
+    assert grpo.post_training == "grpo" and grpo.resolved().post_train is grpo.grpo and not hasattr(grpo, "ppo")
+    with pytest.raises(ConfigError, match="needs a 'grpo' section"):
+        load_config(PipelineConfig, overrides=["post_training=grpo"]).resolved()
 
 
 def _fake_run(path, rows, evals):
@@ -211,8 +268,8 @@ def test_every_preset_in_configs_loads_into_its_config():
         named = [root.parent / p for p in re.findall(r"configs/[\w/]+\.yaml", path.read_text())]
         assert all(p.is_file() for p in named), (path, named)
         if path.name.startswith("pipeline"):
-            config = load_config(PipelineConfig, path)
-            config.sft.validate(), config.ppo.validate(), config.eval.validate(), config.collect.validate()
+            config = load_pipeline_config(path).resolved()
+            config.sft.validate(), config.post_train.validate(), config.eval.validate(), config.collect.validate()
         elif path.name.startswith("sft"):
             layers = [root / "sft_mt10.yaml", path] if path.name != "sft_mt10.yaml" else [path]
             config = load_config(SFTConfig, layers).validate()

@@ -1,4 +1,8 @@
-"""The main job: collect demonstrations -> SFT -> chunked PPO with self-BC -> evaluate.
+"""The main job: collect demonstrations -> SFT -> post-training -> evaluate.
+
+Post-training is chunked PPO with self-BC by default; ``post_training=NAME`` runs another
+algorithm of `vlapt.algorithms` (``grpo``, or a module of your own) in its place, configured by
+the section of its name (``ppo.*``, ``grpo.*``) and written to ``output_dir/NAME``.
 
 Optionally (``dagger_rounds > 0``) rounds of expert relabelling sit between SFT and
 post-training: the SFT policy's own rollouts are labelled by the scripted expert and SFT
@@ -8,7 +12,7 @@ Each stage writes under ``output_dir`` and is skipped or resumed when its output
 exists, so an interrupted pipeline continues where it stopped. The evaluation rows are
 the ones every results table carries: the scripted expert, the SFT policy and the
 post-trained policy, on the same held-out configurations. Post-training's last iterate and,
-when it keeps one (``ppo.ema_decay > 0``, the default), the moving average of its weights
+when it keeps one (``ema_decay > 0``, the default), the moving average of its weights
 are both rows: the same run, two ways of reading a policy off it.
 
 At the end the pipeline films a few evaluation episodes of the post-trained policy
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import keyword
 import logging
 import os
 import shutil
@@ -29,9 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlapt.algorithms.ppo_sbc import PPOConfig, train_ppo
+from vlapt.algorithms import PIPELINE_FIELDS, Algorithm, get_algorithm
+from vlapt.algorithms.ppo_sbc import PPOConfig
 from vlapt.algorithms.sft import SFTConfig, train_sft
-from vlapt.config import ConfigError, atomic_write_json, atomic_write_text
+from vlapt.config import ConfigError, atomic_write_json, atomic_write_text, load_config, peek_option
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.relabel import RelabelConfig, relabel
 from vlapt.envs import get_suite
@@ -45,12 +51,15 @@ log = logging.getLogger("vlapt.pipeline")
 
 
 @dataclasses.dataclass
-class PipelineConfig:
+class PipelineStages:
+    """Every option of the pipeline but the post-training algorithm's own (see PipelineConfig)."""
+
     output_dir: str = "runs/pipeline"
     suite: str = "mt10"
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
-    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    # the post-training algorithm (as `vlapt train --algorithm`); its options are the section of its name
+    post_training: str = "ppo"
     # every row; the scripted experts decide at every step whatever eval.execute_steps says
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     evaluate_scripted: bool = True
@@ -65,21 +74,35 @@ class PipelineConfig:
     video_episodes: int = 2
     report: bool = True  # write report.html (vlapt report) at the end
 
-    def resolved(self) -> "PipelineConfig":
+    def algorithm(self) -> Algorithm:
+        """The post-training algorithm ``post_training`` names."""
+        return get_algorithm(self.post_training)
+
+    @property
+    def post_train(self) -> Any:
+        """The post-training algorithm's config: the section named after it."""
+        name = self.algorithm().name
+        if not hasattr(self, name):
+            raise ConfigError(f"post_training={self.post_training} needs a '{name}' section: load the config with "
+                              "vlapt.pipeline.load_pipeline_config (or build it from pipeline_config_class)")
+        return getattr(self, name)
+
+    def resolved(self) -> "PipelineStages":
         """Wire the stages together: paths live under output_dir, every stage runs the same suite."""
         out = Path(self.output_dir)
         self.collect.suite = self.suite
         self.collect.output = str(out / ("demos_lerobot" if self.collect.format == "lerobot" else "demos.hdf5"))
         self.sft.dataset = self.collect.output
         self.sft.output_dir = str(out / "sft")
-        self.ppo.suite = self.suite
-        self.ppo.init_policy = str(self.dagger_policy(self.dagger_rounds))
-        self.ppo.demos = self.collect.output
-        self.ppo.output_dir = str(out / "ppo")
+        post_train = self.post_train
+        post_train.suite = self.suite
+        post_train.init_policy = str(self.dagger_policy(self.dagger_rounds))
+        post_train.demos = self.collect.output
+        post_train.output_dir = str(self.post_training_dir())
         self.eval.suite = self.suite
         self.relabel.suite = self.suite
         if self.collect.tasks:
-            self.sft.tasks = self.ppo.tasks = self.eval.tasks = list(self.collect.tasks)
+            self.sft.tasks = post_train.tasks = self.eval.tasks = list(self.collect.tasks)
             self.relabel.tasks = self.dagger_sft.tasks = list(self.collect.tasks)
         if self.dagger_rounds < 0:
             raise ValueError(f"dagger_rounds must be >= 0, got {self.dagger_rounds}")
@@ -89,6 +112,9 @@ class PipelineConfig:
             raise ValueError(f"eval.execute_steps={self.eval.execute_steps} exceeds sft.model.chunk_len="
                              f"{self.sft.model.chunk_len}; use 1..{self.sft.model.chunk_len} (0: the whole chunk)")
         return self
+
+    def post_training_dir(self) -> Path:
+        return Path(self.output_dir) / self.algorithm().name
 
     def dagger_policy(self, round_: int) -> Path:
         """The policy after ``round_`` relabelling rounds (0: the SFT policy)."""
@@ -107,9 +133,54 @@ class PipelineConfig:
         return relabel_config, sft_config
 
 
-def stages(config: PipelineConfig) -> list[tuple[str, Path, Any, tuple[str, ...], Path]]:
+@dataclasses.dataclass
+class PipelineConfig(PipelineStages):
+    """The pipeline's options, post-training with chunked PPO + self-BC (the default, ``post_training=ppo``).
+
+    ``pipeline_config_class(name)`` gives the class for another post-training algorithm, with a
+    section of that algorithm's options in place of ``ppo``; ``load_pipeline_config`` picks it.
+    """
+
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+
+
+def pipeline_config_class(post_training: str = "ppo") -> type[PipelineStages]:
+    """The pipeline config class whose post-training section is ``post_training``'s config (named after it)."""
+    algorithm = get_algorithm(post_training)
+    if algorithm.config is PPOConfig:
+        return PipelineConfig
+    name = algorithm.name
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise ConfigError(f"algorithm {post_training!r} is named {name!r}, which cannot name the pipeline's section of "
+                          "its options; give its Algorithm a name that is a Python identifier")
+    if hasattr(PipelineStages, name) or name in {field.name for field in dataclasses.fields(PipelineStages)}:
+        raise ConfigError(f"algorithm {post_training!r} is named {name!r}, which the pipeline's config already "
+                          "uses; give its Algorithm another name")
+    fields = {field.name for field in dataclasses.fields(algorithm.config)}
+    missing = [f for f in PIPELINE_FIELDS if f not in fields and not hasattr(algorithm.config, f)]
+    if missing:
+        raise ConfigError(f"algorithm {post_training!r} cannot be the pipeline's post-training: its config "
+                          f"{algorithm.config.__name__} lacks {', '.join(missing)} (vlapt.algorithms.PIPELINE_FIELDS)")
+    cls = dataclasses.make_dataclass(
+        "PipelineConfig", [("post_training", str, dataclasses.field(default=post_training)),
+                           (name, algorithm.config, dataclasses.field(default_factory=algorithm.config))],
+        bases=(PipelineStages,))
+    cls.__module__ = __name__
+    return cls
+
+
+def load_pipeline_config(path=None, overrides=()) -> PipelineStages:
+    """The pipeline's config from YAML files and ``key=value`` overrides, with the post-training they choose."""
+    try:
+        cls = pipeline_config_class(peek_option("post_training", path, overrides) or "ppo")
+    except ValueError as exc:
+        raise ConfigError(f"post_training: {exc}") from None
+    return load_config(cls, path, overrides)
+
+
+def stages(config: PipelineStages) -> list[tuple[str, Path, Any, tuple[str, ...], Path]]:
     """Each stage's name, output, config, options that may change between invocations, and what shows it started."""
-    from vlapt.algorithms import ppo_sbc, sft
+    from vlapt.algorithms import sft
 
     out = Path(config.output_dir)
     demos = Path(config.collect.output)
@@ -121,14 +192,15 @@ def stages(config: PipelineConfig) -> list[tuple[str, Path, Any, tuple[str, ...]
         found.append((f"relabel {round_}", labels, relabel_config, COLLECT_RESUMABLE, labels))
         sft_dir = Path(sft_config.output_dir)
         found.append((f"DAgger SFT {round_}", sft_dir, sft_config, sft.RESUMABLE, sft_dir / "checkpoints"))
-    found.append(("post-training", out / "ppo", config.ppo, ppo_sbc.RESUMABLE, out / "ppo" / "checkpoints"))
+    post_dir = config.post_training_dir()
+    found.append(("post-training", post_dir, config.post_train, config.algorithm().resumable, post_dir / "checkpoints"))
     return found
 
 
 COLLECT_RESUMABLE = ("num_workers", "overwrite", "output")
 
 
-def check_stages(config: PipelineConfig) -> None:
+def check_stages(config: PipelineStages) -> None:
     """Stop before anything runs when a finished stage was made with other options (or, with rerun_stale, redo it)."""
     listed = stages(config)
     for k, (name, output, stage_config, exempt, started) in enumerate(listed):
@@ -150,7 +222,7 @@ def check_stages(config: PipelineConfig) -> None:
             return
 
 
-def run_pipeline(config: PipelineConfig, progress: bool = True, command: str | None = None) -> dict:
+def run_pipeline(config: PipelineStages, progress: bool = True, command: str | None = None) -> dict:
     """Run (or resume) every stage; ``command`` is recorded in run.json (default: this process's argv)."""
     config.resolved()
     check_output_dir(config.output_dir)
@@ -159,12 +231,13 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, command: str | N
         return _run_stages(config, progress, command or " ".join(sys.argv))
 
 
-def _run_stages(config: PipelineConfig, progress: bool, command: str) -> dict:
+def _run_stages(config: PipelineStages, progress: bool, command: str) -> dict:
     out = Path(config.output_dir)
     timings: dict[str, float] = {}
     started, wall = datetime.datetime.now().astimezone(), time.perf_counter()
     provenance = {"command": command, "commit": source_commit(), "machine": machine_description(),
-                  "started": started.isoformat(timespec="seconds")}
+                  "started": started.isoformat(timespec="seconds"),
+                  "post_training_dir": config.post_training_dir().name}  # where `vlapt report` finds its curves
     atomic_write_json(out / "run.json", provenance)
 
     t = time.perf_counter()
@@ -190,10 +263,10 @@ def _run_stages(config: PipelineConfig, progress: bool, command: str) -> dict:
         timings["dagger_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ppo = config.ppo
-    evaluator = checkpoint_evaluator(ppo.tasks or get_suite(ppo.suite).tasks, ppo.eval_episodes, ppo.num_workers,
-                                     ppo.suite, ppo.seed, ppo.env_backend)
-    ppo_policy = train_ppo(ppo, progress=progress, evaluator=evaluator)
+    algorithm, post = config.algorithm(), config.post_train
+    evaluator = checkpoint_evaluator(post.tasks or get_suite(post.suite).tasks, post.eval_episodes, post.num_workers,
+                                     post.suite, post.seed, post.env_backend)
+    post_trained_policy = algorithm.train(post, progress=progress, evaluator=evaluator)
     timings["post_train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -213,9 +286,10 @@ def _run_stages(config: PipelineConfig, progress: bool, command: str) -> dict:
     if config.dagger_rounds:
         rounds = f"{config.dagger_rounds} round" + ("s" if config.dagger_rounds > 1 else "")
         agents.append((f"SFT + DAgger ({rounds})", "dagger", policy_agent(dagger_policy), protocol))
-    post_trained = "SFT + chunked PPO + self-BC" if not config.dagger_rounds else "SFT + DAgger + chunked PPO + self-BC"
-    agents.append((post_trained, "post_trained", policy_agent(ppo_policy), protocol))
-    weight_average = Path(ppo_policy).parent / "policy_ema"  # train_ppo leaves one only when it belongs to this run
+    title = algorithm.title(post) if callable(algorithm.title) else algorithm.title or algorithm.name
+    post_trained = ("SFT + DAgger + " if config.dagger_rounds else "SFT + ") + title
+    agents.append((post_trained, "post_trained", policy_agent(post_trained_policy), protocol))
+    weight_average = Path(post_trained_policy).parent / "policy_ema"  # left only when it belongs to this run
     if weight_average.is_dir():
         agents.append((f"{post_trained}, weight average", "post_trained_average", policy_agent(weight_average), protocol))
     for name, file_key, agent, eval_config in agents:

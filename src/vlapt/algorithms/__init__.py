@@ -2,8 +2,10 @@
 
 `vlapt train algorithm=NAME` runs ``vlapt.algorithms.NAME`` (``ppo`` is ``ppo_sbc``), or else the
 importable module NAME of your own; an algorithm module defines
-``ALGORITHM = Algorithm(name, ConfigClass, train)`` with
+``ALGORITHM = Algorithm(name, ConfigClass, train, title, resumable)`` with
 ``train(config, progress=True, evaluator=None) -> Path`` (the final policy's directory).
+`vlapt pipeline post_training=NAME` runs the same algorithm as its post-training stage; for that, the
+config class also needs the fields the pipeline wires (``PIPELINE_FIELDS``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ class Algorithm(NamedTuple):
     name: str
     config: type  # a dataclass with validate(), an ``algorithm`` field and ``output_dir``
     train: Callable[..., Any]
+    title: str | Callable[[Any], str] = ""  # how results tables name it (or its config), e.g. "chunked PPO + self-BC"
+    resumable: tuple[str, ...] = ()  # options a rerun into the same output_dir may change (a longer budget, ...)
+
+
+# what `vlapt pipeline` sets or reads on a post-training config: the suite, tasks and paths it wires to the
+# earlier stages, and what its periodic held-out evaluation needs
+PIPELINE_FIELDS = ("suite", "tasks", "init_policy", "demos", "output_dir", "eval_episodes", "num_workers", "seed",
+                   "env_backend", "validate")
 
 
 ALIASES = {"ppo": "vlapt.algorithms.ppo_sbc"}
@@ -48,4 +58,4 @@ def built_in() -> list[str]:
     return sorted(names)
 
 
-__all__ = ["ALIASES", "Algorithm", "built_in", "get_algorithm"]
+__all__ = ["ALIASES", "PIPELINE_FIELDS", "Algorithm", "built_in", "get_algorithm"]

@@ -427,4 +427,9 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
     return stats
 
 
-ALGORITHM = Algorithm("grpo", GRPOConfig, train_grpo)
+def title(config: GRPOConfig) -> str:
+    """How results tables name a run: its baseline, and self-BC when it has one."""
+    return config.advantage.upper() + (" + self-BC" if config.bc_weight_rule != "none" else "")
+
+
+ALGORITHM = Algorithm("grpo", GRPOConfig, train_grpo, title=title, resumable=RESUMABLE)

@@ -455,4 +455,9 @@ def _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_ge
     return save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
 
 
-ALGORITHM = Algorithm("ppo", PPOConfig, train_ppo)
+def title(config: PPOConfig) -> str:
+    """How results tables name a run: chunked PPO, and self-BC when it has one."""
+    return "chunked PPO" + (" + self-BC" if config.bc_weight_rule != "none" else "")
+
+
+ALGORITHM = Algorithm("ppo", PPOConfig, train_ppo, title=title, resumable=RESUMABLE)

@@ -240,12 +240,11 @@ def _record_run(output_dir, args: argparse.Namespace, started) -> None:
 
 # -- pipeline (the main job) -------------------------------------------------------------------
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from vlapt.config import load_config
-    from vlapt.pipeline import PipelineConfig, run_pipeline
+    from vlapt.pipeline import load_pipeline_config, run_pipeline
 
-    overrides = _shortcut(args, {"output_dir": "output_dir", "suite": "suite"})
-    config = load_config(PipelineConfig, args.config, overrides).resolved()  # stages wired to the suite, then checked
-    for stage in (config.collect, config.sft, config.ppo, config.dagger_sft, config.eval):
+    overrides = _shortcut(args, {"output_dir": "output_dir", "suite": "suite", "post_training": "post_training"})
+    config = load_pipeline_config(args.config, overrides).resolved()  # stages wired to the suite, then checked
+    for stage in (config.collect, config.sft, config.post_train, config.dagger_sft, config.eval):
         stage.validate()
     run_pipeline(config, progress=not args.quiet, command="vlapt " + " ".join(args.argv))
     return 0
@@ -369,14 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--total-env-steps", dest="total_env_steps", type=int)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pipeline", help="the main job: collect -> SFT -> PPO + self-BC -> evaluate",
+    p = sub.add_parser("pipeline", help="the main job: collect -> SFT -> post-train (PPO + self-BC) -> evaluate",
                        description="Run the whole pipeline on its default config (MT10) and print the results "
                                    "table (scripted expert, SFT, post-trained). Stages resume when re-run with the "
-                                   "same output_dir. Sub-configs: collect.*, sft.*, ppo.*, eval.* "
-                                   "(vlapt.pipeline.PipelineConfig); presets in configs/.")
+                                   "same output_dir. Sub-configs: collect.*, sft.*, eval.* and the post-training "
+                                   "algorithm's, named after it: ppo.* (the default) or, with --post-training grpo, "
+                                   "grpo.* (vlapt.pipeline.PipelineConfig); presets in configs/.")
     _common(p)
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--suite", help="mt10 or mt50")
+    p.add_argument("--post-training", dest="post_training",
+                   help="the post-training algorithm: ppo (default), grpo, or a module of your own (as vlapt train's)")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("plot", help="plot learning curves of `vlapt train` runs to a PNG",

@@ -2,8 +2,8 @@
 
 A pipeline ``output_dir`` has ``config.yaml``, ``eval_<row>.json`` (one per results row, with
 ``videos`` where the row was filmed), ``results.md``, ``timings.json``, ``run.json``
-(command, commit, machine, wall time) and the post-training run in ``ppo/``
-(``history.json``, ``evals/iteration_*.json``). A ``vlapt train`` ``output_dir`` has
+(command, commit, machine, wall time, and ``post_training_dir``) and the post-training run in
+that directory, ``ppo/`` by default (``history.json``, ``evals/iteration_*.json``). A ``vlapt train`` ``output_dir`` has
 ``config.yaml``, ``history.json``, ``evals/`` (and ``run.json``). A policy directory that
 ``vlapt eval`` wrote into has ``eval*.json``. Any of them can be reported; what is missing is
 left out of the page.
@@ -64,10 +64,11 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory; give a run's output_dir (vlapt pipeline, vlapt train)")
-    training = path / "ppo" if (path / "ppo").is_dir() else path
+    post_training = path / Path(str((_json(path / "run.json") or {}).get("post_training_dir") or "ppo")).name
+    training = post_training if post_training.is_dir() else path
     has_history = (training / "history.json").is_file() or (training / "checkpoints" / "latest").is_file()
     evals = sorted(path.glob("eval*.json"))
-    kind = "pipeline" if (path / "ppo").is_dir() or (path / "sft").is_dir() else "train" if has_history else "evaluation"
+    kind = "pipeline" if post_training.is_dir() or (path / "sft").is_dir() else "train" if has_history else "evaluation"
     run = Run(path=path, name=name or path.resolve().name, kind=kind)
     if not (evals or has_history or (path / "config.yaml").is_file() or (path / "run.json").is_file()):
         raise ValueError(f"{path} holds no run: no config.yaml, history.json or eval*.json; give the output_dir of "
