@@ -341,3 +341,32 @@ def test_paired_pace_refuses_results_from_different_protocols():
         paired_pace(_result([("reach-v3", 0, 40)]), _result([("reach-v3", 0, 40)], config_seed=1))
     with pytest.raises(ValueError, match="no task"):
         paired_pace(_result([], tasks=["reach-v3"]), _result([], tasks=["push-v3"]))
+
+
+def test_failure_modes_names_the_first_stage_a_failed_episode_never_passed(load_script, tiny_policy_dir):
+    from vlapt.envs.metaworld.env import MetaWorldVLAEnv
+    from vlapt.policies import load_policy
+
+    fm = load_script("failure_modes")
+    far = dict(success=False, closest_hand_to_object=0.01, object_moved=0.1, object_lifted=0.1)
+
+    def stage(task, **changes):
+        return fm.failure_stage({**far, **changes}, task, reach=0.05, moved=0.02, lifted=0.02)
+
+    assert stage("push-v3", success=True) is None
+    assert stage("push-v3", closest_hand_to_object=0.2, object_moved=0.0) == "not reached"  # the first stage wins
+    assert stage("push-v3", object_moved=0.01) == "not moved"
+    assert stage("pick-place-v3", object_lifted=0.0) == "not lifted"
+    assert stage("push-v3", object_lifted=0.0) == "missed goal"  # push's goal is on the table
+    assert stage("reach-v3", closest_hand_to_object=0.2, object_moved=0.0) == "missed goal"  # nothing to carry
+
+    # one held-out reach episode of an untrained policy, measured from the simulator after every chunk
+    policy = load_policy(tiny_policy_dir)
+    env = MetaWorldVLAEnv("reach-v3", policy.observation_config(), chunk_len=policy.chunk_len)
+    try:
+        episode = fm.run_episode(policy, env, "reach-v3", 0)
+    finally:
+        env.close()
+    assert episode["index"] == 0 and 1 <= episode["steps"] <= 500 and episode["start_to_goal"] > 0
+    if not episode["success"]:  # success is judged at every step: a failure never came within 5 cm
+        assert episode["steps"] == 500 and episode["closest_object_to_goal"] > 0.05
