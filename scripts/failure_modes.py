@@ -49,9 +49,7 @@ def run_episode(policy, env: MetaWorldVLAEnv, task: str, index: int) -> dict:
     closest_hand, farthest_moved, highest, closest_goal = np.inf, 0.0, 0.0, np.inf
     done, terminated, steps = False, False, 0
     while not done:
-        with torch.no_grad():
-            chunk = policy.predict(observation)
-        observation, _, terminated, truncated, info = env.step(chunk)
+        observation, _, terminated, truncated, info = env.step(policy.predict(observation))  # predict: inference mode
         done, steps = terminated or truncated, info["episode_steps"]
         obj = carried()
         closest_hand = min(closest_hand, float(np.linalg.norm(mw.tcp_center - obj)))

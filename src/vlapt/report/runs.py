@@ -64,7 +64,9 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory; give a run's output_dir (vlapt pipeline, vlapt train)")
-    post_training = path / Path(str((_json(path / "run.json") or {}).get("post_training_dir") or "ppo")).name
+    provenance = _json(path / "run.json") or {}
+    recorded_dir = provenance.get("post_training_dir") if isinstance(provenance, dict) else None
+    post_training = path / Path(str(recorded_dir or "ppo")).name
     training = post_training if post_training.is_dir() else path
     has_history = (training / "history.json").is_file() or (training / "checkpoints" / "latest").is_file()
     evals = sorted(path.glob("eval*.json"))
@@ -75,7 +77,7 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
                          "`vlapt pipeline` or `vlapt train`, or a policy directory `vlapt eval` wrote into")
     if (path / "config.yaml").is_file():
         run.config_text = (path / "config.yaml").read_text()
-    run.provenance = _json(path / "run.json") or {}
+    run.provenance = provenance
     run.timings = _json(path / "timings.json") or {}
     for file in sorted(evals, key=_row_rank):
         result = _json(file)
