@@ -87,8 +87,7 @@ def bench_size(size: str, args: argparse.Namespace, tokenizer: Tokenizer, device
 
     def train_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            scored = model.evaluate(batch_obs, actions)
-            log_prob, value = scored.log_prob, scored.value
+            log_prob, _, value = model.evaluate(batch_obs, actions)
             loss = -log_prob.mean() + 0.5 * (value - returns).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -118,7 +118,7 @@ def test_log_prob_and_entropy_match_reference(model):
     actions = torch.randn(3, model.chunk_len, model.action_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = model(model.make_batch(obs))
-        log_prob, entropy, value, _ = model.evaluate(obs, actions)
+        log_prob, entropy, value = model.evaluate(obs, actions)
 
     mean = out.mean.double().numpy()
     std = np.exp(model.log_std.detach().double().numpy())[None]
@@ -194,11 +194,11 @@ def test_evaluate_with_steps_scores_only_the_first_steps(model):
         out = model(model.make_batch(obs))
         changed = sample.actions.clone()
         changed[:, k:] += 5.0  # steps after k are never scored
-        logp_k, entropy_k, *_ = model.evaluate(obs, changed, steps=k)
+        logp_k, entropy_k, _ = model.evaluate(obs, changed, steps=k)
         reference = torch.distributions.Normal(out.mean[:, :k], out.log_std[:, :k].exp()).log_prob(changed[:, :k]).sum((1, 2))
         torch.testing.assert_close(logp_k, reference, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(logp_k, model.evaluate(obs, sample.actions, steps=k).log_prob)
-        logp_all, entropy_all, *_ = model.evaluate(obs, changed)
+        logp_all, entropy_all, _ = model.evaluate(obs, changed)
     assert (logp_all < logp_k - 1.0).all(), "scored over the whole chunk, the shifted steps count"
     torch.testing.assert_close(entropy_k, entropy_all * k / model.chunk_len)  # one std for every step here
     with pytest.raises(ValueError, match="steps must be in"):
@@ -287,7 +287,7 @@ def test_vla_policy_is_a_chunk_policy(model):
 def test_gradients_reach_all_parameters(tokenizer):
     torch.manual_seed(0)
     model = VLAPolicy(tiny_config(tokenizer)).train()
-    log_prob, entropy, value, _ = model.evaluate(observations(2), torch.zeros(2, model.chunk_len, model.action_dim))
+    log_prob, entropy, value = model.evaluate(observations(2), torch.zeros(2, model.chunk_len, model.action_dim))
     (-log_prob.mean() - 0.01 * entropy.mean() + value.square().mean()).backward()
     without_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert without_grad == []
@@ -298,7 +298,7 @@ def test_keypoint_tokens_train_and_survive_a_checkpoint(tokenizer, tmp_path):
     model = VLAPolicy(tiny_config(tokenizer, image_keypoints=4)).train()
     assert model.vision.num_tokens == model.config.image_grid**2 + 4
     obs = observations(2)
-    log_prob, _, value, _ = model.evaluate(obs, torch.zeros(2, model.chunk_len, model.action_dim))
+    log_prob, _, value = model.evaluate(obs, torch.zeros(2, model.chunk_len, model.action_dim))
     (-log_prob.mean() + value.square().mean()).backward()
     for name in ("keypoint_features.weight", "keypoint_log_temperature", "keypoint_embed.weight"):
         assert getattr(model.vision, name.split(".")[0]) is not None

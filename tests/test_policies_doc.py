@@ -46,7 +46,7 @@ def test_the_example_gives_chunked_ppo_consistent_likelihoods(family):
     policy = family(image_size=32)
     sample = policy.act(_obs())
     policy.train()
-    log_prob, entropy, value, _ = policy.evaluate(_obs(), sample.actions)
+    log_prob, entropy, value = policy.evaluate(_obs(), sample.actions)
     np.testing.assert_allclose(log_prob.detach().numpy(), sample.log_prob, rtol=1e-5)
     ones = torch.ones(3)
     policy_loss, value_loss, *_ = ppo_losses(policy, _obs(), sample.actions, torch.from_numpy(sample.log_prob),

@@ -174,7 +174,7 @@ def test_ppo_ratio_is_the_joint_chunk_likelihood_ratio(tiny_model):
         tiny_model.action_head[-1].bias.add_(torch.linspace(-0.2, 0.2, 20))
         new_out = tiny_model(batch)
         manual_new = _manual_log_prob(new_out.mean, new_out.log_std, actions)
-        new_logp = tiny_model.evaluate(obs, actions).log_prob
+        new_logp, _, _ = tiny_model.evaluate(obs, actions)
     torch.testing.assert_close(new_logp.double(), manual_new, rtol=1e-5, atol=1e-4)
 
     ratio = (manual_new - old_logp.double()).exp()
@@ -198,7 +198,7 @@ def test_ppo_clipping_is_active_for_large_moves(tiny_model):
     adv = torch.ones(6)
     pl, _, _, _, cf = ppo_losses(tiny_model, obs, actions, old_logp, old_values, adv, old_values, 0.2, 0.2)
     assert cf.item() == 1.0
-    new_logp = tiny_model.evaluate(obs, actions).log_prob
+    new_logp, _, _ = tiny_model.evaluate(obs, actions)
     ratio = (new_logp - old_logp).exp().detach()
     # positive advantages: the objective is capped at (1 + clip) where the ratio grew past it
     expected = -torch.minimum(ratio, torch.full_like(ratio, 1.2)).mean()

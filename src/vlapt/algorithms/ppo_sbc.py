@@ -213,7 +213,7 @@ def ppo_losses(policy: ChunkPolicy, observations: dict, actions: torch.Tensor, o
     """
     per_action = old_log_probs.dim() == 2
     scored = policy.evaluate(observations, actions, per_step=True) if per_action else policy.evaluate(observations, actions)
-    new_log_probs, entropy, values = scored[:3]
+    new_log_probs, entropy, values = scored
     log_ratio = new_log_probs - old_log_probs
     ratio = log_ratio.exp()
     if per_action:
