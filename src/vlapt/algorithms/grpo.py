@@ -413,9 +413,7 @@ def _state_head(config: GRPOConfig, suite, policy, demos: list[Episode]) -> Stat
     policy.train(was_training)
     if features is None:
         raise ValueError(f"{type(policy).__name__} exposes no features for the auxiliary state loss; set aux_state_coef=0")
-    with torch.random.fork_rng(devices=[]):  # its initial weights follow the run's seed, and nothing else's draws
-        torch.manual_seed(config.seed)
-        return StatePredictionHead.for_states(int(features.shape[-1]), dims, np.concatenate([d.states for d in demos]))
+    return StatePredictionHead.for_states(int(features.shape[-1]), dims, np.concatenate([d.states for d in demos]))
 
 
 def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer: DemoBuffer, bc_weight: BCWeight,
