@@ -9,17 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import vlapt  # noqa: F401
 from vlapt.algorithms import get_algorithm
-from vlapt.algorithms.checkpointing import latest_checkpoint, load_training_checkpoint
-from vlapt.algorithms.grpo import (
-    GRPOConfig, _state_head, clipped_surrogate, group_advantages, outcome_reward, run_groups, train_grpo,
-)
+from vlapt.algorithms.grpo import GRPOConfig, clipped_surrogate, group_advantages, outcome_reward, run_groups, train_grpo
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
 from vlapt.data.collect import CollectConfig, collect
-from vlapt.data.format import read_episodes
 from vlapt.envs import get_suite
 from vlapt.envs.pools import make_pool
 from vlapt.interfaces import SlotSpec
@@ -70,7 +65,7 @@ class _Scores:
 def test_the_surrogate_clips_each_ratio_and_has_no_value_term():
     new = torch.tensor([[0.4, 0.0], [-0.4, 0.0]])
     adv = torch.tensor([1.0, 1.0])
-    loss, _, _, clipfrac, _ = clipped_surrogate(_Scores(new), {}, torch.zeros(2, 2, 4), torch.zeros(2), adv, 0.2)
+    loss, _, _, clipfrac = clipped_surrogate(_Scores(new), {}, torch.zeros(2, 2, 4), torch.zeros(2), adv, 0.2)
     assert loss.item() == pytest.approx(-(1.2 + math.exp(-0.4)) / 2) and clipfrac.item() == 1.0
     executed = torch.tensor([[True, False], [True, True]])
     loss, *_ = clipped_surrogate(_Scores(new), {}, torch.zeros(2, 2, 4), torch.zeros(2, 2), adv, 0.2, executed)
@@ -123,39 +118,3 @@ def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
     resumed = train_grpo(dataclasses.replace(config, total_env_steps=80), progress=False)
     longer = json.loads((tmp_path / "grpo" / "history.json").read_text())
     assert longer[: len(history)] == history and longer[-1]["env_steps"] >= 80 and resumed == final
-
-
-def test_the_auxiliary_state_loss_trains_a_head_on_the_rollouts_and_stays_out_of_the_policy(demos, sft_policy, tmp_path):
-    config = GRPOConfig(init_policy=str(sft_policy), demos=str(demos), tasks=[TASK], output_dir=str(tmp_path / "aux"),
-                        group_size=2, max_episode_steps=20, num_workers=0, total_env_steps=40, minibatch_size=8,
-                        bc_batch_size=8, checkpoint_every=1, eval_every=0, threads=1, aux_state_coef=1.0)
-    train_grpo(config, progress=False)
-    history = json.loads((tmp_path / "aux" / "history.json").read_text())
-    assert all(math.isfinite(row["aux_state_loss"]) and row["aux_state_loss"] > 0 for row in history)
-    checkpoint = latest_checkpoint(tmp_path / "aux")
-    _, tensors, _ = load_training_checkpoint(checkpoint)
-    head = {k: v for k, v in tensors.items() if k.startswith("aux.")}
-    # MetaWorld's targets: object and goal positions, normalised by the demonstrations' states
-    assert head["aux.dims"].tolist() == [4, 5, 6, 36, 37, 38]
-    states = np.concatenate([e.states for e in read_episodes(demos)])[:, [4, 5, 6, 36, 37, 38]]
-    assert np.allclose(head["aux.mean"].numpy(), states.mean(0), atol=1e-5)
-    assert set(load_file(tmp_path / "aux" / "policy" / "model.safetensors")) == set(load_file(sft_policy / "model.safetensors"))
-    # the head resumes with the run: a longer budget continues its history, and its loss is no restart's
-    train_grpo(dataclasses.replace(config, total_env_steps=80), progress=False)
-    longer = json.loads((tmp_path / "aux" / "history.json").read_text())
-    assert longer[: len(history)] == history and longer[-1]["env_steps"] >= 80
-    # without the option there is no head, no loss, and the checkpoint has no aux tensors
-    plain = dataclasses.replace(config, output_dir=str(tmp_path / "plain"), aux_state_coef=0.0)
-    train_grpo(plain, progress=False)
-    assert "aux_state_loss" not in json.loads((tmp_path / "plain" / "history.json").read_text())[-1]
-    _, plain_tensors, _ = load_training_checkpoint(latest_checkpoint(tmp_path / "plain"))
-    assert not any(k.startswith("aux.") for k in plain_tensors)
-
-
-def test_the_auxiliary_state_loss_names_what_it_is_missing(demos, sft_policy, tmp_path):
-    with pytest.raises(ValueError, match="aux_state_coef must be >= 0"):
-        GRPOConfig(tasks=[TASK], aux_state_coef=-1.0).validate()
-    episodes = [dataclasses.replace(e, states=None) for e in read_episodes(demos)]
-    config = GRPOConfig(demos=str(demos), tasks=[TASK], aux_state_coef=1.0)
-    with pytest.raises(ValueError, match="needs obs/state in every demo"):
-        _state_head(config, get_suite("mt10"), load_policy(sft_policy), episodes)

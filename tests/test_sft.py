@@ -12,7 +12,6 @@ import torch
 
 import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is imported)
 import vlapt.algorithms.sft as sft_module
-from vlapt.algorithms.auxiliary import StatePredictionHead
 from vlapt.algorithms.checkpointing import latest_checkpoint, load_training_checkpoint
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, build_policy_config, dataset_spec, random_shift, train_sft
 from vlapt.config import load_config
@@ -139,7 +138,7 @@ def _aux_loss_on_all_samples(dataset, run_dir) -> float:
     aux = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
     # no aux_state_dims given: the suite's auxiliary targets (MetaWorld: object and goal positions)
     assert aux["dims"].tolist() == list(SUITE.observation_spec(EnvConfig()).aux_targets) == [4, 5, 6, 36, 37, 38]
-    head = StatePredictionHead(model.config.d_model, aux["dims"].tolist(), aux["mean"], aux["std"])
+    head = sft_module.StatePredictionHead(model.config.d_model, aux["dims"].tolist(), aux["mean"], aux["std"])
     head.load_state_dict(aux)
     observations, sample = _all_samples(ChunkDataset(read_episodes(dataset), model.chunk_len))
     with torch.no_grad():

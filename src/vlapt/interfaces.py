@@ -257,7 +257,6 @@ class ChunkEvaluation(NamedTuple):
     log_prob: Any  # (B,) tensor: of each whole chunk, or of its first `steps` actions; (B, h) per action with per_step
     entropy: Any  # (B,), or (B, h) with per_step
     value: Any  # (B,)
-    features: Any = None  # (B, F) what the action head read, for auxiliary heads (may be None)
 
 
 class BCLoss(NamedTuple):

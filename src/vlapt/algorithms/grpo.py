@@ -16,11 +16,6 @@ the loss, then the training loop (groups -> buffer -> update -> checkpoint -> ev
 - The clipped surrogate over the chunk's ratio (or each executed action's, ``ratio=action``), no
   value function, and optionally the self-BC term of chunked PPO (the same buffer, admission
   rule and adaptive weight, `vlapt.algorithms.ppo_sbc`).
-- Optionally (``aux_state_coef > 0``) SFT's auxiliary state loss on every decision of the rollouts:
-  the features the action head reads regress the simulator's object and goal positions (privileged,
-  training only; `vlapt.algorithms.auxiliary`). Every iteration brings fresh training
-  configurations, so the image encoder keeps being told where small targets are on scenes the
-  demonstrations never showed.
 """
 
 from __future__ import annotations
@@ -35,7 +30,6 @@ import numpy as np
 import torch
 
 from vlapt.algorithms import Algorithm
-from vlapt.algorithms.auxiliary import StatePredictionHead, checkpointed_head
 from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage
 from vlapt.algorithms.checkpointing import (
     capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
@@ -82,9 +76,6 @@ class GRPOConfig:
     target_kl: float = 0.05  # stop the epochs once the approximate KL per chunk exceeds this (0: never)
     max_nonfinite_updates: int = 20  # abort (keeping the last good checkpoint) after this many skipped updates
     init_log_std: float = -1.0  # reset the exploration std at the start; 0 keeps SFT's
-    # the auxiliary state loss on the rollouts
-    aux_state_coef: float = 0.0  # weight of regressing object and goal positions from the policy's features; 0: off
-    aux_state_lr: float = 1e-3  # the head's own learning rate: it starts untrained, and the policy's lr is tiny
     # self behaviour cloning, as in chunked PPO
     bc_weight_rule: str = "lagrangian"  # "lagrangian" | "fixed" | "none"
     bc_coef: float = 0.1
@@ -127,8 +118,6 @@ class GRPOConfig:
             raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}], got {self.max_episode_steps}")
         if not 0 <= self.pace_weight < 1:
             raise ValueError(f"pace_weight must be in [0, 1) so that every success beats every failure, got {self.pace_weight}")
-        if self.aux_state_coef < 0 or self.aux_state_lr <= 0:
-            raise ValueError(f"aux_state_coef must be >= 0 and aux_state_lr > 0, got {self.aux_state_coef}, {self.aux_state_lr}")
         if self.lr <= 0 or self.num_workers < 0 or self.eval_every < 0 or self.eval_episodes < 1:
             raise ValueError("lr must be > 0, num_workers and eval_every >= 0, eval_episodes >= 1")
         if self.eval_every % self.checkpoint_every:
@@ -171,7 +160,6 @@ class GroupBatch:
     log_probs: np.ndarray  # (N,)
     step_log_probs: np.ndarray  # (N, h)
     executed: np.ndarray  # (N,) env steps each chunk ran
-    states: np.ndarray | None  # (N, S) privileged state at each decision, where the envs give it (else None)
     episode_of: np.ndarray  # (N,) the episode each decision belongs to
     env_steps: int  # every env step the iteration ran, those of episodes lost with an env worker included
     episodes: list[Episode]  # one per slot, with trajectories for successes (BC samples for the buffer)
@@ -184,8 +172,8 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
     S = len(slot_tasks)
     requests = {i: {"split": "train", "index": configurations[i // group_size]} for i in range(S)}
     observations = {i: obs for i, (obs, _) in pool.reset(requests).items()}
-    rows: dict[str, list] = {k: [] for k in ("image", "proprio", "instruction", "state", "actions", "log_probs",
-                                              "step_log_probs", "executed", "episode_of")}
+    rows: dict[str, list] = {k: [] for k in ("image", "proprio", "instruction", "actions", "log_probs", "step_log_probs",
+                                              "executed", "episode_of")}
     sent: dict[int, list] = {i: [] for i in range(S)}  # per slot: the env actions it sent, per decision
     seen: dict[int, list] = {i: [] for i in range(S)}
     outcome: dict[int, tuple[bool, int]] = {}
@@ -204,8 +192,6 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
             rows["image"].append(batch["image"][k])
             rows["proprio"].append(batch["proprio"][k])
             rows["instruction"].append(batch["instruction"][k])
-            if "state" in batch:
-                rows["state"].append(batch["state"][k])
             rows["actions"].append(np.asarray(sample.actions[k]))
             rows["log_probs"].append(sample.log_prob[k])
             rows["step_log_probs"].append(sample.step_log_prob[k] if sample.step_log_prob is not None
@@ -236,7 +222,6 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
                       "instruction": [text for text, k in zip(rows["instruction"], keep) if k]},
         actions=kept("actions", np.float32), log_probs=kept("log_probs", np.float32),
         step_log_probs=kept("step_log_probs", np.float32), executed=kept("executed"), episode_of=kept("episode_of"),
-        states=kept("state", np.float32) if rows["state"] else None,
         env_steps=int(np.sum(rows["executed"])), episodes=episodes,
         groups=[[e for e in range(g * group_size, (g + 1) * group_size) if e not in lost] for g in range(S // group_size)])
 
@@ -244,8 +229,7 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
 # -- the loss ----------------------------------------------------------------------------------------------
 def clipped_surrogate(policy: ChunkPolicy, observations: dict, actions: torch.Tensor, old_log_probs: torch.Tensor,
                       advantages: torch.Tensor, clip_coef: float, executed: torch.Tensor | None = None):
-    """The clipped policy-gradient surrogate, no value function; returns (loss, entropy, approx_kl, clipfrac,
-    features), the last what the action head read (for the auxiliary state loss; None where the family gives none).
+    """The clipped policy-gradient surrogate, no value function; returns (loss, entropy, approx_kl, clipfrac).
 
     Per chunk with ``old_log_probs`` ``(B,)``; per executed action with ``(B, h)`` and ``executed``."""
     per_action = old_log_probs.dim() == 2
@@ -262,7 +246,7 @@ def clipped_surrogate(policy: ChunkPolicy, observations: dict, actions: torch.Te
         kl = ((ratio - 1) - log_ratio) * weight
         approx_kl = kl.sum(-1).mean() if per_action else kl.mean()
         clipfrac = (((ratio - 1).abs() > clip_coef).float() * weight).sum() / weight.sum().clamp_min(1.0)
-    return loss, entropy.mean(), approx_kl, clipfrac, getattr(scored, "features", None)
+    return loss, entropy.mean(), approx_kl, clipfrac
 
 
 # -- the loop ----------------------------------------------------------------------------------------------
@@ -292,12 +276,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
     device = resolve_device(config.device)
     policy.to(device)
     actor = policy if device.type == "cpu" else copy.deepcopy(policy).cpu()  # rollouts act on the CPU, near the envs
-    aux_head = _state_head(config, suite, policy, demos)
-    groups = [{"params": policy.param_groups()["actor"]}]  # no critic to train
-    if aux_head is not None:
-        aux_head.to(device)
-        groups.append({"params": list(aux_head.parameters()), "lr": config.aux_state_lr})
-    optimizer = torch.optim.Adam(groups, lr=config.lr, eps=1e-5)
+    optimizer = torch.optim.Adam(policy.param_groups()["actor"], lr=config.lr, eps=1e-5)  # no critic to train
     buffer = DemoBuffer(tasks, config.buffer_capacity, policy.chunk_len)
     for key, demo in enumerate(demos):
         keep_shortest(buffer, demo, demo_key=key)
@@ -316,12 +295,10 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
         buffer.load_state(tensors, state["buffer"], demos)
         bc_weight.load(state["bc_weight"])
         average.load(tensors, resume_from)
-        if aux_head is not None:
-            aux_head.load_state_dict(checkpointed_head(tensors))
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
         lost_episodes = history[-1]["lost_episodes"] if history else 0
 
-    env_config = suite.check_env_config(dataclasses.replace(policy.observation_config(), privileged_state=aux_head is not None,
+    env_config = suite.check_env_config(dataclasses.replace(policy.observation_config(),
                                                             max_episode_steps=config.max_episode_steps))
     G = config.group_size
     slot_tasks = [t for t in tasks for _ in range(config.groups_per_task * G)]
@@ -352,7 +329,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
                 if episode.success and config.buffer_admission == "shorter":
                     keep_shortest(buffer, episode)
             t1 = time.perf_counter()
-            stats = _update(policy, optimizer, batch, advantages[batch.episode_of], buffer, bc_weight, config, rng, aux_head)
+            stats = _update(policy, optimizer, batch, advantages[batch.episode_of], buffer, bc_weight, config, rng)
             nonfinite += stats.pop("nonfinite")
             if nonfinite > config.max_nonfinite_updates:
                 raise FloatingPointError(
@@ -380,8 +357,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
             if iteration % config.checkpoint_every == 0 or done:
                 tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
                 buffer_tensors, buffer_meta = buffer.state()
-                tensors.update({**buffer_tensors, **average.state(),
-                                **(aux_head.checkpoint_tensors() if aux_head is not None else {})})
+                tensors.update({**buffer_tensors, **average.state()})
                 meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration,
                              "env_steps": env_steps, "next_index": dict(next_index), "history": history})
                 checkpoint = save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
@@ -395,31 +371,9 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
     return final
 
 
-def _state_head(config: GRPOConfig, suite, policy, demos: list[Episode]) -> StatePredictionHead | None:
-    """The auxiliary state head (``aux_state_coef > 0``), its targets normalised by the demonstrations' states."""
-    if config.aux_state_coef == 0:
-        return None
-    if any(demo.states is None for demo in demos):
-        raise ValueError(f"aux_state_coef > 0 needs obs/state in every demo of {config.demos} (its statistics normalise "
-                         "the targets); collect the demonstrations with `vlapt collect`, or set aux_state_coef=0")
-    dims = list(suite.observation_spec(policy.observation_config()).aux_targets)
-    if not dims:
-        raise ValueError(f"suite {config.suite} names no auxiliary state targets; set aux_state_coef=0")
-    first = demos[0]
-    probe = {"image": first.images[:1], "proprio": first.proprio[:1], "instruction": [first.instruction]}
-    was_training = policy.training
-    with torch.no_grad():
-        features = policy.eval().evaluate(probe, torch.zeros(1, policy.chunk_len, policy.action_dim)).features
-    policy.train(was_training)
-    if features is None:
-        raise ValueError(f"{type(policy).__name__} exposes no features for the auxiliary state loss; set aux_state_coef=0")
-    return StatePredictionHead.for_states(int(features.shape[-1]), dims, np.concatenate([d.states for d in demos]))
-
-
 def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer: DemoBuffer, bc_weight: BCWeight,
-            config: GRPOConfig, rng: np.random.Generator, aux_head: StatePredictionHead | None = None) -> dict:
-    """Epochs of clipped-surrogate minibatches over every decision, each with a self-BC minibatch (and, with a
-    head, the auxiliary state loss on the same decisions)."""
+            config: GRPOConfig, rng: np.random.Generator) -> dict:
+    """Epochs of clipped-surrogate minibatches over every decision, each with a self-BC minibatch."""
     device = next(policy.parameters()).device
     n, h = batch.actions.shape[:2]
     actions = torch.from_numpy(batch.actions).to(device)
@@ -429,11 +383,9 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
     else:
         old, executed = torch.from_numpy(batch.log_probs).to(device), None
     adv = torch.from_numpy(advantages).to(device)
-    states = torch.from_numpy(batch.states).to(device) if aux_head is not None else None
-    parameters = list(policy.parameters()) + (list(aux_head.parameters()) if aux_head is not None else [])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     policy.train()
-    sums = {"policy_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0, "aux_state_loss": 0.0}
+    sums = {"policy_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
     updates, nonfinite = 0, 0
     for _ in range(config.epochs):
         order = rng.permutation(n)
@@ -443,31 +395,27 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
             observations = {"image": batch.observations["image"][idx], "proprio": batch.observations["proprio"][idx],
                             "instruction": [batch.observations["instruction"][i] for i in idx]}
             with autocast:
-                loss, entropy, kl, clipfrac, features = clipped_surrogate(
-                    policy, observations, actions[idx], old[idx], adv[idx], config.clip_coef,
-                    None if executed is None else executed[idx])
-                aux = torch.zeros((), device=device)
-                if aux_head is not None:
-                    aux = aux_head.loss(features.float(), states[idx])
+                loss, entropy, kl, clipfrac = clipped_surrogate(policy, observations, actions[idx], old[idx], adv[idx],
+                                                                config.clip_coef, None if executed is None else executed[idx])
                 bc = torch.zeros((), device=device)
                 if bc_weight.value > 0:
                     demo = buffer.sample(config.bc_batch_size, rng)
                     bc = policy.bc_loss(demo, demo["actions"], demo["action_pad"]).loss
-                total = loss + bc_weight.value * bc + config.aux_state_coef * aux
+                total = loss + bc_weight.value * bc
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(total):
                 nonfinite += 1
                 log.warning("non-finite loss (%s); minibatch skipped", total.item())
                 continue
             total.backward()
-            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)):
+            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)):
                 nonfinite += 1
                 optimizer.zero_grad(set_to_none=True)
                 log.warning("non-finite gradient norm; minibatch skipped")
                 continue
             optimizer.step()
             updates += 1
-            for key, value in zip(sums, (loss, entropy, kl, clipfrac, bc, aux)):
+            for key, value in zip(sums, (loss, entropy, kl, clipfrac, bc)):
                 sums[key] += float(value.detach())
             epoch_kl.append(float(kl))
         if config.target_kl and epoch_kl and np.mean(epoch_kl) > config.target_kl:
@@ -475,8 +423,6 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
     stats = {k: (v / updates if updates else float("nan")) for k, v in sums.items()}
     if bc_weight.value > 0 and updates:
         bc_weight.update(stats["bc_loss"])
-    if aux_head is None:
-        stats.pop("aux_state_loss")
     stats.update({"updates": updates, "nonfinite": nonfinite, "action_std": policy.exploration_std()})
     return stats
 

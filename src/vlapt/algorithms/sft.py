@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from vlapt.algorithms.auxiliary import StatePredictionHead, checkpointed_head
 from vlapt.algorithms.checkpointing import (
     capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
 )
@@ -112,6 +112,24 @@ class SFTConfig:
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError(f"checkpoint_every and log_every must be >= 1, got {self.checkpoint_every}, {self.log_every}")
         return self
+
+
+class StatePredictionHead(nn.Module):
+    """Auxiliary regressor: action readout features -> chosen privileged state entries, normalised.
+
+    Lives only in SFT training checkpoints (under ``aux.``), so the saved policy is unchanged.
+    """
+
+    def __init__(self, d_model: int, dims: list[int], mean: np.ndarray, std: np.ndarray):
+        super().__init__()
+        self.register_buffer("dims", torch.tensor(dims, dtype=torch.long))
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.net = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, len(dims)))
+
+    def loss(self, features: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        target = (state[:, self.dims] - self.mean) / self.std
+        return (self.net(features) - target).square().mean()
 
 
 def build_policy_config(model: ModelConfig, spec: ObservationSpec, stats: dict, vocabulary: list[str]) -> PolicyConfig:
@@ -218,7 +236,8 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
         model = VLAPolicy(build_policy_config(config.model, spec, dataset.statistics(), vocabulary))
     aux_head = None
     if config.aux_state_coef > 0:
-        aux_head = StatePredictionHead.for_states(_feature_dim(model, dataset), aux_dims, dataset.states)
+        targets = dataset.states[:, aux_dims]
+        aux_head = StatePredictionHead(_feature_dim(model, dataset), aux_dims, targets.mean(0), np.maximum(targets.std(0), 1e-3))
     device = resolve_device(config.device)
     model.to(device)
     if aux_head is not None:
@@ -233,7 +252,7 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
     if resume_from is not None:
         loaded, tensors, state = load_training_checkpoint(resume_from)
         model.load_state_dict(loaded.state_dict())
-        aux_state = checkpointed_head(tensors)
+        aux_state = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
         if bool(aux_state) != (aux_head is not None):
             raise ValueError(f"checkpoint {resume_from} was trained with aux_state_coef "
                              f"{'> 0' if aux_state else '= 0'}, this config has {config.aux_state_coef}; "
@@ -326,5 +345,5 @@ def _check_same_observations(what: str, observed: dict, dataset: str, expected: 
 def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, aux_head=None):
     tensors, state = capture_state(optimizer, rng, {"augment": aug_gen})
     if aux_head is not None:
-        tensors.update(aux_head.checkpoint_tensors())
+        tensors.update({f"aux.{k}": v for k, v in aux_head.state_dict().items()})
     save_training_checkpoint(out_dir, step, model, tensors, state)

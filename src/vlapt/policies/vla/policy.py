@@ -342,7 +342,7 @@ class VLAPolicy(ChunkPolicyBase):
         k = self._scored_steps(steps)
         actions = actions.to(out.mean.device, out.mean.dtype)
         log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], per_step)
-        return ChunkEvaluation(log_prob, self.chunk_entropy(out.log_std[:, :k], per_step), out.value, out.features)
+        return ChunkEvaluation(log_prob, self.chunk_entropy(out.log_std[:, :k], per_step), out.value)
 
     def value(self, observations) -> np.ndarray:
         was_training = self.training
