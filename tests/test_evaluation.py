@@ -370,3 +370,35 @@ def test_failure_modes_names_the_first_stage_a_failed_episode_never_passed(load_
     assert episode["index"] == 0 and 1 <= episode["steps"] <= 500 and episode["start_to_goal"] > 0
     if not episode["success"]:  # success is judged at every step: a failure never came within 5 cm
         assert episode["steps"] == 500 and episode["closest_object_to_goal"] > 0.05
+
+
+def test_goal_probe_reads_the_goal_off_held_out_first_frames(load_script, tiny_policy_dir, tmp_path):
+    import json
+
+    from vlapt.envs import get_suite
+    from vlapt.envs.metaworld.configurations import make_configuration
+    from vlapt.policies import load_policy
+
+    gp = load_script("goal_probe")
+    # the probe is ridge regression: a linear map of the features comes back, up to the ridge's shrinkage
+    rng = np.random.default_rng(0)
+    features, weights = rng.normal(size=(200, 6)), rng.normal(size=(6, 3))
+    predict = gp.fit_probe(features, features @ weights + 0.5, ridge=1e-6)
+    np.testing.assert_allclose(predict(features[:5]), features[:5] @ weights + 0.5, atol=1e-6)
+    # errors split by the episode's outcome on the same configuration
+    result = {"episodes": [{"task": "reach-v3", "config_index": i, "success": i != 1} for i in range(3)]}
+    split = gp.by_outcome([1.0, 7.0, 3.0], result, "reach-v3")
+    assert split["failures"] == 1 and split["probe_cm_failures"] == 7.0 and split["probe_cm_successes"] == 2.0
+    assert split["failure_rate_probe_over_5cm"] == 1.0 and split["failure_rate_probe_within_5cm"] == 0.0
+
+    # end to end on a tiny policy: the held-out goals are the eval split's, the guess is the floor
+    output = tmp_path / "probe.json"
+    assert gp.main(["--policies", str(tiny_policy_dir), "--tasks", "reach-v3", "--train", "6", "--eval", "3",
+                    "--output", str(output)]) == 0
+    figures = json.loads(output.read_text())["results"][str(tiny_policy_dir)]["reach-v3"]
+    assert len(figures["per_configuration_cm"]) == 3 and figures["mean_guess_cm"] > 0
+    _, goals = gp.first_frames(load_policy(tiny_policy_dir), get_suite("mt10"), "reach-v3", "eval", 2)
+    assert goals.shape == (2, 3) and not np.allclose(goals[0], goals[1])
+    assert np.allclose(goals[0], make_configuration("reach-v3", "eval", 0).rand_vec[-3:], atol=1e-6)
+    with pytest.raises(SystemExit):
+        gp.main(["--policies", str(tiny_policy_dir), "--against", "a.json", "b.json"])

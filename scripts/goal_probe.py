@@ -1,0 +1,139 @@
+"""Does a policy see where the goal is? A linear probe from its features, read on held-out first frames.
+
+    .venv/bin/python scripts/goal_probe.py --policies runs/pipeline/sft/policy runs/pipeline/ppo/policy \
+        --tasks reach-v3 --output probe.json [--against eval_policy.json ...]
+
+For each task, renders the first frame of ``--train`` training configurations and of the
+``--eval`` held-out configurations of the evaluation protocol (the eval split, ``config_seed=0``,
+indices 0..eval-1: the configurations `vlapt eval` runs), with the simulator's goal position. A
+ridge probe from the features the policy's action head reads (the VLA's action readout) to the goal
+is fitted on the training frames and read on the held-out ones. On a first frame the arm stands in
+the same pose every time, so only the image can say where the goal is: the probe's error says how
+precisely the policy's encoder places it. Guessing the training goals' mean is the floor to beat.
+
+``--against`` takes `vlapt eval` results of the same policies (one per policy, in order) and splits
+the held-out configurations of each task by the episode's outcome: is the probe's error larger where
+the policy failed?
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import torch
+
+import vlapt  # noqa: F401  (before mujoco: headless rendering setup)
+from vlapt.envs import get_suite
+from vlapt.envs.pools import make_pool
+from vlapt.interfaces import SlotSpec, stack_observations
+from vlapt.policies import load_policy
+
+GOAL = slice(36, 39)  # MetaWorld's state: the goal's xyz
+
+
+def first_frames(policy, suite, task: str, split: str, count: int) -> tuple[list[dict], np.ndarray]:
+    """The first observation of configurations 0..count-1 of ``split``, and each one's goal ``(count, 3)``."""
+    config = suite.check_env_config(dataclasses.replace(policy.observation_config(), privileged_state=True))
+    observations = []
+    with make_pool([SlotSpec(suite, task, config, policy.chunk_len)], num_workers=0) as pool:
+        for index in range(count):
+            observation, _ = pool.reset({0: {"split": split, "index": index}})[0]
+            observations.append(observation)
+    goals = np.stack([o.pop("state")[GOAL] for o in observations]).astype(np.float64)
+    return observations, goals
+
+
+def readout_features(policy, observations: list[dict], batch_size: int = 64) -> np.ndarray:
+    """What the policy's action head reads, per observation ``(N, F)``."""
+    if not hasattr(policy, "make_batch"):
+        raise SystemExit(f"{type(policy).__name__} does not expose its action readout; the probe reads VLA policies")
+    policy.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(observations), batch_size):
+            batch = stack_observations(observations[start:start + batch_size])
+            out.append(policy(policy.make_batch(batch)).features.float().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def fit_probe(features: np.ndarray, targets: np.ndarray, ridge: float):
+    """Ridge regression on standardised features; returns a function features -> predicted targets."""
+    mean, std = features.mean(0), features.std(0) + 1e-6
+
+    def design(x: np.ndarray) -> np.ndarray:
+        return np.c_[(x - mean) / std, np.ones(len(x))]
+
+    x = design(features)
+    weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ targets)
+    return lambda f: design(f) @ weights
+
+
+def probe(policy, suite, task: str, train: int, held_out: int, ridge: float) -> dict:
+    train_obs, train_goals = first_frames(policy, suite, task, "train", train)
+    eval_obs, eval_goals = first_frames(policy, suite, task, "eval", held_out)
+    predict = fit_probe(readout_features(policy, train_obs), train_goals, ridge)
+    errors = np.linalg.norm(predict(readout_features(policy, eval_obs)) - eval_goals, axis=1) * 100
+    guess = np.linalg.norm(train_goals.mean(0) - eval_goals, axis=1) * 100
+    return {"probe_cm_mean": float(errors.mean()), "probe_cm_median": float(np.median(errors)),
+            "share_over_5cm": float((errors > 5).mean()), "mean_guess_cm": float(guess.mean()),
+            "per_configuration_cm": [round(float(e), 3) for e in errors]}
+
+
+def by_outcome(errors: list[float], result: dict, task: str) -> dict:
+    """The probe's errors split by the evaluated episode's outcome on the same configuration."""
+    success = {e["config_index"]: e["success"] for e in result["episodes"] if e["task"] == task}
+    if not success:
+        raise SystemExit(f"the evaluation result has no episode of {task}")
+    split = {True: [], False: []}
+    for index, error in enumerate(errors):
+        if index in success:
+            split[success[index]].append(error)
+    over = [success[i] for i, e in enumerate(errors) if e > 5 and i in success]
+    under = [success[i] for i, e in enumerate(errors) if e <= 5 and i in success]
+    return {"failures": len(split[False]), "probe_cm_failures": float(np.mean(split[False])) if split[False] else None,
+            "probe_cm_successes": float(np.mean(split[True])) if split[True] else None,
+            "failure_rate_probe_over_5cm": 1 - float(np.mean(over)) if over else None,
+            "failure_rate_probe_within_5cm": 1 - float(np.mean(under)) if under else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policies", nargs="+", required=True, help="saved VLA policy directories")
+    parser.add_argument("--tasks", default="reach-v3,push-v3,pick-place-v3", help="comma-separated MT10 tasks")
+    parser.add_argument("--train", type=int, default=400, help="training configurations to fit the probe on")
+    parser.add_argument("--eval", type=int, default=50, help="held-out configurations to read it on")
+    parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--against", nargs="*", default=[], help="`vlapt eval` results, one per policy")
+    parser.add_argument("--output", default="", help="JSON file for every figure (and per-configuration errors)")
+    args = parser.parse_args(argv)
+    if args.train < 2 or args.eval < 1:
+        parser.error("--train must be >= 2 and --eval >= 1")
+    if args.against and len(args.against) != len(args.policies):
+        parser.error(f"--against takes one evaluation result per policy ({len(args.policies)}), got {len(args.against)}")
+    torch.set_num_threads(1)
+    suite = get_suite("mt10")
+    tasks = suite.resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
+    results = {}
+    for k, path in enumerate(args.policies):
+        policy = load_policy(path)
+        evaluation = json.loads(open(args.against[k]).read()) if args.against else None
+        for task in tasks:
+            figures = probe(policy, suite, task, args.train, args.eval, args.ridge)
+            if evaluation is not None:
+                figures["by_outcome"] = by_outcome(figures["per_configuration_cm"], evaluation, task)
+            results.setdefault(path, {})[task] = figures
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items() if k != "per_configuration_cm"}
+            print(f"{path} {task} {json.dumps(shown)}", flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "train": args.train, "eval": args.eval, "ridge": args.ridge,
+                       "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
