@@ -118,3 +118,14 @@ def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
     resumed = train_grpo(dataclasses.replace(config, total_env_steps=80), progress=False)
     longer = json.loads((tmp_path / "grpo" / "history.json").read_text())
     assert longer[: len(history)] == history and longer[-1]["env_steps"] >= 80 and resumed == final
+    # a larger budget resumed is the run it extends: the same rows and weights as one uninterrupted run
+    straight = train_grpo(dataclasses.replace(config, output_dir=str(tmp_path / "straight"), total_env_steps=80),
+                          progress=False)
+    timing = ("rollout_env_steps_per_s", "learn_time_s", "wall_time_s")
+
+    def rows(run):
+        return [{k: v for k, v in row.items() if k not in timing}
+                for row in json.loads((tmp_path / run / "history.json").read_text())]
+    assert rows("grpo") == rows("straight")
+    assert all(torch.equal(a, b) for a, b in zip(load_policy(resumed).state_dict().values(),
+                                                  load_policy(straight).state_dict().values()))
