@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for k, path in enumerate(args.policies):
         policy = load_policy(path)
-        evaluation = json.loads(open(args.against[k]).read()) if args.against else None
+        evaluation = json.loads(Path(args.against[k]).read_text()) if args.against else None
         for task in tasks:
             figures = probe(policy, suite, task, args.train, args.eval, args.ridge)
             if evaluation is not None:
@@ -129,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items() if k != "per_configuration_cm"}
             print(f"{path} {task} {json.dumps(shown)}", flush=True)
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "train": args.train, "eval": args.eval, "ridge": args.ridge,
-                       "results": results}, f, indent=1)
+        Path(args.output).write_text(json.dumps({"command": " ".join(sys.argv), "train": args.train, "eval": args.eval,
+                                                 "ridge": args.ridge, "results": results}, indent=1))
     return 0
 
 
