@@ -29,11 +29,12 @@ import torch
 
 import vlapt  # noqa: F401  (before mujoco: headless rendering setup)
 from vlapt.envs import get_suite
+from vlapt.envs.metaworld.env import AUX_TARGETS
 from vlapt.envs.pools import make_pool
 from vlapt.interfaces import SlotSpec, stack_observations
 from vlapt.policies import load_policy
 
-GOAL = slice(36, 39)  # MetaWorld's state: the goal's xyz
+GOAL = list(AUX_TARGETS[-3:])  # the goal's xyz in MetaWorld's state: the last of the env's auxiliary targets
 
 
 def first_frames(policy, suite, task: str, split: str, count: int) -> tuple[list[dict], np.ndarray]:
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             if evaluation is not None:
                 figures["by_outcome"] = by_outcome(figures["per_configuration_cm"], evaluation, task)
             results.setdefault(path, {})[task] = figures
-            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items() if k != "per_configuration_cm"}
+            shown = {name: (round(value, 3) if isinstance(value, float) else value)
+                     for name, value in figures.items() if name != "per_configuration_cm"}
             print(f"{path} {task} {json.dumps(shown)}", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"command": " ".join(sys.argv), "train": args.train, "eval": args.eval,
