@@ -21,14 +21,18 @@ from pathlib import Path
 from vlapt.evaluation.metrics import format_pace_table, paired_pace
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reference", type=Path, help="eval JSON of the reference (e.g. the scripted expert)")
     parser.add_argument("result", type=Path, help="eval JSON of the policy to compare")
     parser.add_argument("--json", type=Path, help="also write the comparison here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         reference, result = (json.loads(p.read_text()) for p in (args.reference, args.result))
+        for path, data in ((args.reference, reference), (args.result, result)):
+            if not isinstance(data, dict) or not {"protocol", "episodes"} <= data.keys():
+                raise ValueError(f"{path} is not a `vlapt eval` result (it has no 'protocol' and 'episodes'); "
+                                 "pass the JSON that `vlapt eval --output` or `vlapt pipeline` writes")
         pace = paired_pace(reference, result)
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

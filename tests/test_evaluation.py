@@ -1,5 +1,6 @@
 """Evaluation: metrics, the protocol's results, determinism, and the held-out split."""
 
+import json
 import math
 
 import numpy as np
@@ -341,6 +342,17 @@ def test_paired_pace_refuses_results_from_different_protocols():
         paired_pace(_result([("reach-v3", 0, 40)]), _result([("reach-v3", 0, 40)], config_seed=1))
     with pytest.raises(ValueError, match="no task"):
         paired_pace(_result([], tasks=["reach-v3"]), _result([], tasks=["push-v3"]))
+
+
+def test_paired_pace_script_names_a_file_that_is_not_an_eval_result(load_script, tmp_path, capsys):
+    script = load_script("paired_pace")
+    good, bad = tmp_path / "eval.json", tmp_path / "probe.json"
+    good.write_text(json.dumps(_result([("reach-v3", 0, 40)])))
+    bad.write_text(json.dumps({"policies": {}}))
+    assert script.main([str(good), str(good)]) == 0
+    assert script.main([str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "vlapt eval" in err
 
 
 def test_failure_modes_names_the_first_stage_a_failed_episode_never_passed(load_script, tiny_policy_dir):
