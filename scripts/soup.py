@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Average the weights of policies of one architecture (a uniform model soup; an experiment's tool).
+"""Average the weights of policies of one architecture: a uniform model soup.
 
     scripts/soup.py runs/exp/grpo2m_mixed/policy runs/exp/grpo2m_mixed_seed1/policy ... --output runs/exp/soup/policy
 

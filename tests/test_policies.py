@@ -735,3 +735,25 @@ def test_tokenizer_encode_pads_truncates_and_maps_unknowns(tokenizer):
 def test_tokenizer_rejects_bad_vocab():
     with pytest.raises(ValueError, match="must start with"):
         Tokenizer(["hello", "[PAD]"])
+
+
+def test_soup_script_averages_the_weights_of_policies_of_one_architecture(load_script, tiny_policy_dir, tmp_path):
+    import torch
+
+    from vlapt.policies import load_policy
+
+    soup = load_script("soup")
+    first = load_policy(tiny_policy_dir)
+    second = load_policy(tiny_policy_dir)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(1.0)
+    other = second.save(tmp_path / "other")
+    assert soup.main([str(tiny_policy_dir), str(other), "--output", str(tmp_path / "soup")]) == 0
+    averaged = load_policy(tmp_path / "soup").state_dict()
+    a, b = first.state_dict(), second.state_dict()
+    for name, value in averaged.items():
+        expected = (a[name] + b[name]) / 2 if value.is_floating_point() else a[name]
+        assert torch.allclose(value, expected), name
+    with pytest.raises(SystemExit):
+        soup.main([str(tiny_policy_dir), "--output", str(tmp_path / "one")])
