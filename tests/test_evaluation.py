@@ -385,8 +385,6 @@ def test_failure_modes_names_the_first_stage_a_failed_episode_never_passed(load_
 
 
 def test_goal_probe_reads_the_goal_off_held_out_first_frames(load_script, tiny_policy_dir, tmp_path):
-    import json
-
     from vlapt.envs import get_suite
     from vlapt.envs.metaworld.configurations import make_configuration
     from vlapt.policies import load_policy
