@@ -1,11 +1,12 @@
-"""Does a policy see where the goal is? A linear probe from its features, read on held-out first frames.
+"""Does a policy see where the goal (or the object) is? A linear probe from its features, read on held-out first frames.
 
     .venv/bin/python scripts/goal_probe.py --policies runs/pipeline/sft/policy runs/pipeline/ppo/policy \
         --tasks reach-v3 --output probe.json [--against eval_policy.json ...]
 
 For each task, renders the first frame of ``--train`` training configurations and of the
 ``--eval`` held-out configurations of the evaluation protocol (the eval split, ``config_seed=0``,
-indices 0..eval-1: the configurations `vlapt eval` runs), with the simulator's goal position. A
+indices 0..eval-1: the configurations `vlapt eval` runs), with the simulator's goal position (or,
+with ``--target object``, the first object's). A
 ridge probe from the features the policy's action head reads (the VLA's action readout) to the goal
 is fitted on the training frames and read on the held-out ones. On a first frame the arm stands in
 the same pose every time, so only the image can say where the goal is: the probe's error says how
@@ -34,18 +35,19 @@ from vlapt.envs.pools import make_pool
 from vlapt.interfaces import SlotSpec, stack_observations
 from vlapt.policies import load_policy
 
-GOAL = list(AUX_TARGETS[-3:])  # the goal's xyz in MetaWorld's state: the last of the env's auxiliary targets
+TARGETS = {"goal": list(AUX_TARGETS[-3:]),  # the goal's xyz in MetaWorld's state: the last of the env's auxiliary targets
+           "object": list(AUX_TARGETS[:3])}  # the first object's xyz: the first of them
 
 
-def first_frames(policy, suite, task: str, split: str, count: int) -> tuple[list[dict], np.ndarray]:
-    """The first observation of configurations 0..count-1 of ``split``, and each one's goal ``(count, 3)``."""
+def first_frames(policy, suite, task: str, split: str, count: int, target: str = "goal") -> tuple[list[dict], np.ndarray]:
+    """The first observation of configurations 0..count-1 of ``split``, and each one's ``target`` position ``(count, 3)``."""
     config = suite.check_env_config(dataclasses.replace(policy.observation_config(), privileged_state=True))
     observations = []
     with make_pool([SlotSpec(suite, task, config, policy.chunk_len)], num_workers=0) as pool:
         for index in range(count):
             observation, _ = pool.reset({0: {"split": split, "index": index}})[0]
             observations.append(observation)
-    goals = np.stack([o.pop("state")[GOAL] for o in observations]).astype(np.float64)
+    goals = np.stack([o.pop("state")[TARGETS[target]] for o in observations]).astype(np.float64)
     return observations, goals
 
 
@@ -74,9 +76,9 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, ridge: float):
     return lambda f: design(f) @ weights
 
 
-def probe(policy, suite, task: str, train: int, held_out: int, ridge: float) -> dict:
-    train_obs, train_goals = first_frames(policy, suite, task, "train", train)
-    eval_obs, eval_goals = first_frames(policy, suite, task, "eval", held_out)
+def probe(policy, suite, task: str, train: int, held_out: int, ridge: float, target: str = "goal") -> dict:
+    train_obs, train_goals = first_frames(policy, suite, task, "train", train, target)
+    eval_obs, eval_goals = first_frames(policy, suite, task, "eval", held_out, target)
     predict = fit_probe(readout_features(policy, train_obs), train_goals, ridge)
     errors = np.linalg.norm(predict(readout_features(policy, eval_obs)) - eval_goals, axis=1) * 100
     guess = np.linalg.norm(train_goals.mean(0) - eval_goals, axis=1) * 100
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=400, help="training configurations to fit the probe on")
     parser.add_argument("--eval", type=int, default=50, help="held-out configurations to read it on")
     parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--target", choices=sorted(TARGETS), default="goal", help="what the probe places")
     parser.add_argument("--against", nargs="*", default=[], help="`vlapt eval` results, one per policy")
     parser.add_argument("--output", default="", help="JSON file for every figure (and per-configuration errors)")
     args = parser.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = load_policy(path)
         evaluation = json.loads(Path(args.against[k]).read_text()) if args.against else None
         for task in tasks:
-            figures = probe(policy, suite, task, args.train, args.eval, args.ridge)
+            figures = probe(policy, suite, task, args.train, args.eval, args.ridge, args.target)
             if evaluation is not None:
                 figures["by_outcome"] = by_outcome(figures["per_configuration_cm"], evaluation, task)
             results.setdefault(path, {})[task] = figures
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path} {task} {json.dumps(shown)}", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"command": " ".join(sys.argv), "train": args.train, "eval": args.eval,
-                                                 "ridge": args.ridge, "results": results}, indent=1))
+                                                 "ridge": args.ridge, "target": args.target, "results": results}, indent=1))
     return 0
 
 
