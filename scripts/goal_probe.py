@@ -7,10 +7,11 @@ For each task, renders the first frame of ``--train`` training configurations an
 ``--eval`` held-out configurations of the evaluation protocol (the eval split, ``config_seed=0``,
 indices 0..eval-1: the configurations `vlapt eval` runs), with the simulator's goal position (or,
 with ``--target object``, the first object's). A
-ridge probe from the features the policy's action head reads (the VLA's action readout) to the goal
+ridge probe from the features the policy's action head reads (the VLA's action readout) to that position
 is fitted on the training frames and read on the held-out ones. On a first frame the arm stands in
-the same pose every time, so only the image can say where the goal is: the probe's error says how
-precisely the policy's encoder places it. Guessing the training goals' mean is the floor to beat.
+the same pose every time, so only the image can say where the goal or object is: the probe's error
+says how precisely the policy's encoder places it. Guessing the training positions' mean is the floor
+to beat.
 
 ``--against`` takes `vlapt eval` results of the same policies (one per policy, in order) and splits
 the held-out configurations of each task by the episode's outcome: is the probe's error larger where
@@ -47,8 +48,8 @@ def first_frames(policy, suite, task: str, split: str, count: int, target: str =
         for index in range(count):
             observation, _ = pool.reset({0: {"split": split, "index": index}})[0]
             observations.append(observation)
-    goals = np.stack([o.pop("state")[TARGETS[target]] for o in observations]).astype(np.float64)
-    return observations, goals
+    positions = np.stack([o.pop("state")[TARGETS[target]] for o in observations]).astype(np.float64)
+    return observations, positions
 
 
 def readout_features(policy, observations: list[dict], batch_size: int = 64) -> np.ndarray:
@@ -77,11 +78,11 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, ridge: float):
 
 
 def probe(policy, suite, task: str, train: int, held_out: int, ridge: float, target: str = "goal") -> dict:
-    train_obs, train_goals = first_frames(policy, suite, task, "train", train, target)
-    eval_obs, eval_goals = first_frames(policy, suite, task, "eval", held_out, target)
-    predict = fit_probe(readout_features(policy, train_obs), train_goals, ridge)
-    errors = np.linalg.norm(predict(readout_features(policy, eval_obs)) - eval_goals, axis=1) * 100
-    guess = np.linalg.norm(train_goals.mean(0) - eval_goals, axis=1) * 100
+    train_obs, train_positions = first_frames(policy, suite, task, "train", train, target)
+    eval_obs, eval_positions = first_frames(policy, suite, task, "eval", held_out, target)
+    predict = fit_probe(readout_features(policy, train_obs), train_positions, ridge)
+    errors = np.linalg.norm(predict(readout_features(policy, eval_obs)) - eval_positions, axis=1) * 100
+    guess = np.linalg.norm(train_positions.mean(0) - eval_positions, axis=1) * 100
     return {"probe_cm_mean": float(errors.mean()), "probe_cm_median": float(np.median(errors)),
             "share_over_5cm": float((errors > 5).mean()), "mean_guess_cm": float(guess.mean()),
             "per_configuration_cm": [round(float(e), 3) for e in errors]}
