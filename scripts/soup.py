@@ -3,8 +3,10 @@
 
     scripts/soup.py runs/exp/grpo2m_mixed/policy runs/exp/grpo2m_mixed_seed1/policy ... --output runs/exp/soup/policy
 
-Every floating-point tensor is the mean of the policies'; integer buffers must agree. Evaluate the
-result with ``vlapt eval``.
+Every floating-point tensor is the mean of the policies'; integer buffers must agree. Average only
+policies fine-tuned from one common starting policy (post-training seeds of one SFT policy): the
+weights of independently trained ones do not line up, and their average does not act like any of
+them. Evaluate the result with ``vlapt eval``.
 """
 
 from __future__ import annotations
