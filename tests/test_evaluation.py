@@ -407,11 +407,12 @@ def test_goal_probe_reads_the_goal_off_held_out_first_frames(load_script, tiny_p
                     "--output", str(output)]) == 0
     figures = json.loads(output.read_text())["results"][str(tiny_policy_dir)]["reach-v3"]
     assert len(figures["per_configuration_cm"]) == 3 and figures["mean_guess_cm"] > 0
-    _, goals = gp.first_frames(load_policy(tiny_policy_dir), get_suite("mt10"), "reach-v3", "eval", 2)
+    policy, suite = load_policy(tiny_policy_dir), get_suite("mt10")
+    _, goals = gp.first_frames(policy, suite, "reach-v3", "eval", 2)
     assert goals.shape == (2, 3) and not np.allclose(goals[0], goals[1])
     assert np.allclose(goals[0], make_configuration("reach-v3", "eval", 0).rand_vec[-3:], atol=1e-6)
     # --target object: the first object's position, which push's configuration places (x, y) on the table
-    _, objects = gp.first_frames(load_policy(tiny_policy_dir), get_suite("mt10"), "push-v3", "eval", 2, target="object")
+    _, objects = gp.first_frames(policy, suite, "push-v3", "eval", 2, target="object")
     assert objects.shape == (2, 3) and not np.allclose(objects[0], objects[1])
     assert np.allclose(objects[0, :2], make_configuration("push-v3", "eval", 0).rand_vec[:2], atol=1e-3)
     with pytest.raises(SystemExit):
