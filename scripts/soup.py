@@ -6,7 +6,9 @@
 Every floating-point tensor is the mean of the policies'; integer buffers must agree. Average only
 policies fine-tuned from one common starting policy (post-training seeds of one SFT policy): the
 weights of independently trained ones do not line up, and their average does not act like any of
-them. Evaluate the result with ``vlapt eval``.
+them. Post-training records its starting policy's weights digest (``init_state_sha256`` in the
+checkpoint's metadata); policies whose digests differ are refused. Evaluate the result with
+``vlapt eval``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vlapt.policies import load_policy
+from vlapt.policies import CheckpointError, load_policy, read_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.policies) < 2:
         parser.error("give at least two policies to average")
+    starts = {path: _starting_policy(path) for path in args.policies}
+    known = {digest for digest in starts.values() if digest is not None}
+    if len(known) > 1:
+        listing = "\n".join(f"  {path}: {digest[:12] if digest else 'not recorded'}" for path, digest in starts.items())
+        sys.exit("the policies were fine-tuned from different starting policies, so their weights do not line up and "
+                 f"their average would not act like any of them:\n{listing}\naverage only post-training runs that "
+                 "started from one policy (their config.json's metadata.init_state_sha256 agree)")
+    if None in starts.values():
+        unknown = ", ".join(str(path) for path, digest in starts.items() if digest is None)
+        print(f"note: {unknown} records no starting policy; check that every policy was fine-tuned from the same one")
     policies = [load_policy(p) for p in args.policies]
     states = [p.state_dict() for p in policies]
     if any(s.keys() != states[0].keys() for s in states):
@@ -40,9 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.exit(f"integer buffer {name} differs between the policies; they cannot be averaged")
     policies[0].load_state_dict(soup)
-    policies[0].save(args.output, metadata={"trained_by": "scripts/soup.py", "averaged": [str(p) for p in args.policies]})
+    metadata = {"trained_by": "scripts/soup.py", "averaged": [str(p) for p in args.policies]}
+    if known:  # a soup of one start's runs may be averaged again with that start's other runs
+        metadata["init_state_sha256"] = known.pop()
+    policies[0].save(args.output, metadata=metadata)
     print(f"wrote {args.output}")
     return 0
+
+
+def _starting_policy(path: Path) -> str | None:
+    """The weights digest of the policy ``path`` was post-trained from, if its checkpoint records one."""
+    try:
+        return (read_config(path).get("metadata") or {}).get("init_state_sha256")
+    except CheckpointError:  # another family's layout (e.g. a LeRobot directory): nothing recorded
+        return None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from vlapt.data.collect import CollectConfig, collect
 from vlapt.envs import get_suite
 from vlapt.envs.pools import make_pool
 from vlapt.interfaces import SlotSpec
-from vlapt.policies import load_policy
+from vlapt.policies import load_policy, state_sha256
 
 TASK = "reach-v3"
 
@@ -129,3 +129,7 @@ def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
     assert rows("grpo") == rows("straight")
     assert all(torch.equal(a, b) for a, b in zip(load_policy(resumed).state_dict().values(),
                                                   load_policy(straight).state_dict().values()))
+    # lineage: the resumed run still names the SFT policy it started from, not its own checkpoint
+    start = state_sha256(load_policy(sft_policy))
+    assert json.loads((final / "config.json").read_text())["metadata"]["init_state_sha256"] == start
+    assert state_sha256(load_policy(final)) != start

@@ -757,3 +757,29 @@ def test_soup_script_averages_the_weights_of_policies_of_one_architecture(load_s
         assert torch.allclose(value, expected), name
     with pytest.raises(SystemExit):
         soup.main([str(tiny_policy_dir), "--output", str(tmp_path / "one")])
+    # runs fine-tuned from different starting policies are refused, and nothing is written
+    a_run = first.save(tmp_path / "from_a", metadata={"init_state_sha256": "a" * 64})
+    b_run = second.save(tmp_path / "from_b", metadata={"init_state_sha256": "b" * 64})
+    with pytest.raises(SystemExit, match="different starting policies"):
+        soup.main([str(a_run), str(b_run), "--output", str(tmp_path / "mixed")])
+    assert not (tmp_path / "mixed").exists()
+    # runs of one start are averaged, and the soup keeps their lineage
+    b_run = second.save(tmp_path / "from_b", metadata={"init_state_sha256": "a" * 64})
+    assert soup.main([str(a_run), str(b_run), "--output", str(tmp_path / "same")]) == 0
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["metadata"]["init_state_sha256"] == "a" * 64
+
+
+def test_state_sha256_names_the_weights_not_the_file(tiny_policy_dir, tmp_path):
+    import torch
+
+    from vlapt.policies import load_policy, state_sha256
+
+    first = load_policy(tiny_policy_dir)
+    copy = load_policy(first.save(tmp_path / "copy", metadata={"note": "another file, the same weights"}))
+    assert state_sha256(first) == state_sha256(copy)
+    with torch.no_grad():
+        next(copy.parameters()).view(-1)[0] += 1e-3
+    assert state_sha256(first) != state_sha256(copy)
+    layer = torch.nn.Linear(2, 2)
+    full = state_sha256(layer)
+    assert state_sha256(layer.to(torch.bfloat16)) != full  # dtypes without a numpy twin hash too

@@ -41,7 +41,7 @@ from vlapt.envs.metaworld.tasks import MT50
 from vlapt.envs.pools import make_pool
 from vlapt.evaluation import checkpoint_evaluator
 from vlapt.interfaces import ChunkSample, EnvConfig, Episode, SlotSpec, StepResult
-from vlapt.policies import CheckpointError, load_policy
+from vlapt.policies import CheckpointError, load_policy, state_sha256
 from vlapt.policies.vla import Tokenizer, VLAPolicy, policy_config_for_size
 from vlapt.rollout.chunked import ChunkedRollout, RolloutBatch
 
@@ -1104,7 +1104,9 @@ def test_train_ppo_end_to_end(reference_run, sft_policy, dataset):
     trained = policy.state_dict()
     assert any(not torch.equal(init[k], trained[k]) for k in init)
     assert all(torch.isfinite(v).all() for v in trained.values())
-    assert json.loads((out / "policy" / "config.json").read_text())["metadata"]["iterations"] == len(_history(out))
+    metadata = json.loads((out / "policy" / "config.json").read_text())["metadata"]
+    assert metadata["iterations"] == len(_history(out))
+    assert metadata["init_state_sha256"] == state_sha256(load_policy(sft_policy)) != state_sha256(policy)
 
     history = _history(out)
     n = len(history)

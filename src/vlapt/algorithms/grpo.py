@@ -40,7 +40,7 @@ from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs import get_suite
 from vlapt.envs.pools import check_backend, make_pool
 from vlapt.interfaces import ChunkPolicy, EnvPool, Episode, SlotSpec, stack_observations
-from vlapt.policies import load_policy, resolve_device
+from vlapt.policies import load_policy, resolve_device, state_sha256
 
 log = logging.getLogger("vlapt.grpo")
 
@@ -268,6 +268,7 @@ RESUMABLE = ("total_env_steps", "checkpoint_every", "eval_every", "eval_episodes
 
 
 def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, evaluator) -> Path:
+    init_sha256 = state_sha256(policy)  # the starting policy's weights, recorded with the result (lineage)
     resume_from = latest_checkpoint(out_dir) if config.resume else None
     if resume_from is not None:
         policy = load_policy(resume_from)
@@ -364,7 +365,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
                 run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
     metadata = {"trained_by": f"vlapt train algorithm=grpo ({config.advantage})", "env_steps": env_steps,
-                "iterations": iteration}
+                "iterations": iteration, "init_policy": config.init_policy, "init_state_sha256": init_sha256}
     policy.save(final, metadata=metadata)
     average.save(out_dir / "policy_ema", {**metadata, "trained_by": f"{metadata['trained_by']}, weight average"})
     run_log.close()

@@ -39,7 +39,7 @@ from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs import get_suite
 from vlapt.envs.pools import check_backend, make_pool
 from vlapt.interfaces import ChunkPolicy, Episode, SlotSpec
-from vlapt.policies import load_policy, resolve_device
+from vlapt.policies import load_policy, resolve_device, state_sha256
 from vlapt.rollout.chunked import ChunkedRollout, RolloutBatch
 
 log = logging.getLogger("vlapt.ppo")
@@ -276,6 +276,7 @@ RESUMABLE = ("total_env_steps", "checkpoint_every", "eval_every", "eval_episodes
 def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Episode], policy: ChunkPolicy,
                 progress: bool, evaluator: Evaluator | None) -> Path:
     # -- policy, optimiser, buffer, state ----------------------------------------------------------------
+    init_sha256 = state_sha256(policy)  # the starting policy's weights, recorded with the result (lineage)
     resume_from = latest_checkpoint(out_dir) if config.resume else None
     if resume_from is not None:
         policy = load_policy(resume_from)
@@ -358,7 +359,8 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
                                          bc_weight, rollout.next_index, history, average)
                 run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
-    metadata = {"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps, "iterations": iteration}
+    metadata = {"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps, "iterations": iteration,
+                "init_policy": config.init_policy, "init_state_sha256": init_sha256}
     policy.save(final, metadata=metadata)
     average.save(out_dir / "policy_ema", {**metadata, "trained_by": f"{metadata['trained_by']}, weight average"})
     run_log.close()

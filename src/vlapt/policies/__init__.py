@@ -7,7 +7,7 @@
 from vlapt.policies.base import (
     ChunkPolicyBase, PolicyAgent, load_policy, policy_types, register_policy_type, resolve_device,
 )
-from vlapt.policies.checkpoint import CheckpointError, read_config
+from vlapt.policies.checkpoint import CheckpointError, read_config, state_sha256
 
 __all__ = ["ChunkPolicyBase", "CheckpointError", "PolicyAgent", "load_policy", "policy_types", "read_config", "register_policy_type",
-           "resolve_device"]
+           "resolve_device", "state_sha256"]

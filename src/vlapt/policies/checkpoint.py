@@ -176,6 +176,18 @@ def _config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def state_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (every tensor's name, dtype, shape and bytes, in name order): one digest per set
+    of weights, whatever the family or the file it came from. Post-training records its starting policy's, so
+    runs fine-tuned from one policy can be told from runs of another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
