@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/steps_floor.py --episodes 50 --output docs/results/steps_floor_mt10.json
     .venv/bin/python scripts/steps_floor.py --floors docs/results/steps_floor_mt10.json --compare RESULT.json ...
+    .venv/bin/python scripts/steps_floor.py --floors docs/results/steps_floor_mt10.json --start SFT.json --compare RESULT.json
 
 MetaWorld moves the hand's mocap target by ``action * action_scale`` per env step, with actions clipped to
 [-1, 1] and ``action_scale`` 1/100: at most 1 cm per axis per step, whatever the policy. So any motion
@@ -20,7 +21,10 @@ held back from; the target itself cannot). For reach,
 where nothing is moved, it is the distance to the goal less the 5 cm success radius. A policy may touch
 elsewhere or move the object less, so this is the floor of the experts' contacts, not of every
 strategy; it says how much of a step count is travel that cannot be cut. ``--compare`` sets `vlapt eval`
-results (same protocol) against it, configuration by configuration.
+results (same protocol) against it, configuration by configuration. With ``--start`` (the evaluation of the
+policy post-training began from) the comparison keeps the configurations that policy solved too, and gives
+the share of its headroom each result closed: (start - steps) / (start - floor), 1 at the floor, 0 at the
+start's pace. floor / start is the lowest ratio to the start that the experts' contacts allow.
 """
 
 from __future__ import annotations
@@ -97,22 +101,41 @@ def run_task(task: str, episodes: int, config_seed: int) -> dict:
             "max_hand_step_m": max_hand_step, "max_object_step_m": max_object_step, "per_episode": rows}
 
 
-def compare(floors: dict, result: dict) -> dict:
-    """Per task, a policy's mean steps and the floor's on the configurations it and the expert both solved."""
+def solved_steps(floors: dict, result: dict) -> dict[tuple[str, int], int]:
+    """(task, configuration) -> steps of each success of a `vlapt eval` result run under the floors' protocol."""
     protocol = result["protocol"]
     if protocol["split"] != "eval" or protocol["config_seed"] != floors["config_seed"]:
         raise ValueError(f"the result ran on split {protocol['split']!r}, config_seed {protocol['config_seed']}; "
                          f"the floors on 'eval', config_seed {floors['config_seed']}")
+    return {(e["task"], e["config_index"]): e["steps"] for e in result["episodes"] if e["success"]}
+
+
+def compare(floors: dict, result: dict, start: dict | None = None) -> dict:
+    """Per task, a policy's mean steps and the floor's on the configurations it and the expert both solved.
+
+    With ``start`` (the evaluation of the policy post-training began from), only the configurations that
+    policy solved as well, with its mean steps there and the share of its headroom to the floor closed.
+    """
+    mine = solved_steps(floors, result)
+    before = solved_steps(floors, start) if start is not None else None
     rows = {}
     for task, row in floors["per_task"].items():
-        floor_of = {r["index"]: r for r in row["per_episode"]}
-        pairs = [(e["steps"], floor_of[e["config_index"]]) for e in result["episodes"]
-                 if e["task"] == task and e["success"] and e["config_index"] in floor_of]
-        if pairs:
-            rows[task] = {"configurations": len(pairs), "steps": float(np.mean([p[0] for p in pairs])),
-                          "expert_steps": float(np.mean([p[1]["expert_steps"] for p in pairs])),
-                          "floor": float(np.mean([p[1]["floor"] for p in pairs]))}
+        floor_of = {r["index"]: r for r in row["per_episode"] if r.get("floor") is not None}
+        keys = [k for k in mine if k[0] == task and k[1] in floor_of and (before is None or k in before)]
+        if not keys:
+            continue
+        rows[task] = {"configurations": len(keys), "steps": float(np.mean([mine[k] for k in keys])),
+                      "expert_steps": float(np.mean([floor_of[k[1]]["expert_steps"] for k in keys])),
+                      "floor": float(np.mean([floor_of[k[1]]["floor"] for k in keys]))}
+        if before is not None:
+            rows[task]["start_steps"] = float(np.mean([before[k] for k in keys]))
+            rows[task]["closed"] = headroom_closed(rows[task]["start_steps"], rows[task]["steps"], rows[task]["floor"])
     return rows
+
+
+def headroom_closed(start: float, steps: float, floor: float) -> float:
+    """The share of the start's steps above the floor that a policy cut: 0 at the start's pace, 1 at the floor."""
+    return (start - steps) / (start - floor) if start > floor else float("nan")
 
 
 def print_floors(per_task: dict) -> None:
@@ -130,6 +153,8 @@ def main() -> int:
     parser.add_argument("--output", type=Path, help="write per-task and per-episode floors to this JSON file")
     parser.add_argument("--floors", type=Path, help="read the floors from a file --output wrote instead of measuring")
     parser.add_argument("--compare", type=Path, nargs="+", default=[], help="vlapt eval results to set against the floor")
+    parser.add_argument("--start", type=Path, help="vlapt eval result of the policy post-training started from: "
+                        "compare on the configurations it solved too, and give the share of its headroom closed")
     args = parser.parse_args()
     if args.floors:
         try:
@@ -151,20 +176,40 @@ def main() -> int:
     average = floors["average"]
     print(f"{'average over tasks':<24} {average['expert_steps']:7.1f} {average['floor']:6.1f} "
           f"{average['approach']:9.1f} {average['carry']:6.1f}")
+    start = None
+    if args.start:
+        try:
+            start = json.loads(args.start.read_text())
+        except (OSError, ValueError) as err:
+            print(f"error: cannot read --start {args.start}: {err}", file=sys.stderr)
+            return 2
     for path in args.compare:
         try:
-            rows = compare(floors, json.loads(path.read_text()))
+            rows = compare(floors, json.loads(path.read_text()), start)
         except (OSError, ValueError, KeyError) as err:
             print(f"error: {path}: {err}", file=sys.stderr)
             return 2
-        print(f"\n{path}: mean steps on the configurations it and the expert solved, against the floor there")
-        print(f"{'task':<24} {'n':>3} {'policy':>7} {'expert':>7} {'floor':>6} {'policy/floor':>13}")
-        for task, row in rows.items():
-            print(f"{task:<24} {row['configurations']:3d} {row['steps']:7.1f} {row['expert_steps']:7.1f} "
-                  f"{row['floor']:6.1f} {row['steps'] / row['floor']:13.2f}")
-        mean = {key: float(np.mean([row[key] for row in rows.values()])) for key in ("steps", "expert_steps", "floor")}
-        print(f"{'average over tasks':<24} {'':>3} {mean['steps']:7.1f} {mean['expert_steps']:7.1f} {mean['floor']:6.1f} "
-              f"{mean['steps'] / mean['floor']:13.2f}")
+        if not rows:
+            print(f"\n{path}: no configuration solved by it, the expert{' and the start' if start else ''}")
+            continue
+        mean = {key: float(np.mean([row[key] for row in rows.values()])) for key in rows[next(iter(rows))]}
+        if start is None:
+            print(f"\n{path}: mean steps on the configurations it and the expert solved, against the floor there")
+            print(f"{'task':<24} {'n':>3} {'policy':>7} {'expert':>7} {'floor':>6} {'policy/floor':>13}")
+            for task, row in [*rows.items(), ("average over tasks", mean)]:
+                n = f"{row['configurations']:3d}" if task != "average over tasks" else ""
+                print(f"{task:<24} {n:>3} {row['steps']:7.1f} {row['expert_steps']:7.1f} {row['floor']:6.1f} "
+                      f"{row['steps'] / row['floor']:13.2f}")
+            continue
+        print(f"\n{path}: mean steps on the configurations it, the expert and {args.start} solved, "
+              "against the start's and the floor there")
+        print(f"{'task':<24} {'n':>3} {'start':>6} {'policy':>7} {'floor':>6} {'policy/start':>13} {'floor/start':>12} "
+              f"{'closed':>7}")
+        mean["closed"] = headroom_closed(mean["start_steps"], mean["steps"], mean["floor"])
+        for task, row in [*rows.items(), ("average over tasks", mean)]:
+            n = f"{row['configurations']:3d}" if task != "average over tasks" else ""
+            print(f"{task:<24} {n:>3} {row['start_steps']:6.1f} {row['steps']:7.1f} {row['floor']:6.1f} "
+                  f"{row['steps'] / row['start_steps']:13.2f} {row['floor'] / row['start_steps']:12.2f} {row['closed']:7.2f}")
     return 0
 
 

@@ -469,3 +469,25 @@ def test_steps_floor_counts_travel_to_the_touch_and_the_carry(load_script):
     reach = np.zeros((3, 39), np.float32)
     reach[0, 36:39] = [0.0, 0.12, -0.2]
     assert floor.floor_of_episode("reach-v3", list(reach))["floor"] == 15  # 20 cm less the 5 cm success radius
+
+
+def test_steps_floor_compares_against_the_start_on_configurations_all_three_solved(load_script):
+    floor = load_script("steps_floor")
+    floors = {"config_seed": 0, "per_task": {"push-v3": {"per_episode": [
+        {"index": 0, "expert_steps": 60, "floor": 30}, {"index": 1, "expert_steps": 70, "floor": 40},
+        {"index": 2, "expert_steps": 80, "floor": 50}]}}}
+
+    def result(steps, split="eval"):
+        return {"protocol": {"split": split, "config_seed": 0},
+                "episodes": [{"task": "push-v3", "config_index": i, "success": s is not None, "steps": s or 500}
+                             for i, s in enumerate(steps)]}
+
+    sft, post = result([60, None, 90]), result([45, 50, 70])
+    row = floor.compare(floors, post, start=sft)["push-v3"]
+    # configuration 1 is left out: the start failed it, so its 50 steps have no start to compare with
+    assert row["configurations"] == 2 and row["steps"] == 57.5 and row["start_steps"] == 75 and row["floor"] == 40
+    assert row["closed"] == pytest.approx((75 - 57.5) / (75 - 40))
+    assert floor.compare(floors, post)["push-v3"]["configurations"] == 3  # without a start, every success counts
+    assert floor.headroom_closed(40, 40, 40) != floor.headroom_closed(40, 40, 40)  # no headroom: NaN, not 0
+    with pytest.raises(ValueError, match="split"):
+        floor.compare(floors, post, start=result([60, 60, 60], split="train"))
