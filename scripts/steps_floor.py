@@ -193,12 +193,12 @@ def main() -> int:
             print(f"\n{path}: no configuration solved by it, the expert{' and the start' if start else ''}")
             continue
         mean = {key: float(np.mean([row[key] for row in rows.values()])) for key in rows[next(iter(rows))]}
+        mean["configurations"] = sum(row["configurations"] for row in rows.values())
         if start is None:
             print(f"\n{path}: mean steps on the configurations it and the expert solved, against the floor there")
             print(f"{'task':<24} {'n':>3} {'policy':>7} {'expert':>7} {'floor':>6} {'policy/floor':>13}")
             for task, row in [*rows.items(), ("average over tasks", mean)]:
-                n = f"{row['configurations']:3d}" if task != "average over tasks" else ""
-                print(f"{task:<24} {n:>3} {row['steps']:7.1f} {row['expert_steps']:7.1f} {row['floor']:6.1f} "
+                print(f"{task:<24} {row['configurations']:3d} {row['steps']:7.1f} {row['expert_steps']:7.1f} {row['floor']:6.1f} "
                       f"{row['steps'] / row['floor']:13.2f}")
             continue
         print(f"\n{path}: mean steps on the configurations it, the expert and {args.start} solved, "
@@ -207,8 +207,7 @@ def main() -> int:
               f"{'closed':>7}")
         mean["closed"] = headroom_closed(mean["start_steps"], mean["steps"], mean["floor"])
         for task, row in [*rows.items(), ("average over tasks", mean)]:
-            n = f"{row['configurations']:3d}" if task != "average over tasks" else ""
-            print(f"{task:<24} {n:>3} {row['start_steps']:6.1f} {row['steps']:7.1f} {row['floor']:6.1f} "
+            print(f"{task:<24} {row['configurations']:3d} {row['start_steps']:6.1f} {row['steps']:7.1f} {row['floor']:6.1f} "
                   f"{row['steps'] / row['start_steps']:13.2f} {row['floor'] / row['start_steps']:12.2f} {row['closed']:7.2f}")
     return 0
 
