@@ -138,6 +138,13 @@ def headroom_closed(start: float, steps: float, floor: float) -> float:
     return (start - steps) / (start - floor) if start > floor else float("nan")
 
 
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
+
+
 def print_floors(per_task: dict) -> None:
     print(f"{'task':<24} {'expert':>7} {'floor':>6} {'approach':>9} {'carry':>6}  fastest step of hand, object")
     for task, row in per_task.items():
@@ -156,13 +163,13 @@ def main() -> int:
     parser.add_argument("--start", type=Path, help="vlapt eval result of the policy post-training started from: "
                         "compare on the configurations it solved too, and give the share of its headroom closed")
     args = parser.parse_args()
-    if args.floors:
-        try:
-            floors = json.loads(args.floors.read_text())
-        except (OSError, ValueError) as err:
-            print(f"error: cannot read floors from {args.floors}: {err}", file=sys.stderr)
-            return 2
-    else:
+    try:  # both files are read before the floors are measured, which takes minutes
+        floors = read_json(args.floors, "floors from") if args.floors else None
+        start = read_json(args.start, "--start") if args.start else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if floors is None:
         per_task = {task: run_task(task, args.episodes, args.config_seed)
                     for task in tqdm(get_suite(args.suite).resolve_tasks(), desc="tasks", unit="task")}
         solved = [row for row in per_task.values() if row["floor"] is not None]
@@ -176,13 +183,6 @@ def main() -> int:
     average = floors["average"]
     print(f"{'average over tasks':<24} {average['expert_steps']:7.1f} {average['floor']:6.1f} "
           f"{average['approach']:9.1f} {average['carry']:6.1f}")
-    start = None
-    if args.start:
-        try:
-            start = json.loads(args.start.read_text())
-        except (OSError, ValueError) as err:
-            print(f"error: cannot read --start {args.start}: {err}", file=sys.stderr)
-            return 2
     for path in args.compare:
         try:
             rows = compare(floors, json.loads(path.read_text()), start)
@@ -192,7 +192,8 @@ def main() -> int:
         if not rows:
             print(f"\n{path}: no configuration solved by it, the expert{' and the start' if start else ''}")
             continue
-        mean = {key: float(np.mean([row[key] for row in rows.values()])) for key in rows[next(iter(rows))]}
+        keys = ("steps", "expert_steps", "floor") + (("start_steps",) if start is not None else ())
+        mean = {key: float(np.mean([row[key] for row in rows.values()])) for key in keys}
         mean["configurations"] = sum(row["configurations"] for row in rows.values())
         if start is None:
             print(f"\n{path}: mean steps on the configurations it and the expert solved, against the floor there")
