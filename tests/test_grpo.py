@@ -106,28 +106,6 @@ def test_every_group_runs_one_configuration(sft_policy):
     assert len(batch.observations["instruction"]) == len(batch.actions) == len(batch.log_probs)
 
 
-def test_task_groups_give_a_task_its_own_number_of_configurations(demos, sft_policy, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="does not train on"):
-        GRPOConfig(tasks=[TASK], task_groups={"push-v3": 2}).validate()
-    with pytest.raises(ValueError, match="must be >= 1"):
-        GRPOConfig(tasks=[TASK], task_groups={TASK: 0}).validate()
-    import vlapt.algorithms.grpo as grpo
-
-    seen = []
-    original = grpo.run_groups
-
-    def spy(policy, pool, slot_tasks, configurations, group_size, generator):
-        seen.append((list(slot_tasks), list(configurations)))
-        return original(policy, pool, slot_tasks, configurations, group_size, generator)
-    monkeypatch.setattr(grpo, "run_groups", spy)
-    config = GRPOConfig(init_policy=str(sft_policy), demos=str(demos), tasks=[TASK], output_dir=str(tmp_path / "grpo"),
-                        group_size=2, task_groups={TASK: 3}, max_episode_steps=10, num_workers=0, total_env_steps=70,
-                        minibatch_size=8, bc_batch_size=8, checkpoint_every=1, eval_every=0, threads=1)
-    train_grpo(config, progress=False)
-    # three groups of two episodes per iteration, each group on the task's next unseen configuration
-    assert seen[0] == ([TASK] * 6, [0, 1, 2]) and seen[1] == ([TASK] * 6, [3, 4, 5])
-
-
 def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
     assert get_algorithm("grpo").train is train_grpo
     config = GRPOConfig(init_policy=str(sft_policy), demos=str(demos), tasks=[TASK], output_dir=str(tmp_path / "grpo"),

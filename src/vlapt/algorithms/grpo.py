@@ -3,9 +3,8 @@
 Read top to bottom: the config, the outcome reward, the group advantages, the rollout of groups,
 the loss, then the training loop (groups -> buffer -> update -> checkpoint -> evaluate).
 
-- Groups: each iteration draws, per task, ``groups_per_task`` training configurations (or the
-  task's entry in ``task_groups``) and runs ``group_size`` complete episodes on each (the same
-  objects and goal, different sampled chunks).
+- Groups: each iteration draws, per task, ``groups_per_task`` training configurations and runs
+  ``group_size`` complete episodes on each (the same objects and goal, different sampled chunks).
 - Outcome reward: 1 for a success, less the share of the episode limit it took, weighted by
   ``pace_weight``; 0 for a failure. Every success beats every failure, and within a group the
   faster successes beat the slower ones, so a group that always succeeds still teaches pace.
@@ -59,8 +58,6 @@ class GRPOConfig:
     # groups
     group_size: int = 8  # episodes per configuration: more gives steadier baselines, costs env steps per update
     groups_per_task: int = 1  # configurations per task per iteration
-    task_groups: dict[str, int] = dataclasses.field(default_factory=dict)  # task -> its own count, to spend more of
-    # the env steps on the tasks that still fail or are slow
     max_episode_steps: int = 200  # training episodes end here (a failure); far below the 500 of evaluation, since
     # a failure's extra steps carry no signal for an outcome reward
     num_workers: int = 2
@@ -103,13 +100,7 @@ class GRPOConfig:
 
     def validate(self) -> "GRPOConfig":
         suite = get_suite(self.suite)
-        tasks = suite.resolve_tasks(self.tasks)
-        for task, count in self.task_groups.items():
-            if task not in tasks:
-                raise ValueError(f"task_groups names {task!r}, which this run does not train on; "
-                                 f"its tasks: {', '.join(tasks)}")
-            if count < 1:
-                raise ValueError(f"task_groups.{task} must be >= 1 (drop the task with `tasks` instead), got {count}")
+        suite.resolve_tasks(self.tasks)
         check_backend(self.env_backend)
         for name, value, valid in (("advantage", self.advantage, ("grpo", "rloo")), ("ratio", self.ratio, ("chunk", "action")),
                                    ("bc_weight_rule", self.bc_weight_rule, ("lagrangian", "fixed", "none")),
@@ -311,8 +302,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
     env_config = suite.check_env_config(dataclasses.replace(policy.observation_config(),
                                                             max_episode_steps=config.max_episode_steps))
     G = config.group_size
-    groups_of = {t: config.task_groups.get(t, config.groups_per_task) for t in tasks}
-    slot_tasks = [t for t in tasks for _ in range(groups_of[t] * G)]
+    slot_tasks = [t for t in tasks for _ in range(config.groups_per_task * G)]
     slots = [SlotSpec(suite, t, env_config, policy.chunk_len) for t in slot_tasks]
     run_log = RunLog(out_dir, "grpo", config.total_env_steps, env_steps, history, evaluator, config.eval_every, progress)
     run_log.begin(config.init_policy, resume_from, iteration, env_steps, finished=env_steps >= config.total_env_steps)
@@ -321,8 +311,8 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
             iteration += 1
             configurations = []
             for task in tasks:  # each group's configuration: the task's next training configuration
-                configurations += [next_index[task] + g for g in range(groups_of[task])]
-                next_index[task] += groups_of[task]
+                configurations += [next_index[task] + g for g in range(config.groups_per_task)]
+                next_index[task] += config.groups_per_task
             t0 = time.perf_counter()
             torch.set_num_threads(config.rollout_threads)
             batch = run_groups(actor, pool, slot_tasks, configurations, G, sample_gen)
