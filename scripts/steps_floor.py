@@ -163,9 +163,10 @@ def main() -> int:
     parser.add_argument("--start", type=Path, help="vlapt eval result of the policy post-training started from: "
                         "compare on the configurations it solved too, and give the share of its headroom closed")
     args = parser.parse_args()
-    try:  # both files are read before the floors are measured, which takes minutes
+    try:  # every file is read before the floors are measured, which takes minutes
         floors = read_json(args.floors, "floors from") if args.floors else None
         start = read_json(args.start, "--start") if args.start else None
+        results = {path: read_json(path, "--compare") for path in args.compare}
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -183,10 +184,10 @@ def main() -> int:
     average = floors["average"]
     print(f"{'average over tasks':<24} {average['expert_steps']:7.1f} {average['floor']:6.1f} "
           f"{average['approach']:9.1f} {average['carry']:6.1f}")
-    for path in args.compare:
+    for path, result in results.items():
         try:
-            rows = compare(floors, json.loads(path.read_text()), start)
-        except (OSError, ValueError, KeyError) as err:
+            rows = compare(floors, result, start)
+        except (ValueError, KeyError) as err:
             print(f"error: {path}: {err}", file=sys.stderr)
             return 2
         if not rows:
