@@ -166,7 +166,7 @@ def main() -> int:
     try:  # every file is read before the floors are measured, which takes minutes
         floors = read_json(args.floors, "floors from") if args.floors else None
         start = read_json(args.start, "--start") if args.start else None
-        results = {path: read_json(path, "--compare") for path in args.compare}
+        results = [(path, read_json(path, "--compare")) for path in args.compare]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -184,7 +184,7 @@ def main() -> int:
     average = floors["average"]
     print(f"{'average over tasks':<24} {average['expert_steps']:7.1f} {average['floor']:6.1f} "
           f"{average['approach']:9.1f} {average['carry']:6.1f}")
-    for path, result in results.items():
+    for path, result in results:
         try:
             rows = compare(floors, result, start)
         except (ValueError, KeyError) as err:
