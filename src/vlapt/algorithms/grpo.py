@@ -77,15 +77,17 @@ class GRPOConfig:
     max_nonfinite_updates: int = 20  # abort (keeping the last good checkpoint) after this many skipped updates
     init_log_std: float = -1.0  # reset the exploration std at the start; 0 keeps SFT's
     # self behaviour cloning, as in chunked PPO
-    bc_weight_rule: str = "lagrangian"  # "lagrangian" | "fixed" | "none"
-    bc_coef: float = 0.1
-    bc_target_ratio: float = 1.5
-    bc_lr: float = 0.1
-    bc_coef_min: float = 1e-3
+    # "lagrangian": adapted to keep the buffer's BC loss near its target, from bc_coef; "fixed": bc_coef throughout;
+    # "none": the group term alone
+    bc_weight_rule: str = "lagrangian"
+    bc_coef: float = 0.1  # the fixed weight, and the lagrangian rule's starting weight
+    bc_target_ratio: float = 1.5  # lagrangian: keep the buffer's BC loss within this ratio of its first value
+    bc_lr: float = 0.1  # lagrangian: step size of the dual update on log lambda
+    bc_coef_min: float = 1e-3  # lagrangian: bounds of the weight, so it can neither vanish nor swamp the group term
     bc_coef_max: float = 10.0
-    bc_batch_size: int = 64
-    buffer_capacity: int = 50
-    buffer_admission: str = "shorter"  # "shorter" | "none"
+    bc_batch_size: int = 64  # buffer chunks per update step, beside each minibatch of rollout chunks
+    buffer_capacity: int = 50  # successful episodes per task
+    buffer_admission: str = "shorter"  # "shorter": the policy's successes enter when faster; "none": demos only
     ema_decay: float = 0.95  # the weight average written as policy_ema/ (0: none)
     # bookkeeping
     checkpoint_every: int = 2  # iterations (each is groups_per_task x group_size episodes per task)
