@@ -60,19 +60,19 @@ class GRPOConfig:
     groups_per_task: int = 1  # configurations per task per iteration
     max_episode_steps: int = 200  # training episodes end here (a failure); far below the 500 of evaluation, since
     # a failure's extra steps carry no signal for an outcome reward
-    num_workers: int = 2
-    env_backend: str = "local"
+    num_workers: int = 2  # env worker processes: one per core leaves rendering no idle core
+    env_backend: str = "local"  # where env slots run: local worker processes, or "ray" (vlapt.envs.pools)
     total_env_steps: int = 1_000_000
     # the outcome reward and its advantages
     pace_weight: float = 0.5  # reward of a success = 1 - pace_weight * steps / max_episode_steps (a failure: 0)
     advantage: str = "grpo"  # "grpo": (r - group mean) / group std; "rloo": r - mean of the rest of the group
     # the update
     ratio: str = "chunk"  # "chunk": one ratio per chunk; "action": one per executed action (see ppo_sbc)
-    lr: float = 2e-5
+    lr: float = 2e-5  # small: a joint ratio over a 10 x 4 chunk moves far for a small change of the mean
     epochs: int = 2  # passes over each iteration's episodes
-    minibatch_size: int = 128
-    clip_coef: float = 0.2
-    max_grad_norm: float = 1.0
+    minibatch_size: int = 128  # chunks per gradient step
+    clip_coef: float = 0.2  # PPO's clip on each ratio: how far one update may move a chunk's likelihood
+    max_grad_norm: float = 1.0  # clip the gradient's global norm: one extreme ratio cannot throw the policy far
     target_kl: float = 0.05  # stop the epochs once the approximate KL per chunk exceeds this (0: never)
     max_nonfinite_updates: int = 20  # abort (keeping the last good checkpoint) after this many skipped updates
     init_log_std: float = -1.0  # reset the exploration std at the start; 0 keeps SFT's
@@ -83,7 +83,7 @@ class GRPOConfig:
     bc_coef: float = 0.1  # the fixed weight, and the lagrangian rule's starting weight
     bc_target_ratio: float = 1.5  # lagrangian: keep the buffer's BC loss within this ratio of its first value
     bc_lr: float = 0.1  # lagrangian: step size of the dual update on log lambda
-    bc_coef_min: float = 1e-3  # lagrangian: bounds of the weight, so it can neither vanish nor swamp the group term
+    bc_coef_min: float = 1e-3  # bounds of the weight (either rule), so it can neither vanish nor swamp the group term
     bc_coef_max: float = 10.0
     bc_batch_size: int = 64  # buffer chunks per update step, beside each minibatch of rollout chunks
     buffer_capacity: int = 50  # successful episodes per task
@@ -92,12 +92,12 @@ class GRPOConfig:
     # bookkeeping
     checkpoint_every: int = 2  # iterations (each is groups_per_task x group_size episodes per task)
     eval_every: int = 10  # iterations; 0 disables the periodic held-out evaluation
-    eval_episodes: int = 5
+    eval_episodes: int = 5  # per task, held-out configurations
     seed: int = 0
-    threads: int = 2
-    rollout_threads: int = 1
-    device: str = "cpu"
-    precision: str = "fp32"
+    threads: int = 2  # torch threads for the learner
+    rollout_threads: int = 1  # torch threads for inference during rollouts: leave the cores to the env workers
+    device: str = "cpu"  # the learner's device: cpu, cuda, cuda:N, mps, or auto (cuda where there is one)
+    precision: str = "fp32"  # the learner's forward passes: fp32, or bf16 (autocast)
     resume: bool = True
 
     def validate(self) -> "GRPOConfig":

@@ -65,16 +65,16 @@ class PPOConfig:
     gamma: float = 0.99  # per env step; a chunk of n steps discounts by gamma ** n, so faster successes earn more
     gae_lambda: float = 0.95  # per decision
     lr: float = 2e-5  # small: a joint ratio over a 10 x 4 chunk moves far for a small change of the mean
-    epochs: int = 4
-    minibatch_size: int = 128
+    epochs: int = 4  # passes over each iteration's rollout: reuse of costly samples, cut short by target_kl
+    minibatch_size: int = 128  # chunks per gradient step
     # "chunk": one probability ratio per chunk, from its joint likelihood (the paper's); "action": one ratio per
     # executed action of the chunk, each clipped on its own against the chunk's advantage (RLinf's action level)
     ratio: str = "chunk"
-    clip_coef: float = 0.2
-    value_clip_coef: float = 0.2
-    vf_coef: float = 0.5
+    clip_coef: float = 0.2  # PPO's clip on each ratio: how far one update may move a chunk's likelihood
+    value_clip_coef: float = 0.2  # the same clip on the value update, so the critic tracks returns without jumps
+    vf_coef: float = 0.5  # the value loss's weight beside the policy loss in the shared backward pass
     ent_coef: float = 0.0  # the Gaussian's learned std explores; BC keeps it calibrated
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clip the gradient's global norm: one extreme ratio cannot throw the policy far
     target_kl: float = 0.05  # stop the epochs once the approximate KL per chunk exceeds this (0: never)
     advantage_norm: str = "minibatch"  # "minibatch": zero mean, unit std per minibatch (CleanRL's); "none"
     init_log_std: float = -1.0  # reset the exploration std at the start (normalised action units); 0 keeps SFT's
@@ -87,9 +87,9 @@ class PPOConfig:
     bc_coef: float = 0.1  # the fixed weight, and the lagrangian rule's starting weight
     bc_target_ratio: float = 1.5  # lagrangian: keep the buffer's BC loss within this ratio of its first value
     bc_lr: float = 0.1  # lagrangian: step size of the dual update on log lambda
-    bc_coef_min: float = 1e-3
+    bc_coef_min: float = 1e-3  # bounds of the weight (either rule), so it can neither vanish nor swamp the PPO term
     bc_coef_max: float = 10.0
-    bc_batch_size: int = 64
+    bc_batch_size: int = 64  # buffer chunks per update step, beside each minibatch of rollout chunks
     buffer_capacity: int = 50  # successful episodes per task
     buffer_admission: str = "shorter"  # "shorter": the policy's successes enter when faster (keep_shortest); "none": demos only
     # > 0: also keep an exponential moving average of the policy's weights (decay per iteration) and write it as
