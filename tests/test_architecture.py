@@ -249,7 +249,10 @@ class ToySuite:
 
 # -- a toy pool backend: every slot stepped in place, answers handed back by ticket ---------------------------
 class ToyPool:
+    built = 0  # pools made from this class, so a test can tell the backend was used
+
     def __init__(self, slots, num_workers=0):
+        ToyPool.built += 1
         self.envs = [spec.build() for spec in slots]
         self.answers, self.calls = {}, 0
 
@@ -433,8 +436,10 @@ def test_a_new_suite_pool_policy_and_algorithm_run_through_collect_ppo_and_evalu
 
     # demonstrations from the suite's own expert, in vlapt's dataset format
     demos = tmp_path / "demos.hdf5"
+    built = ToyPool.built
     collect(CollectConfig(suite=ToySuite.name, demos_per_task=3, image_size=8, camera_fovy=0, max_episode_steps=40,
-                          num_workers=0, output=str(demos)), progress=False)
+                          num_workers=0, env_backend="test_architecture:ToyPool", output=str(demos)), progress=False)
+    assert ToyPool.built == built + 1, "collection runs its envs on the configured pool backend"
     episodes = read_episodes(demos)
     assert {e.task for e in episodes} == set(ToySuite.tasks) and all(e.success for e in episodes)
     assert episodes[0].states.shape[1] == 4 and json.loads(json.dumps(episodes[0].summary()))["success"]

@@ -178,6 +178,14 @@ def test_collect_unknown_option(capsys, tmp_path):
     assert _files(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", ["collect", "relabel"])
+def test_collect_and_relabel_name_an_unknown_env_backend(capsys, tmp_path, command):
+    policy = ["--policy", "scripted"] if command == "relabel" else []
+    err = _bad(capsys, [command, *policy, "--tasks", "reach-v3", "--output", "d.hdf5", "--quiet", "env_backend=threads"])
+    assert "threads" in err and "valid backends" in err and "subprocess" in err
+    assert _files(tmp_path) == []
+
+
 def test_override_without_equals(capsys, tmp_path):
     err = _bad(capsys, ["collect", "--output", "d.hdf5", "--quiet", "camera"])
     assert "key=value" in err

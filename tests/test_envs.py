@@ -117,6 +117,10 @@ def test_register_suite_adds_a_name_and_refuses_to_rebind_one(monkeypatch):
         register_suite("test-pair", lambda: custom)
     with pytest.raises(ValueError, match="already registered"):
         register_suite("mt10", lambda: custom)
+    register_suite("Test-Mixed", factory)  # names are case-insensitive, as get_suite looks them up
+    assert get_suite("Test-Mixed") is custom and get_suite("test-mixed") is custom
+    with pytest.raises(ValueError, match="already registered"):
+        register_suite("MT10", lambda: custom)
 
 
 def test_suite_fills_in_env_config_defaults_and_describes_observations():

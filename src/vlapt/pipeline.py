@@ -197,7 +197,7 @@ def stages(config: PipelineStages) -> list[tuple[str, Path, Any, tuple[str, ...]
     return found
 
 
-COLLECT_RESUMABLE = ("num_workers", "overwrite", "output")
+COLLECT_RESUMABLE = ("num_workers", "env_backend", "overwrite", "output")
 
 
 def check_stages(config: PipelineStages) -> None:

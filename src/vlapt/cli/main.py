@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 EXIT_BAD_INPUT = 2
+SUITE_HELP = "a registered env suite (mt10, mt50) or module:attribute of your own"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -214,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _record_run(config.output_dir, args, started)
     print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     if (final.parent / "policy_ema").is_dir():
-        print(f"the moving average of its weights (ema_decay={config.ema_decay}): {final.parent / 'policy_ema'}")
+        print(f"the moving average of its weights: {final.parent / 'policy_ema'}")
     return 0
 
 
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks", help="list tasks and their language instructions",
                        description="List the tasks of a suite with the instruction the policy reads.")
-    p.add_argument("--suite", default="mt10", help="mt10 or mt50")
+    p.add_argument("--suite", default="mt10", help=SUITE_HELP)
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("collect", help="collect scripted-expert demonstrations (HDF5)",
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--policy", help="a checkpoint directory, or one of the suite's scripted experts "
                        "(MetaWorld: 'scripted', 'scripted-fast': the same with their corners cut)")
     which.add_argument("--server", help="a policy served by `vlapt serve`, e.g. ws://127.0.0.1:8000")
-    p.add_argument("--suite", help="mt10 or mt50")
+    p.add_argument("--suite", help=SUITE_HELP)
     p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
     p.add_argument("--episodes", type=int, help="episodes per task (default 50)")
     p.add_argument("--workers", type=int, help="env worker processes")
@@ -376,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "grpo.* (vlapt.pipeline.PipelineConfig); presets in configs/.")
     _common(p)
     p.add_argument("--output-dir", dest="output_dir")
-    p.add_argument("--suite", help="mt10 or mt50")
+    p.add_argument("--suite", help=SUITE_HELP)
     p.add_argument("--post-training", dest="post_training",
                    help="the post-training algorithm: ppo (default), grpo, or a module of your own (as vlapt train's)")
     p.set_defaults(func=cmd_pipeline)
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dataset_writer_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that run episodes and write a dataset."""
-    p.add_argument("--suite", help="mt10 or mt50")
+    p.add_argument("--suite", help=SUITE_HELP)
     p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
     p.add_argument("--output", help="dataset file to write (.hdf5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")

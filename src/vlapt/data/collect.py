@@ -17,7 +17,7 @@ from vlapt.data import lerobot
 from vlapt.data.format import DemoWriter, check_writable
 from vlapt.envs import get_suite
 from vlapt.envs.experts import check_expert_choice, make_experts
-from vlapt.envs.pools import make_pool
+from vlapt.envs.pools import check_backend, make_pool
 from vlapt.interfaces import EnvConfig, EnvSuite, Episode, SlotSpec
 from vlapt.rollout.episodes import run_episodes
 
@@ -36,6 +36,7 @@ class CollectConfig:
     config_seed: int = 0
     max_attempts_factor: int = 3  # give up on a task after demos_per_task * this many episodes
     num_workers: int = 2
+    env_backend: str = "local"  # where env slots run: local worker processes, or "ray" (vlapt.envs.pools)
     envs_per_task: int = 1
     output: str = "datasets/mt10_scripted_fovy30.hdf5"
     overwrite: bool = False
@@ -46,6 +47,7 @@ class CollectConfig:
         suite = get_suite(self.suite)
         suite.resolve_tasks(self.tasks)
         check_expert_choice(suite, self.expert, self.expert_per_task)
+        check_backend(self.env_backend)
         if self.demos_per_task < 1:
             raise ValueError(f"demos_per_task must be >= 1, got {self.demos_per_task}")
         if self.envs_per_task < 1 or self.num_workers < 0 or self.max_attempts_factor < 1:
@@ -145,7 +147,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         bar.set_postfix(tried=sum(tried.values()))
 
     with writer, bar:  # the writer publishes the file on success and removes it on any error
-        with make_pool(slots, num_workers=config.num_workers) as pool:
+        with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
             env_steps = run_episodes(expert, pool, [s.task for s in slots], queues, "train", finished, record=True,
                                      config_seed=config.config_seed, source="scripted")
         missing = {t: n - k for t, k in kept.items() if k < n}

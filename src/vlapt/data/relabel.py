@@ -29,7 +29,7 @@ from vlapt.data.collect import dataset_env_args
 from vlapt.data.format import RELABELLED, DemoWriter, check_writable
 from vlapt.envs import get_suite
 from vlapt.envs.experts import check_expert_choice, make_experts
-from vlapt.envs.pools import make_pool
+from vlapt.envs.pools import check_backend, make_pool
 from vlapt.interfaces import Episode, SlotSpec
 from vlapt.policies import PolicyAgent, load_policy
 from vlapt.rollout.episodes import run_episodes
@@ -49,6 +49,7 @@ class RelabelConfig:
     expert_per_task: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> another expert labels that task
     config_seed: int = 0
     num_workers: int = 2
+    env_backend: str = "local"  # where env slots run: local worker processes, or "ray" (vlapt.envs.pools)
     envs_per_task: int = 1
     output: str = "datasets/mt10_relabelled.hdf5"
     overwrite: bool = False
@@ -59,6 +60,7 @@ class RelabelConfig:
         suite = get_suite(self.suite)
         suite.resolve_tasks(self.tasks)
         check_expert_choice(suite, self.expert, self.expert_per_task)
+        check_backend(self.env_backend)
         if self.episodes_per_task < 1 or self.envs_per_task < 1 or self.num_workers < 0 or self.first_config_index < 0:
             raise ValueError("episodes_per_task and envs_per_task must be >= 1, num_workers and first_config_index >= 0")
         if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
@@ -125,7 +127,7 @@ def relabel(config: RelabelConfig, progress: bool = True) -> dict:
         s["steps"] += episode.steps
         bar.update(1)
 
-    with writer, bar, make_pool(slots, num_workers=config.num_workers) as pool:
+    with writer, bar, make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
         env_steps = run_episodes(expert, pool, [s.task for s in slots], queues, "train", finished,
                                  record=True, execute=PolicyExecution(agent), config_seed=config.config_seed,
                                  source=RELABELLED)

@@ -16,10 +16,11 @@ _SUITES: dict[str, Callable[[], EnvSuite]] = {}
 
 
 def register_suite(name: str, factory: Callable[[], EnvSuite]) -> None:
-    """Make ``get_suite(name)`` return ``factory()``."""
-    if name in _SUITES and _SUITES[name] is not factory:
+    """Make ``get_suite(name)`` return ``factory()`` (names are case-insensitive)."""
+    key = name.lower()
+    if key in _SUITES and _SUITES[key] is not factory:
         raise ValueError(f"env suite {name!r} is already registered")
-    _SUITES[name] = factory
+    _SUITES[key] = factory
 
 
 def _metaworld(name: str) -> EnvSuite:

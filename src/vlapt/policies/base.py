@@ -159,8 +159,8 @@ _POLICY_TYPES: dict[str, PolicyLoader | str] = {
 def register_policy_type(name: str, loader: PolicyLoader | str) -> None:
     """Make checkpoints whose config.json says ``"policy_type": name`` loadable by `load_policy`.
 
-    ``loader(document, tensors, device)`` rebuilds the policy from the parsed config.json and the
-    weights; a string ``"module:function"`` is imported on first use.
+    ``loader(document, tensors, where)`` rebuilds the policy from the parsed config.json, the
+    weights and the checkpoint directory's path; a string ``"module:function"`` is imported on first use.
     """
     if name in _POLICY_TYPES and _POLICY_TYPES[name] != loader:
         raise ValueError(f"policy type {name!r} is already registered")
