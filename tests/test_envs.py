@@ -123,6 +123,23 @@ def test_register_suite_adds_a_name_and_refuses_to_rebind_one(monkeypatch):
         register_suite("MT10", lambda: custom)
 
 
+def test_a_suite_declared_as_an_entry_point_is_found_by_name(monkeypatch):
+    import importlib.metadata as metadata
+
+    with pytest.raises(UnknownTaskError, match="'vlapt.env_suites' entry-point group"):
+        get_suite("pair-ep")
+
+    def declared(group=None, name=None):  # as if an installed package declared the suite in its metadata
+        points = [metadata.EntryPoint("Pair-EP", "vlapt.envs.metaworld:MT10_SUITE", "vlapt.env_suites"),
+                  metadata.EntryPoint("broken-ep", "no_such_module_xyz:Suite", "vlapt.env_suites")]
+        return metadata.EntryPoints(p for p in points if p.group == group and name in (None, p.name))
+
+    monkeypatch.setattr(metadata, "entry_points", declared)
+    assert get_suite("pair-ep").tasks == get_suite("mt10").tasks and "pair-ep" in suite_names()
+    with pytest.raises(UnknownTaskError, match="entry point, which cannot be loaded.*no_such_module_xyz"):
+        get_suite("broken-ep")
+
+
 def test_suite_fills_in_env_config_defaults_and_describes_observations():
     config = EnvConfig(image_size=32)
     filled = SUITE.check_env_config(config)

@@ -666,6 +666,28 @@ def test_wrong_format_and_bad_fields(saved):
         load_policy(saved)
 
 
+def test_a_policy_type_declared_as_an_entry_point_loads_in_any_process(saved, monkeypatch):
+    import importlib.metadata as metadata
+
+    document = json.loads((saved / "config.json").read_text())
+    document.pop("policy_sha256")
+    (saved / "config.json").write_text(json.dumps(dict(document, policy_type="my-family")))
+    with pytest.raises(CheckpointError, match="'vlapt.policy_types' entry-point group"):
+        load_policy(saved)  # nothing registers or declares it
+
+    def declared(group=None, name=None):  # as if an installed package declared the family in its metadata
+        points = [metadata.EntryPoint("my-family", "vlapt.policies.vla:load_vla", "vlapt.policy_types"),
+                  metadata.EntryPoint("broken", "no_such_module_xyz:load", "vlapt.policy_types")]
+        return metadata.EntryPoints(p for p in points if p.group == group and name in (None, p.name))
+
+    monkeypatch.setattr(metadata, "entry_points", declared)
+    assert {"my-family", "broken", "vla"} <= set(policy_types())
+    assert isinstance(load_policy(saved), VLAPolicy)
+    (saved / "config.json").write_text(json.dumps(dict(document, policy_type="broken")))
+    with pytest.raises(CheckpointError, match="entry point, which cannot be loaded.*no_such_module_xyz"):
+        load_policy(saved)
+
+
 def test_config_whose_image_size_the_weights_cannot_serve(saved):
     # 16 px through the tiny preset's 3 stride-2 convs is a 2x2 map, smaller than its 4x4 token grid
     _rewrite_config(saved, lambda d: d["policy"].update(image_size=16))

@@ -1,8 +1,10 @@
 """Env suites and the pools that run their envs.
 
 A suite is found by name (``get_suite("mt10")``); MetaWorld's MT10 and MT50 are built in,
-others register with `register_suite` or are named by import path (``"my_pkg.suites:MySuite"``,
-a class built without arguments or an instance).
+others register with `register_suite` (in one process), are declared by an installed package in
+the ``vlapt.env_suites`` entry-point group (found by every process, e.g. when a dataset names its
+suite), or are named by import path (``"my_pkg.suites:MySuite"``, a class built without arguments
+or an instance).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Callable
 from vlapt.interfaces import EnvSuite, UnknownTaskError
 
 _SUITES: dict[str, Callable[[], EnvSuite]] = {}
+ENTRY_POINT_GROUP = "vlapt.env_suites"
 
 
 def register_suite(name: str, factory: Callable[[], EnvSuite]) -> None:
@@ -33,8 +36,14 @@ register_suite("mt10", lambda: _metaworld("mt10"))
 register_suite("mt50", lambda: _metaworld("mt50"))
 
 
+def _declared():
+    from importlib.metadata import entry_points
+
+    return {point.name.lower(): point for point in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def suite_names() -> list[str]:
-    return sorted(_SUITES)
+    return sorted(set(_SUITES) | set(_declared()))
 
 
 def get_suite(name: str) -> EnvSuite:
@@ -42,6 +51,14 @@ def get_suite(name: str) -> EnvSuite:
     key = str(name).lower()
     if key in _SUITES:
         return _SUITES[key]()
+    declared = _declared().get(key)
+    if declared is not None:
+        try:
+            target = declared.load()
+        except (ImportError, AttributeError) as exc:
+            raise UnknownTaskError(f"env suite {name!r} is declared by an installed package's {ENTRY_POINT_GROUP} "
+                                   f"entry point, which cannot be loaded: {exc}") from exc
+        return target() if isinstance(target, type) else target
     if ":" in name:
         module, _, attribute = name.partition(":")
         try:
@@ -50,7 +67,8 @@ def get_suite(name: str) -> EnvSuite:
             raise UnknownTaskError(f"cannot import env suite {name!r}: {exc}") from exc
         return target() if isinstance(target, type) else target
     raise UnknownTaskError(f"unknown suite {name!r}; valid suites: {', '.join(suite_names())} "
-                           "(or module:attribute of your own EnvSuite)")
+                           f"(or module:attribute of your own EnvSuite, or a name its package declares in the "
+                           f"{ENTRY_POINT_GROUP!r} entry-point group)")
 
 
 __all__ = ["get_suite", "register_suite", "suite_names"]

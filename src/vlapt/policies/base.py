@@ -154,6 +154,9 @@ PolicyLoader = Callable[[dict, dict, str], ChunkPolicyBase]
 _POLICY_TYPES: dict[str, PolicyLoader | str] = {
     "vla": "vlapt.policies.vla:load_vla",
 }
+# installed packages declare their families' loaders in this entry-point group, so that any process (a fresh
+# `vlapt eval`, a policy server) finds them without importing the package first; a checkpoint only names its type
+ENTRY_POINT_GROUP = "vlapt.policy_types"
 
 
 def register_policy_type(name: str, loader: PolicyLoader | str) -> None:
@@ -168,7 +171,10 @@ def register_policy_type(name: str, loader: PolicyLoader | str) -> None:
 
 
 def policy_types() -> list[str]:
-    return sorted(_POLICY_TYPES)
+    """The registered policy types and those installed packages declare as entry points."""
+    from importlib.metadata import entry_points
+
+    return sorted(set(_POLICY_TYPES) | {point.name for point in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def _loader(name: str) -> PolicyLoader:
@@ -178,8 +184,19 @@ def _loader(name: str) -> PolicyLoader:
 
     loader = _POLICY_TYPES.get(name)
     if loader is None:
+        from importlib.metadata import entry_points
+
+        declared = entry_points(group=ENTRY_POINT_GROUP, name=name)
+        if declared:
+            try:
+                return next(iter(declared)).load()
+            except (ImportError, AttributeError) as exc:
+                raise CheckpointError(f"policy_type {name!r} is declared by an installed package's {ENTRY_POINT_GROUP} "
+                                      f"entry point, which cannot be loaded: {exc}") from exc
         raise CheckpointError(f"unknown policy_type {name!r}; known types: {', '.join(policy_types())} "
-                              "(a family of your own registers with vlapt.policies.register_policy_type)")
+                              "(a family of your own registers with vlapt.policies.register_policy_type, or, to be "
+                              f"found by every vlapt process, declares its loader in the {ENTRY_POINT_GROUP!r} "
+                              "entry-point group of its package)")
     if isinstance(loader, str):
         module, _, function = loader.partition(":")
         loader = getattr(importlib.import_module(module), function)
