@@ -131,11 +131,13 @@ def test_a_suite_declared_as_an_entry_point_is_found_by_name(monkeypatch):
 
     def declared(group=None, name=None):  # as if an installed package declared the suite in its metadata
         points = [metadata.EntryPoint("Pair-EP", "vlapt.envs.metaworld:MT10_SUITE", "vlapt.env_suites"),
+                  metadata.EntryPoint("class-ep", "vlapt.envs.metaworld:MetaWorldSuite", "vlapt.env_suites"),
                   metadata.EntryPoint("broken-ep", "no_such_module_xyz:Suite", "vlapt.env_suites")]
         return metadata.EntryPoints(p for p in points if p.group == group and name in (None, p.name))
 
     monkeypatch.setattr(metadata, "entry_points", declared)
     assert get_suite("pair-ep").tasks == get_suite("mt10").tasks and "pair-ep" in suite_names()
+    assert get_suite("class-ep") == MetaWorldSuite(), "a declared class is built without arguments"
     with pytest.raises(UnknownTaskError, match="entry point, which cannot be loaded.*no_such_module_xyz"):
         get_suite("broken-ep")
 

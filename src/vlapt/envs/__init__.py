@@ -58,17 +58,17 @@ def get_suite(name: str) -> EnvSuite:
         except (ImportError, AttributeError) as exc:
             raise UnknownTaskError(f"env suite {name!r} is declared by an installed package's {ENTRY_POINT_GROUP} "
                                    f"entry point, which cannot be loaded: {exc}") from exc
-        return target() if isinstance(target, type) else target
-    if ":" in name:
+    elif ":" in name:
         module, _, attribute = name.partition(":")
         try:
             target = getattr(importlib.import_module(module), attribute)
         except (ImportError, AttributeError) as exc:
             raise UnknownTaskError(f"cannot import env suite {name!r}: {exc}") from exc
-        return target() if isinstance(target, type) else target
-    raise UnknownTaskError(f"unknown suite {name!r}; valid suites: {', '.join(suite_names())} "
-                           f"(or module:attribute of your own EnvSuite, or a name its package declares in the "
-                           f"{ENTRY_POINT_GROUP!r} entry-point group)")
+    else:
+        raise UnknownTaskError(f"unknown suite {name!r}; valid suites: {', '.join(suite_names())} "
+                               f"(or module:attribute of your own EnvSuite, or a name its package declares in the "
+                               f"{ENTRY_POINT_GROUP!r} entry-point group)")
+    return target() if isinstance(target, type) else target
 
 
 __all__ = ["get_suite", "register_suite", "suite_names"]
