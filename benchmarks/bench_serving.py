@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,9 +29,8 @@ import torch
 
 import vlapt  # noqa: F401
 from vlapt.envs import get_suite
-from vlapt.evaluation.protocol import machine_description
 from vlapt.policies import load_policy
-from vlapt.rundir import source_commit
+from vlapt.rundir import machine_description, source_commit
 from vlapt.serving import PolicyClient
 
 

@@ -39,7 +39,7 @@ ALLOWED = {
     "policies": {"interfaces", "config"},
     "rollout": {"interfaces"},
     "data": {"interfaces", "config", "rundir", "envs", "rollout", "policies"},
-    "evaluation": {"interfaces", "config", "envs", "rollout", "policies"},
+    "evaluation": {"interfaces", "config", "rundir", "envs", "rollout", "policies"},
     "algorithms": {"interfaces", "config", "rundir", "envs", "rollout", "data", "policies"},
     "serving": {"interfaces", "config", "policies"},
     "report": {"interfaces", "config", "evaluation"},

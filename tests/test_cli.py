@@ -62,9 +62,10 @@ def test_tasks_unknown_suite(capsys):
         (["split=test"], ["split", "eval"]),
         (["env_backend=threads"], ["threads", "valid backends", "subprocess", "inprocess"]),
         (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
+        (["--gif"], ["--gif", "--video N"]),  # GIFs of no filmed episodes would silently be none
     ],
     ids=["unknown-task", "unknown-suite", "zero-episodes", "unknown-key", "wrong-type", "bad-split", "bad-backend",
-         "missing-config"],
+         "missing-config", "gif-without-video"],
 )
 def test_eval_bad_input(capsys, tmp_path, extra, expected):
     # a valid task list unless the case is about tasks or suites (an explicit task list overrides the suite)
@@ -206,6 +207,39 @@ def test_train_unknown_algorithm(capsys, tmp_path):
     err = _bad(capsys, ["train", "--algorithm", "nope", "--output-dir", "run", "--quiet"])
     assert "unknown algorithm 'nope'" in err and "ppo" in err
     assert _files(tmp_path) == []
+
+
+def test_train_names_the_algorithm_an_option_belongs_to(capsys, tmp_path):
+    err = _bad(capsys, ["train", "--output-dir", "run", "--quiet", "group_size=4"])
+    assert "group_size" in err and "--algorithm grpo" in err
+    err = _bad(capsys, ["train", "--output-dir", "run", "--quiet", "no_such_option=4"])
+    assert "no_such_option" in err and "--algorithm" not in err
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [["train", "--algorithm", "grpo", "seed=3"],
+                                  ["pipeline", "--post-training", "grpo", "grpo.seed=3"], ["sft", "seed=3"], ["eval", "--policy", "scripted", "seed=3"],
+                                  ["collect", "demos_per_task=3"], ["relabel", "episodes_per_task=3"]])
+def test_print_config_prints_every_option_as_yaml_that_loads_back(capsys, tmp_path, argv):
+    import yaml
+
+    from vlapt.algorithms.grpo import GRPOConfig
+    from vlapt.config import load_config
+
+    capsys.readouterr()
+    assert main([*argv, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert _files(tmp_path) == [], "prints only: nothing runs, nothing is written"
+    options = printed.get("grpo", printed)
+    key = argv[-1].split("=")[0].split(".")[-1]
+    assert options[key] == 3, "the overrides are applied"
+    if argv[0] in ("train", "pipeline"):
+        assert options["group_size"] == GRPOConfig().group_size, "every option, defaults included"
+    if argv[0] == "train":
+        (tmp_path / "printed.yaml").write_text(yaml.safe_dump(options))
+        assert load_config(GRPOConfig, tmp_path / "printed.yaml") == load_config(GRPOConfig, overrides=["seed=3"])
+    elif argv[0] == "pipeline":
+        assert printed["grpo"]["init_policy"] == "runs/pipeline/sft/policy", "the stages as the pipeline wires them"
 
 
 def test_sft_on_a_dataset_that_is_missing_or_incomplete(capsys, tmp_path):

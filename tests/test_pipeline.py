@@ -134,6 +134,11 @@ def test_pipeline_evaluates_every_policy_row_under_the_eval_protocol(tmp_path):
         run_pipeline(load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'bad'}",
                                                             "eval.execute_steps=11"]), progress=False)
     assert not (tmp_path / "bad").exists()
+    for late in ("relabel.env_backend=no-such-pool", "dagger_sft.steps=0", "ppo.bc_coef=-1", "eval.episodes_per_task=0"):
+        with pytest.raises(ValueError):  # a late stage's bad option stops the run before collect writes anything
+            run_pipeline(load_config(PipelineConfig, overrides=[*_TINY, f"output_dir={tmp_path / 'late'}",
+                                                                "dagger_rounds=1", late]), progress=False)
+        assert not (tmp_path / "late").exists(), late
     with pytest.raises(ConfigError, match="execute_steps"):  # post-training always executes whole chunks now
         load_config(PipelineConfig, overrides=[*_TINY, "ppo.execute_steps=2"])
 
@@ -179,7 +184,8 @@ def test_pipeline_post_trains_with_the_algorithm_it_is_given(tmp_path, capsys):
     # options of an algorithm the pipeline does not run are refused, not ignored
     capsys.readouterr()
     assert main([*argv, "ppo.lr=1e-3"]) == 2
-    assert "Key 'ppo' not in 'PipelineConfig'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Key 'ppo' not in 'PipelineConfig'" in err and "add post_training=ppo" in err, "names the option to change"
 
 
 def test_pipeline_names_a_post_training_it_cannot_run(capsys):
@@ -214,7 +220,7 @@ def test_compare_runs_averages_within_the_budget(tmp_path):
     table = compare_runs([tmp_path / "a"], ["A"], up_to_env_steps=200, last_iterations=2).splitlines()
     # iteration 3 lies beyond the budget; the starting policy's evaluation (iteration 0) has its own column
     assert table[2] == "| A | 200 | 0.90 | 0.500 (0.40-0.60), 2 | 70.0 | 0.600 | 70.0 | 0.2 | 0.25 | 3.0 |"
-    with pytest.raises(ValueError, match="no iteration within 50"):
+    with pytest.raises(ValueError, match="no iteration within 50 env steps; its first ends at 100: raise --up-to"):
         compare_runs([tmp_path / "a"], up_to_env_steps=50)
 
 

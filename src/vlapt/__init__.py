@@ -2,8 +2,8 @@
 
 import os as _os
 
-# Headless software rendering works everywhere (no display, no GPU); users with a GPU can
-# export MUJOCO_GL=egl with their own driver, or osmesa, before importing vlapt.
+# Headless rendering through EGL by default: software (Mesa llvmpipe) where there is no GPU, the GPU's own
+# driver where there is one. MUJOCO_GL set before importing vlapt (osmesa, glfw) wins.
 _os.environ.setdefault("MUJOCO_GL", "egl")
 
 __version__ = "0.1.0"

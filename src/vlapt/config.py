@@ -21,7 +21,14 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says how to fix it."""
+    """A config file or override that cannot be used; the message says how to fix it.
+
+    ``key``: the option at fault (dotted, e.g. ``sft.lr``) where one is known.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def load_config(
@@ -51,7 +58,7 @@ def load_config(
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ConfigError(_explain(exc, cls)) from exc
+        raise ConfigError(_explain(exc, cls), key=getattr(exc, "full_key", None) or None) from exc
 
 
 def peek_option(key: str, path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,

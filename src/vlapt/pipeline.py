@@ -24,7 +24,6 @@ prints.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import keyword
 import logging
 import os
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlapt.algorithms import PIPELINE_FIELDS, Algorithm, get_algorithm
+from vlapt.algorithms import PIPELINE_FIELDS, Algorithm, built_in, get_algorithm
 from vlapt.algorithms.ppo_sbc import PPOConfig
 from vlapt.algorithms.sft import SFTConfig, train_sft
 from vlapt.config import ConfigError, atomic_write_json, atomic_write_text, load_config, peek_option
@@ -43,9 +42,8 @@ from vlapt.data.relabel import RelabelConfig, relabel
 from vlapt.envs import get_suite
 from vlapt.envs.experts import make_experts
 from vlapt.evaluation import CheckpointAgent, EvalConfig, checkpoint_evaluator, evaluate, format_table
-from vlapt.evaluation.protocol import machine_description
 from vlapt.report import build_report
-from vlapt.rundir import CONFIG_FILE, check_output_dir, check_recorded_config, open_run, source_commit
+from vlapt.rundir import CONFIG_FILE, RunRecord, check_output_dir, check_recorded_config, open_run
 
 log = logging.getLogger("vlapt.pipeline")
 
@@ -171,11 +169,20 @@ def pipeline_config_class(post_training: str = "ppo") -> type[PipelineStages]:
 
 def load_pipeline_config(path=None, overrides=()) -> PipelineStages:
     """The pipeline's config from YAML files and ``key=value`` overrides, with the post-training they choose."""
+    chosen = peek_option("post_training", path, overrides) or "ppo"
     try:
-        cls = pipeline_config_class(peek_option("post_training", path, overrides) or "ppo")
+        cls = pipeline_config_class(chosen)
     except ValueError as exc:
         raise ConfigError(f"post_training: {exc}") from None
-    return load_config(cls, path, overrides)
+    try:
+        return load_config(cls, path, overrides)
+    except ConfigError as exc:
+        section = (exc.key or "").split(".")[0]
+        if section and section != get_algorithm(chosen).name and section in built_in():
+            hint = f"add post_training={section} (vlapt pipeline --post-training {section})"
+            raise ConfigError(f"{exc}; the '{section}' options apply when {section} is the post-training: {hint}",
+                              key=exc.key) from None
+        raise
 
 
 def stages(config: PipelineStages) -> list[tuple[str, Path, Any, tuple[str, ...], Path]]:
@@ -222,9 +229,17 @@ def check_stages(config: PipelineStages) -> None:
             return
 
 
+def validate_stages(config: PipelineStages) -> None:
+    """Check every stage's options (each DAgger round's included) before the first one runs."""
+    for _, _, stage_config, _, _ in stages(config):
+        stage_config.validate()
+    config.eval.validate()
+
+
 def run_pipeline(config: PipelineStages, progress: bool = True, command: str | None = None) -> dict:
     """Run (or resume) every stage; ``command`` is recorded in run.json (default: this process's argv)."""
     config.resolved()
+    validate_stages(config)  # a bad option of a late stage is found now, not after an hour of collect and SFT
     check_output_dir(config.output_dir)
     check_stages(config)
     with open_run(config.output_dir, config, has_progress="", log_file=None, resume=False):
@@ -234,11 +249,8 @@ def run_pipeline(config: PipelineStages, progress: bool = True, command: str | N
 def _run_stages(config: PipelineStages, progress: bool, command: str) -> dict:
     out = Path(config.output_dir)
     timings: dict[str, float] = {}
-    started, wall = datetime.datetime.now().astimezone(), time.perf_counter()
-    provenance = {"command": command, "commit": source_commit(), "machine": machine_description(),
-                  "started": started.isoformat(timespec="seconds"),
-                  "post_training_dir": config.post_training_dir().name}  # where `vlapt report` finds its curves
-    atomic_write_json(out / "run.json", provenance)
+    record = RunRecord(out, command,
+                       post_training_dir=config.post_training_dir().name).start()  # where `vlapt report` finds its curves
 
     t = time.perf_counter()
     if Path(config.collect.output).exists():
@@ -310,9 +322,7 @@ def _run_stages(config: PipelineStages, progress: bool, command: str) -> dict:
     report = results_markdown(rows, timings)
     atomic_write_text(out / "results.md", report)
     atomic_write_json(out / "timings.json", timings)
-    finished = datetime.datetime.now().astimezone()
-    atomic_write_json(out / "run.json", {**provenance, "finished": finished.isoformat(timespec="seconds"),
-                                         "wall_time_s": time.perf_counter() - wall})
+    record.finish()
     print(report)
     page = None
     if config.report:

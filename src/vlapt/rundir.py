@@ -13,6 +13,8 @@ Every training command writes into an ``output_dir``. `open_run` makes that safe
   are exempt, and ``config.yaml`` then records the latest.
 - **Leftovers are cleaned.** Temporary files and directories of writers that died mid-write
   (``.name.tmp<pid>``, ``.name.tmp-<pid>``, ``.name.old-<pid>``) are removed on start.
+- **Provenance.** `RunRecord` writes ``output_dir/run.json``: the command, the source commit,
+  the machine, start and end time and wall time of the invocation (what `vlapt report` shows).
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import datetime
 import fcntl
 import logging
 import os
+import platform
 import re
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-from vlapt.config import ConfigError, save_config, to_dict
+from vlapt.config import ConfigError, atomic_write_json, save_config, to_dict
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
@@ -155,7 +159,7 @@ def check_recorded_config(path: Path, config: Any, exempt: Iterable[str] = (), w
     differences = config_differences(recorded, current, exempt, defaults=defaults)
     if differences:
         raise ConfigError(f"{path.parent} holds a {what} made with other options (" + "; ".join(differences[:8])
-                          + ("; ..." if len(differences) > 8 else "") + f"). Use the same options to resume it, choose "
+                          + ("; ..." if len(differences) > 8 else "") + "). Use the same options to resume it, choose "
                           "another output directory, or delete this one to start over")
 
 
@@ -239,3 +243,40 @@ def source_commit() -> str:
     if not commit:
         return "unknown"
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine_description() -> str:
+    """CPU model, architecture, core count, OS and Python version: what a timing was measured on."""
+    cpu = _cpu_model()
+    return (f"{cpu + ', ' if cpu else ''}{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
+            f"Python {platform.python_version()}")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor()
+
+
+class RunRecord:
+    """``output_dir/run.json`` of one invocation: written when it starts, rewritten with its end when it finishes."""
+
+    def __init__(self, output_dir: str | os.PathLike, command: str, **extra: Any):
+        self.path = Path(output_dir) / "run.json"
+        self.clock = time.perf_counter()
+        self.fields = {"command": command, "commit": source_commit(), "machine": machine_description(),
+                       "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **extra}
+
+    def start(self) -> "RunRecord":
+        atomic_write_json(self.path, self.fields)
+        return self
+
+    def finish(self) -> None:
+        atomic_write_json(self.path, {**self.fields,
+                                      "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                                      "wall_time_s": time.perf_counter() - self.clock})

@@ -10,6 +10,7 @@ config class also needs the fields the pipeline wires (``PIPELINE_FIELDS``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any, Callable, NamedTuple
 
@@ -58,4 +59,16 @@ def built_in() -> list[str]:
     return sorted(names)
 
 
-__all__ = ["ALIASES", "PIPELINE_FIELDS", "Algorithm", "built_in", "get_algorithm"]
+def options_of_another(algorithm: str, key: str | None) -> str:
+    """A hint for an option ``key`` that ``algorithm``'s config lacks but another built-in one has ("" if none)."""
+    name = (key or "").split(".")[0]
+    if not name:
+        return ""
+    owners = [other for other in built_in() if other != algorithm
+              and name in {field.name for field in dataclasses.fields(get_algorithm(other).config)}]
+    if not owners:
+        return ""
+    return f"; {name!r} is an option of {' and '.join(owners)}: choose it with --algorithm {owners[0]}"
+
+
+__all__ = ["ALIASES", "PIPELINE_FIELDS", "Algorithm", "built_in", "get_algorithm", "options_of_another"]

@@ -24,6 +24,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "to layer them (later files win); overrides follow as key=value")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config option, e.g. num_workers=2")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--print-config", dest="print_config", action="store_true",
+                        help="print every option of the command (defaults, --config files and overrides applied) as "
+                             "YAML and exit")
+
+
+def _printed(args: argparse.Namespace, config) -> bool:
+    """With --print-config: print ``config`` as YAML (what the run would write as config.yaml) and say so."""
+    if not getattr(args, "print_config", False):
+        return False
+    import yaml
+
+    from vlapt.config import to_dict
+
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return True
 
 
 def _shortcut(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
@@ -62,7 +77,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     overrides = _shortcut(args, {"suite": "suite", "tasks": "tasks", "demos_per_task": "demos_per_task",
                                  "output": "output", "overwrite": "overwrite", "workers": "num_workers"})
-    config = load_config(CollectConfig, args.config, overrides).validate()
+    config = load_config(CollectConfig, args.config, overrides)
+    if _printed(args, config):
+        return 0
+    config.validate()
     summary = collect(config, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
@@ -76,7 +94,10 @@ def cmd_relabel(args: argparse.Namespace) -> int:
     overrides = _shortcut(args, {"policy": "policy", "suite": "suite", "tasks": "tasks",
                                  "episodes_per_task": "episodes_per_task", "output": "output",
                                  "overwrite": "overwrite", "workers": "num_workers"})
-    config = load_config(RelabelConfig, args.config, overrides).validate()
+    config = load_config(RelabelConfig, args.config, overrides)
+    if _printed(args, config):
+        return 0
+    config.validate()
     summary = relabel(config, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     print(f"train on it with: vlapt sft extra_datasets=[{summary['output']}] ...")
@@ -95,7 +116,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  "workers": "num_workers", "seed": "seed", "video": "video_episodes"})
     if args.gif:
         overrides.insert(0, "video_formats=[mp4,gif]")
-    config = load_config(EvalConfig, args.config, overrides).validate()
+    config = load_config(EvalConfig, args.config, overrides)
+    if _printed(args, config):
+        return 0
+    config.validate()
+    if args.gif and config.video_episodes == 0:
+        raise ValueError("--gif adds GIFs to the episodes that are filmed, and none are: add --video N")
     suite = get_suite(config.suite)
     if args.server:
         RemotePolicyAgent = _serving().RemotePolicyAgent
@@ -144,6 +170,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = _shortcut(args, {"host": "host", "port": "port", "device": "device", "seed": "seed"})
     config = load_config(ServeConfig, args.config, overrides)
     config.policy = paths[0] if paths else config.policy
+    if _printed(args, config):
+        return 0
     config.validate()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -184,59 +212,50 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from vlapt.algorithms.sft import SFTConfig, train_sft
     from vlapt.config import load_config
+    from vlapt.rundir import RunRecord
 
     overrides = _shortcut(args, {"dataset": "dataset", "output_dir": "output_dir", "demos_per_task": "demos_per_task",
                                  "steps": "steps"})
-    config = load_config(SFTConfig, args.config, overrides).validate()
+    config = load_config(SFTConfig, args.config, overrides)
+    if _printed(args, config):
+        return 0
+    config.validate()
     args.run_dir = config.output_dir
-    started = _now()
+    record = RunRecord(config.output_dir, "vlapt " + " ".join(args.argv))  # run.json, for `vlapt report`
     final = train_sft(config, progress=not args.quiet)
-    _record_run(config.output_dir, args, started)
+    record.finish()
     print(f"policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     return 0
 
 
 # -- train (RL post-training) ----------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlapt.algorithms import get_algorithm
-    from vlapt.config import load_config, peek_option
+    from vlapt.algorithms import get_algorithm, options_of_another
+    from vlapt.config import ConfigError, load_config, peek_option
     from vlapt.envs import get_suite
     from vlapt.evaluation import checkpoint_evaluator
+    from vlapt.rundir import RunRecord
 
     overrides = _shortcut(args, {"algorithm": "algorithm", "init_policy": "init_policy", "demos": "demos",
                                  "output_dir": "output_dir", "total_env_steps": "total_env_steps"})
     algorithm = get_algorithm(peek_option("algorithm", args.config, overrides) or "ppo")
-    config = load_config(algorithm.config, args.config, overrides).validate()
+    try:
+        config = load_config(algorithm.config, args.config, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{options_of_another(algorithm.name, exc.key)}", key=exc.key) from None
+    if _printed(args, config):
+        return 0
+    config.validate()
     evaluator = checkpoint_evaluator(config.tasks or get_suite(config.suite).tasks, config.eval_episodes,
                                      config.num_workers, config.suite, config.seed, config.env_backend)
     args.run_dir = config.output_dir
-    started = _now()
+    record = RunRecord(config.output_dir, "vlapt " + " ".join(args.argv))  # run.json, for `vlapt report`
     final = algorithm.train(config, progress=not args.quiet, evaluator=evaluator)
-    _record_run(config.output_dir, args, started)
+    record.finish()
     print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
     if (final.parent / "policy_ema").is_dir():
         print(f"the moving average of its weights: {final.parent / 'policy_ema'}")
     return 0
-
-
-def _now():
-    import datetime
-    import time
-
-    return datetime.datetime.now().astimezone(), time.perf_counter()
-
-
-def _record_run(output_dir, args: argparse.Namespace, started) -> None:
-    """output_dir/run.json: the command, commit, machine and wall time of this invocation (for `vlapt report`)."""
-    from vlapt.config import atomic_write_json
-    from vlapt.evaluation.protocol import machine_description
-    from vlapt.rundir import source_commit
-
-    (start, clock), (end, now) = started, _now()
-    atomic_write_json(Path(output_dir) / "run.json", {
-        "command": "vlapt " + " ".join(args.argv), "commit": source_commit(), "machine": machine_description(),
-        "started": start.isoformat(timespec="seconds"), "finished": end.isoformat(timespec="seconds"),
-        "wall_time_s": now - clock})
 
 
 # -- pipeline (the main job) -------------------------------------------------------------------
@@ -244,9 +263,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from vlapt.pipeline import load_pipeline_config, run_pipeline
 
     overrides = _shortcut(args, {"output_dir": "output_dir", "suite": "suite", "post_training": "post_training"})
-    config = load_pipeline_config(args.config, overrides).resolved()  # stages wired to the suite, then checked
-    for stage in (config.collect, config.sft, config.post_train, config.dagger_sft, config.eval):
-        stage.validate()
+    config = load_pipeline_config(args.config, overrides)
+    if _printed(args, config.resolved()):  # with the paths and suite the stages are wired to
+        return 0
     run_pipeline(config, progress=not args.quiet, command="vlapt " + " ".join(args.argv))
     return 0
 
@@ -277,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="mt10", help=SUITE_HELP)
     p.set_defaults(func=cmd_tasks)
 
-    p = sub.add_parser("collect", help="collect scripted-expert demonstrations (HDF5)",
+    p = sub.add_parser("collect", help="collect scripted-expert demonstrations (HDF5 or LeRobot)",
                        description="Run MetaWorld's scripted experts on training configurations, keep the first "
                                    "N successful episodes per task, and write them in the HDF5 format of "
-                                   "docs/dataset_format.md. Options: vlapt.data.collect.CollectConfig.")
+                                   "docs/dataset_format.md (format=lerobot: a LeRobotDataset v3 directory). "
+                                   "Options: vlapt.data.collect.CollectConfig.")
     _common(p)
     _dataset_writer_args(p)
     p.add_argument("--demos-per-task", dest="demos_per_task", type=int)
@@ -349,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "logs, periodic resumable checkpoints and the final policy to output_dir/policy. "
                                    "Re-running with the same output_dir resumes. Options: vlapt.algorithms.sft.SFTConfig.")
     _common(p)
-    p.add_argument("--dataset", help="HDF5 demonstrations from `vlapt collect`")
+    p.add_argument("--dataset", help="demonstrations from `vlapt collect` (HDF5 file or LeRobot directory)")
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--demos-per-task", dest="demos_per_task", type=int, help="first N demos of each task (0: all)")
     p.add_argument("--steps", type=int)
@@ -364,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--algorithm", help="ppo (default) or another module of vlapt.algorithms")
     p.add_argument("--init-policy", dest="init_policy", help="SFT checkpoint directory to start from")
-    p.add_argument("--demos", help="HDF5 demonstrations that seed the self-BC buffer")
+    p.add_argument("--demos", help="demonstrations that seed the self-BC buffer (HDF5 file or LeRobot directory)")
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--total-env-steps", dest="total_env_steps", type=int)
     p.set_defaults(func=cmd_train)
@@ -374,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table (scripted expert, SFT, post-trained). Stages resume when re-run with the "
                                    "same output_dir. Sub-configs: collect.*, sft.*, eval.* and the post-training "
                                    "algorithm's, named after it: ppo.* (the default) or, with --post-training grpo, "
-                                   "grpo.* (vlapt.pipeline.PipelineConfig); presets in configs/.")
+                                   "grpo.*; with dagger_rounds=N, relabel.* and dagger_sft.* for the expert-"
+                                   "relabelling rounds between SFT and post-training (vlapt.pipeline.PipelineConfig); "
+                                   "presets in configs/.")
     _common(p)
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--suite", help=SUITE_HELP)
@@ -403,7 +425,7 @@ def _dataset_writer_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that run episodes and write a dataset."""
     p.add_argument("--suite", help=SUITE_HELP)
     p.add_argument("--tasks", type=_tasks_list, help="comma-separated task names (instead of a suite)")
-    p.add_argument("--output", help="dataset file to write (.hdf5)")
+    p.add_argument("--output", help="dataset to write (.hdf5 file; for collect with format=lerobot, a directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument("--workers", type=int, help="env worker processes")
 

@@ -95,7 +95,9 @@ def compare_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = 
     for run_dir, label in zip(run_dirs, labels):
         history = load_history(run_dir, up_to_env_steps)
         if not history:
-            raise ValueError(f"{run_dir} has no iteration within {up_to_env_steps} env steps")
+            first = load_history(run_dir, None)
+            raise ValueError(f"{run_dir} has no iteration within {up_to_env_steps} env steps" + (
+                f"; its first ends at {first[0]['env_steps']}: raise --up-to" if first else "; has it trained yet?"))
         all_evals = load_evaluations(run_dir, history)
         start = [m["success_rate"] for s, m in all_evals if s == 0]
         evals = [m for s, m in all_evals if s > 0]
@@ -117,7 +119,8 @@ def compare_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = 
 def _labels(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> list[str]:
     labels = list(labels) if labels else [Path(r).name for r in run_dirs]
     if len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs; "
+                         "give --labels one comma-separated label per run")
     return labels
 
 

@@ -116,7 +116,8 @@ def paired_pace(reference: dict, result: dict) -> dict:
     ref, mine = solved(reference), solved(result)
     tasks = [t for t in reference["protocol"]["tasks"] if t in result["protocol"]["tasks"]]
     if not tasks:
-        raise ValueError("the results share no task")
+        raise ValueError(f"the results share no task (reference: {', '.join(reference['protocol']['tasks'])}; "
+                         f"result: {', '.join(result['protocol']['tasks'])}); compare evaluations of the same tasks")
     per_task = {}
     for task in tasks:
         keys = sorted(k for k in ref.keys() & mine.keys() if k[0] == task)

@@ -14,7 +14,6 @@ and `vlapt.evaluation.video` writes them, annotated, to ``video_dir``.
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from collections import deque
 from pathlib import Path
@@ -29,6 +28,7 @@ from vlapt.evaluation.metrics import SUCCESS_WITHIN, summarize
 from vlapt.evaluation.video import VIDEO_FORMATS, write_episode_video
 from vlapt.interfaces import Agent, Episode, SlotSpec
 from vlapt.rollout.episodes import run_episodes
+from vlapt.rundir import machine_description
 
 
 @dataclasses.dataclass
@@ -197,22 +197,3 @@ class RecedingHorizon:
 
     def act(self, observations, tasks):
         return [np.asarray(chunk)[: self.chunk_len] for chunk in self.agent.act(observations, tasks)]
-
-
-def machine_description() -> str:
-    import os
-
-    cpu = _cpu_model()
-    return (f"{cpu + ', ' if cpu else ''}{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
-            f"Python {platform.python_version()}")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return " ".join(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return platform.processor()

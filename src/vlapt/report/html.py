@@ -32,7 +32,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLik
     if not run_dirs:
         raise ValueError("no run directories to report on")
     if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs; "
+                         "give --labels one comma-separated label per run")
     output = Path(output)
     if output.is_dir():
         raise ValueError(f"output {output} is a directory; give a file path such as {output / 'report.html'}")
