@@ -291,3 +291,25 @@ def test_every_preset_in_configs_loads_into_its_config():
     # every post-training preset starts from a policy that an SFT preset writes
     for name, init_policy in ppo_inits.items():
         assert str(Path(init_policy).parent) in sft_outputs, (name, init_policy, sorted(sft_outputs))
+
+
+@pytest.mark.parametrize("cls,name,minimum", [
+    ("vlapt.algorithms.ppo_sbc:PPOConfig", "eval_episodes", 1), ("vlapt.algorithms.ppo_sbc:PPOConfig", "num_workers", 0),
+    ("vlapt.algorithms.ppo_sbc:PPOConfig", "value_warmup_iterations", 0),
+    ("vlapt.algorithms.grpo:GRPOConfig", "eval_episodes", 1), ("vlapt.algorithms.grpo:GRPOConfig", "eval_every", 0),
+    ("vlapt.algorithms.sft:SFTConfig", "batch_size", 1), ("vlapt.algorithms.sft:SFTConfig", "augment_shift", 0),
+    ("vlapt.algorithms.sft:SFTConfig", "log_every", 1),
+    ("vlapt.data.collect:CollectConfig", "max_attempts_factor", 1), ("vlapt.data.collect:CollectConfig", "num_workers", 0),
+    ("vlapt.data.relabel:RelabelConfig", "envs_per_task", 1), ("vlapt.data.relabel:RelabelConfig", "first_config_index", 0),
+])
+def test_every_stage_names_the_option_below_its_minimum_and_its_value(cls, name, minimum):
+    import importlib
+
+    module, _, attribute = cls.partition(":")
+    config = getattr(importlib.import_module(module), attribute)()
+    if hasattr(config, "policy"):
+        config.policy = "runs/sft/policy"
+    config.validate()  # the defaults pass
+    setattr(config, name, minimum - 1)
+    with pytest.raises(ValueError, match=f"^{name} must be >= {minimum}, got {minimum - 1}$"):
+        config.validate()

@@ -754,9 +754,15 @@ def test_tokenizer_encode_pads_truncates_and_maps_unknowns(tokenizer):
     assert torch.equal(again[0], ids[0])
 
 
-def test_tokenizer_rejects_bad_vocab():
-    with pytest.raises(ValueError, match="must start with"):
-        Tokenizer(["hello", "[PAD]"])
+def test_tokenizer_and_policy_config_reject_a_bad_vocab_alike():
+    from vlapt.policies.vla.config import PolicyConfig
+
+    for bad, match in [(["hello", "[PAD]"], "must start with"),
+                       (["[PAD]", "[UNK]", "open", "close", "open"], "open more than once")]:
+        with pytest.raises(ValueError, match=match):
+            Tokenizer(bad)
+        with pytest.raises(ValueError, match=match):
+            PolicyConfig(vocab=bad).validate()
 
 
 def test_soup_script_averages_the_weights_of_policies_of_one_architecture(load_script, tiny_policy_dir, tmp_path):

@@ -95,6 +95,14 @@ def _explain(exc: OmegaConfBaseException, cls: type) -> str:
     return f"bad config{where}: {msg}. Top-level options of {cls.__name__}: {names}"
 
 
+def check_at_least(config: Any, minimum: float, *names: str) -> None:
+    """Raise a ValueError naming the first option of ``names`` whose value on ``config`` is below ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 

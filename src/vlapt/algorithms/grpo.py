@@ -35,6 +35,7 @@ from vlapt.algorithms.checkpointing import (
     capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
 )
 from vlapt.algorithms.ppo_sbc import BCWeight, keep_shortest
+from vlapt.config import check_at_least
 from vlapt.data.buffer import DemoBuffer
 from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs import get_suite
@@ -112,16 +113,15 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (a group baseline needs company), got {self.group_size}")
-        for name in ("groups_per_task", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity",
-                     "bc_batch_size", "checkpoint_every", "threads", "rollout_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "groups_per_task", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity",
+                       "bc_batch_size", "checkpoint_every", "threads", "rollout_threads", "eval_episodes")
+        check_at_least(self, 0, "num_workers", "eval_every")
         if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
             raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}], got {self.max_episode_steps}")
         if not 0 <= self.pace_weight < 1:
             raise ValueError(f"pace_weight must be in [0, 1) so that every success beats every failure, got {self.pace_weight}")
-        if self.lr <= 0 or self.num_workers < 0 or self.eval_every < 0 or self.eval_episodes < 1:
-            raise ValueError("lr must be > 0, num_workers and eval_every >= 0, eval_episodes >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.eval_every % self.checkpoint_every:
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every ({self.checkpoint_every}): "
                              "an evaluation scores the checkpoint written at its iteration")

@@ -34,6 +34,7 @@ from vlapt.algorithms.checkpointing import (
     capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
 )
 from vlapt.algorithms.returns import chunk_gae
+from vlapt.config import check_at_least
 from vlapt.data.buffer import DemoBuffer
 from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs import get_suite
@@ -119,12 +120,10 @@ class PPOConfig:
                                    ("precision", self.precision, ("fp32", "bf16"))):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
-        for name in ("envs_per_task", "horizon", "rollout_groups", "threads", "rollout_threads", "epochs",
-                     "minibatch_size", "total_env_steps", "buffer_capacity", "bc_batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.eval_every < 0 or self.eval_episodes < 1 or self.value_warmup_iterations < 0:
-            raise ValueError("num_workers, eval_every and value_warmup_iterations must be >= 0, eval_episodes >= 1")
+        check_at_least(self, 1, "envs_per_task", "horizon", "rollout_groups", "threads", "rollout_threads", "epochs",
+                       "minibatch_size", "total_env_steps", "buffer_capacity", "bc_batch_size", "checkpoint_every",
+                       "eval_episodes")
+        check_at_least(self, 0, "num_workers", "eval_every", "value_warmup_iterations")
         if self.eval_every % self.checkpoint_every:
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every ({self.checkpoint_every}): "
                              "an evaluation scores the checkpoint written at its iteration")
@@ -132,7 +131,7 @@ class PPOConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         resolve_device(self.device)
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
-            raise ValueError("gamma must be in (0, 1] and gae_lambda in [0, 1]")
+            raise ValueError(f"gamma must be in (0, 1] and gae_lambda in [0, 1], got {self.gamma} and {self.gae_lambda}")
         if not self.bc_coef_min <= self.bc_coef <= self.bc_coef_max or self.bc_coef_min <= 0:
             raise ValueError(f"bc_coef ({self.bc_coef}) must lie in [bc_coef_min, bc_coef_max] = "
                              f"[{self.bc_coef_min}, {self.bc_coef_max}] with bc_coef_min > 0 (bc_weight_rule=none disables BC)")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from vlapt.algorithms.checkpointing import (
     capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
 )
+from vlapt.config import check_at_least
 from vlapt.data.dataset import ChunkDataset
 from vlapt.data.format import dataset_suite, env_args, read_episodes
 from vlapt.interfaces import EnvConfig, ObservationSpec
@@ -98,10 +99,8 @@ class SFTConfig:
     aux_state_dims: list[int] = dataclasses.field(default_factory=list)  # indices into the state; []: the suite's targets
 
     def validate(self) -> "SFTConfig":
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.demos_per_task < 0 or self.augment_shift < 0 or self.relabelled_label_steps < 0:
-            raise ValueError("demos_per_task, augment_shift and relabelled_label_steps must be >= 0")
+        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every", "log_every")
+        check_at_least(self, 0, "demos_per_task", "augment_shift", "relabelled_label_steps")
         if self.model.chunk_len < 1:
             raise ValueError(f"model.chunk_len must be >= 1, got {self.model.chunk_len}")
         if self.aux_state_coef < 0 or any(d < 0 for d in self.aux_state_dims):
@@ -109,8 +108,6 @@ class SFTConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         resolve_device(self.device)
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError(f"checkpoint_every and log_every must be >= 1, got {self.checkpoint_every}, {self.log_every}")
         return self
 
 

@@ -13,6 +13,7 @@ from collections import deque
 
 from tqdm import tqdm
 
+from vlapt.config import check_at_least
 from vlapt.data import lerobot
 from vlapt.data.format import DemoWriter, check_writable
 from vlapt.envs import get_suite
@@ -48,10 +49,8 @@ class CollectConfig:
         suite.resolve_tasks(self.tasks)
         check_expert_choice(suite, self.expert, self.expert_per_task)
         check_backend(self.env_backend)
-        if self.demos_per_task < 1:
-            raise ValueError(f"demos_per_task must be >= 1, got {self.demos_per_task}")
-        if self.envs_per_task < 1 or self.num_workers < 0 or self.max_attempts_factor < 1:
-            raise ValueError("envs_per_task and max_attempts_factor must be >= 1, num_workers >= 0")
+        check_at_least(self, 1, "demos_per_task", "envs_per_task", "max_attempts_factor")
+        check_at_least(self, 0, "num_workers")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.lerobot_images not in IMAGE_STORAGE:

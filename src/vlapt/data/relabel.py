@@ -25,6 +25,7 @@ from collections import deque
 import numpy as np
 from tqdm import tqdm
 
+from vlapt.config import check_at_least
 from vlapt.data.collect import dataset_env_args
 from vlapt.data.format import RELABELLED, DemoWriter, check_writable
 from vlapt.envs import get_suite
@@ -61,8 +62,8 @@ class RelabelConfig:
         suite.resolve_tasks(self.tasks)
         check_expert_choice(suite, self.expert, self.expert_per_task)
         check_backend(self.env_backend)
-        if self.episodes_per_task < 1 or self.envs_per_task < 1 or self.num_workers < 0 or self.first_config_index < 0:
-            raise ValueError("episodes_per_task and envs_per_task must be >= 1, num_workers and first_config_index >= 0")
+        check_at_least(self, 1, "episodes_per_task", "envs_per_task")
+        check_at_least(self, 0, "num_workers", "first_config_index")
         if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
             raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}], got {self.max_episode_steps}")
         return self

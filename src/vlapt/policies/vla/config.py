@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlapt.policies.vla.tokenizer import check_vocab
+
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     # Smallest thing that exercises every code path; meant for unit tests (image_size 32).
     "tiny": dict(
@@ -158,10 +160,7 @@ class PolicyConfig:
                 f"{self.vision_backbone!r}; set image_keypoints=0"
             )
         if self.vocab:
-            if self.vocab[:2] != ["[PAD]", "[UNK]"]:
-                raise ValueError("vocab must start with '[PAD]', '[UNK]'; build it with Tokenizer.build(texts)")
-            if len(set(self.vocab)) != len(self.vocab):
-                raise ValueError("vocab contains duplicate entries; build it with Tokenizer.build(texts)")
+            check_vocab(self.vocab)
         if self.proprio_fields and len(self.proprio_fields) != self.proprio_dim:
             raise ValueError(
                 f"proprio_fields names {len(self.proprio_fields)} entries but proprio_dim is {self.proprio_dim}"

@@ -9,6 +9,7 @@ checkpoint always carries the tokenizer it was trained with.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Iterable, Sequence
 
 import torch
@@ -22,15 +23,23 @@ SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN)
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+def check_vocab(vocab: Sequence[str]) -> None:
+    """A vocabulary starts with the special tokens and names each word once."""
+    vocab = list(vocab)
+    if vocab[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
+        raise ValueError(f"vocab must start with {list(SPECIAL_TOKENS)}, got {vocab[:len(SPECIAL_TOKENS)]}; "
+                         "build it with Tokenizer.build(texts)")
+    duplicates = sorted(word for word, count in Counter(vocab).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"vocab names {', '.join(duplicates)} more than once; build it with Tokenizer.build(texts)")
+
+
 class Tokenizer:
     """Maps instructions to fixed-length id rows plus a mask of real tokens."""
 
     def __init__(self, vocab: Sequence[str] = ()):
         vocab = list(vocab) or list(SPECIAL_TOKENS)
-        if vocab[:2] != list(SPECIAL_TOKENS):
-            raise ValueError(f"vocab must start with {list(SPECIAL_TOKENS)}, got {vocab[:2]}")
-        if len(set(vocab)) != len(vocab):
-            raise ValueError("vocab contains duplicate entries")
+        check_vocab(vocab)
         self.vocab: list[str] = vocab
         self._ids = {word: i for i, word in enumerate(vocab)}
 
