@@ -12,7 +12,8 @@ import torch
 
 import vlapt  # noqa: F401
 from vlapt.algorithms import get_algorithm
-from vlapt.algorithms.grpo import GRPOConfig, clipped_surrogate, group_advantages, outcome_reward, run_groups, train_grpo
+from vlapt.algorithms.grpo import GRPOConfig, clipped_surrogate, group_advantages, outcome_reward, train_grpo
+from vlapt.rollout.groups import run_groups
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.envs import get_suite
