@@ -212,8 +212,9 @@ def test_train_unknown_algorithm(capsys, tmp_path):
 def test_train_names_the_algorithm_an_option_belongs_to(capsys, tmp_path):
     err = _bad(capsys, ["train", "--output-dir", "run", "--quiet", "group_size=4"])
     assert "group_size" in err and "--algorithm grpo" in err
-    err = _bad(capsys, ["train", "--output-dir", "run", "--quiet", "no_such_option=4"])
-    assert "no_such_option" in err and "--algorithm" not in err
+    for option in ("no_such_option=4", "lr=abc"):  # unknown to every algorithm; PPO's own, with a bad value
+        err = _bad(capsys, ["train", "--output-dir", "run", "--quiet", option])
+        assert option.split("=")[0] in err and "--algorithm" not in err
     assert _files(tmp_path) == []
 
 

@@ -62,8 +62,8 @@ def built_in() -> list[str]:
 def options_of_another(algorithm: str, key: str | None) -> str:
     """A hint for an option ``key`` that ``algorithm``'s config lacks but another built-in one has ("" if none)."""
     name = (key or "").split(".")[0]
-    if not name:
-        return ""
+    if not name or name in {field.name for field in dataclasses.fields(get_algorithm(algorithm).config)}:
+        return ""  # no option, or one of its own (given a value it cannot take)
     owners = [other for other in built_in() if other != algorithm
               and name in {field.name for field in dataclasses.fields(get_algorithm(other).config)}]
     if not owners:
