@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from vlapt.config import check_at_least
 from vlapt.envs import get_suite
 from vlapt.envs.pools import check_backend, make_pool
 from vlapt.evaluation.metrics import SUCCESS_WITHIN, summarize
@@ -56,17 +57,13 @@ class EvalConfig:
         suite = get_suite(self.suite)
         suite.resolve_tasks(self.tasks)
         check_backend(self.env_backend)
-        if self.episodes_per_task < 1:
-            raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
+        check_at_least(self, 1, "episodes_per_task", "envs_per_task")
+        check_at_least(self, 0, "num_workers")
         if not 0 <= self.max_episode_steps <= suite.max_episode_steps:
             raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}] (0: the suite's limit), "
                              f"got {self.max_episode_steps}")
         if self.split not in ("train", "eval"):
             raise ValueError(f"split must be 'eval' or 'train', got {self.split!r}")
-        if self.envs_per_task < 1:
-            raise ValueError(f"envs_per_task must be >= 1, got {self.envs_per_task}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.execute_steps < 0:
             raise ValueError(f"execute_steps must be >= 0 (0: the whole chunk), got {self.execute_steps}")
         if self.video_episodes < 0:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlapt.config import check_at_least
 from vlapt.policies.vla.tokenizer import check_vocab
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -119,10 +120,8 @@ class PolicyConfig:
         _check_field_types(self)
         if self.size not in MODEL_SIZES:
             raise ValueError(f"unknown model size {self.size!r}; choose one of {sorted(MODEL_SIZES)}")
-        for name in ("d_model", "n_layers", "n_heads", "language_layers", "image_size", "image_grid",
-                     "chunk_len", "action_dim", "proprio_dim", "max_instruction_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "d_model", "n_layers", "n_heads", "language_layers", "image_size", "image_grid",
+                       "chunk_len", "action_dim", "proprio_dim", "max_instruction_tokens")
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.mlp_ratio <= 0:
@@ -145,9 +144,7 @@ class PolicyConfig:
         if self.language_backbone == "words" and self.language_trainable != "all":
             raise ValueError("language_trainable applies to a pretrained language tower (language_backbone='hf'); "
                              "vlapt's own word encoder trains whole")
-        if self.vision_input_size < 0 or self.vision_lora_rank < 0 or self.feature_cache_mb < 0:
-            raise ValueError(f"vision_input_size, vision_lora_rank and feature_cache_mb must be >= 0, got "
-                             f"{self.vision_input_size}, {self.vision_lora_rank}, {self.feature_cache_mb}")
+        check_at_least(self, 0, "vision_input_size", "vision_lora_rank", "feature_cache_mb")
         if self.vision_lora_rank and (self.vision_backbone != "hf" or self.vision_trainable != "none"):
             raise ValueError(f"vision_lora_rank={self.vision_lora_rank} adapts a frozen Hugging Face backbone: it needs "
                              f"vision_backbone='hf' and vision_trainable='none', got {self.vision_backbone!r} and "
