@@ -60,7 +60,7 @@ def test_the_example_gives_chunked_ppo_consistent_likelihoods(family):
 def test_the_example_trains_evaluates_and_loads_through_the_command_line(family, dataset, tmp_path):
     torch.manual_seed(0)
     family(image_size=32).save(tmp_path / "init")
-    assert main(["sft", "--quiet", f"dataset={dataset}", f"init_policy={tmp_path / 'init'}", "aux_state_coef=0",
+    assert main(["sft", "--quiet", f"dataset={dataset}", f"init_policy={tmp_path / 'init'}",
                  f"output_dir={tmp_path / 'sft'}", "steps=3", "batch_size=8", "warmup_steps=1", "checkpoint_every=3",
                  "log_every=3", "threads=1"]) == 0
     assert main(["train", "--quiet", f"init_policy={tmp_path / 'sft' / 'policy'}", f"demos={dataset}",

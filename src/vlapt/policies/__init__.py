@@ -9,6 +9,7 @@ from vlapt.policies.base import (
     ENTRY_POINT_GROUP, ChunkPolicyBase, PolicyAgent, load_policy, policy_types, register_policy_type, resolve_device,
 )
 from vlapt.policies.checkpoint import CheckpointError, read_config, state_sha256
+from vlapt.policies.gaussian import GaussianChunk, GaussianChunkPolicy
 
-__all__ = ["ENTRY_POINT_GROUP", "ChunkPolicyBase", "CheckpointError", "PolicyAgent", "load_policy", "policy_types", "read_config", "register_policy_type",
-           "resolve_device", "state_sha256"]
+__all__ = ["ENTRY_POINT_GROUP", "ChunkPolicyBase", "CheckpointError", "GaussianChunk", "GaussianChunkPolicy", "PolicyAgent",
+           "load_policy", "policy_types", "read_config", "register_policy_type", "resolve_device", "state_sha256"]

@@ -1,6 +1,7 @@
 """What every policy family shares: inference (`predict`), input checks, and loading by path.
 
-A family subclasses `ChunkPolicyBase` (a torch module implementing `vlapt.interfaces.ChunkPolicy`),
+A family subclasses `ChunkPolicyBase` (a torch module implementing `vlapt.interfaces.ChunkPolicy`;
+a family with a diagonal-Gaussian chunk, `vlapt.policies.gaussian.GaussianChunkPolicy`),
 gives itself a ``policy_type`` name, writes its checkpoints with `vlapt.policies.checkpoint` and
 registers a loader (`register_policy_type`); `load_policy(path)` then rebuilds it from its
 directory, whatever the family.

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkSample, EnvConfig
-from vlapt.policies.base import ChunkPolicyBase
+from vlapt.interfaces import EnvConfig
 from vlapt.policies.checkpoint import CheckpointError, check_state_matches
-from vlapt.policies.gaussian import chunk_entropy, chunk_log_prob, chunk_nll
+from vlapt.policies.gaussian import GaussianChunk, GaussianChunkPolicy
 from vlapt.policies.lerobot import (
     HEADS_FILE, POSTPROCESSOR, PREPROCESSOR, WEIGHTS_FILE, Normalization, kept_files, read_normalization, read_sidecar,
     require_lerobot, training_observation, write_policy_dir,
@@ -45,7 +44,7 @@ OBS_IMAGES = "observation.images"
 ACTION = "action"
 
 
-class LeRobotACTPolicy(ChunkPolicyBase):
+class LeRobotACTPolicy(GaussianChunkPolicy):
     """LeRobot's ACTPolicy plus a learned chunk log-std and a value head; see the module docstring."""
 
     policy_type = POLICY_TYPE
@@ -137,84 +136,20 @@ class LeRobotACTPolicy(ChunkPolicyBase):
         pixels = self.normalize(self.image_key, pixels)
         return {OBS_STATE: self.normalize(OBS_STATE, state), self.image_key: pixels, OBS_IMAGES: [pixels]}
 
-    def forward(self, batch: dict[str, Any]):
-        """``(mean (B, h, A) normalised, log_std (B, h, A), value (B,), features (B, dim_model))``."""
+    def forward(self, batch: dict[str, Any]) -> GaussianChunk:
+        """The chunk's Gaussian in LeRobot's normalised action space; ``features``: the encoder's mean token."""
         chunk, _ = self.lerobot_policy.model(batch)
         features = self._encoder_out.mean(dim=0)
         self._encoder_out = None
         # the outputs in float32 whatever the autocast precision, so likelihoods and ratios stay exact
         mean = chunk[:, : self._chunk_len].float()
         value = self.value_head(features).squeeze(-1).float()
-        return mean, self.clamped_log_std().expand_as(mean), value, features
+        return GaussianChunk(mean, self.clamped_log_std().expand_as(mean), value, features)
 
-    def clamped_log_std(self) -> torch.Tensor:
-        return self.log_std.clamp(self.min_log_std, self.max_log_std)
-
-    chunk_log_prob = staticmethod(chunk_log_prob)  # vlapt.policies.gaussian
-    chunk_entropy = staticmethod(chunk_entropy)
-
-    # -- the ChunkPolicy interface -----------------------------------------------------------------
+    # -- the ChunkPolicy interface (sampling, scoring and BC: GaussianChunkPolicy) ------------------
     def observation_config(self) -> EnvConfig:
         o = self.observation
         return EnvConfig(camera=o["camera"], camera_fovy=float(o["camera_fovy"]), image_size=self.image_size, render=True)
-
-    def act(self, observations, deterministic: bool = False, generator: torch.Generator | None = None) -> ChunkSample:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                mean, log_std, value, _ = self(self.make_batch(observations))
-                if deterministic:
-                    actions = mean
-                else:
-                    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                                        device=generator.device if generator is not None else mean.device)
-                    actions = mean + noise.to(mean.device) * log_std.exp()
-                log_prob = self.chunk_log_prob(mean, log_std, actions)
-                step_log_prob = self.chunk_log_prob(mean, log_std, actions, per_step=True)
-                env_actions = self.unnormalize_actions(actions)
-        finally:
-            self.train(was_training)
-        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), value.cpu().numpy(),
-                           step_log_prob.cpu().numpy())
-
-    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0, per_step: bool = False) -> ChunkEvaluation:
-        mean, log_std, value, _ = self(self.make_batch(observations))
-        if actions.shape != mean.shape:
-            raise ValueError(f"actions must have shape (B, chunk_len, action_dim) = {tuple(mean.shape)}, got {tuple(actions.shape)}")
-        if not 0 <= steps <= self._chunk_len:
-            raise ValueError(f"steps must be in [0, {self._chunk_len}] (0: the whole chunk), got {steps}")
-        k = steps or self._chunk_len
-        actions = actions.to(mean.device, mean.dtype)
-        log_prob = self.chunk_log_prob(mean[:, :k], log_std[:, :k], actions[:, :k], per_step)
-        return ChunkEvaluation(log_prob, self.chunk_entropy(log_std[:, :k], per_step), value)
-
-    def value(self, observations) -> np.ndarray:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self(self.make_batch(observations))[2].cpu().numpy()
-        finally:
-            self.train(was_training)
-
-    def bc_loss(self, observations, actions: torch.Tensor, pad: torch.Tensor) -> BCLoss:
-        mean, log_std, _, features = self(self.make_batch(observations))
-        target = self.normalize_actions(torch.as_tensor(actions).to(mean.device, mean.dtype))
-        loss, mse = chunk_nll(mean, log_std, target, torch.as_tensor(pad).to(mean.device))
-        return BCLoss(loss, mse, features)
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        critic = list(self.value_head.parameters())
-        ids = {id(p) for p in critic}
-        return {"actor": [p for p in self.parameters() if id(p) not in ids], "critic": critic}
-
-    def reset_exploration(self, log_std: float) -> None:
-        with torch.no_grad():
-            self.log_std.fill_(log_std)
-
-    def exploration_std(self) -> float:
-        return float(self.clamped_log_std().detach().exp().mean())
 
     def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """Env-unit actions -> LeRobot's normalised action space (where the Gaussian lives)."""

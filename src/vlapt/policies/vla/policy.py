@@ -16,16 +16,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkSample, EnvConfig
-from vlapt.policies.base import ChunkPolicyBase
+from vlapt.interfaces import EnvConfig
 from vlapt.policies.checkpoint import CheckpointError, check_state_matches, write_checkpoint
-from vlapt.policies.gaussian import chunk_entropy, chunk_log_prob, chunk_nll
+from vlapt.policies.gaussian import GaussianChunk, GaussianChunkPolicy
 from vlapt.policies.vla.config import PolicyConfig
 from vlapt.policies.vla.features import FeatureCache
 from vlapt.policies.vla.network import Transformer, _mlp_head, build_vision_backbone
@@ -37,13 +36,6 @@ _LANGUAGE, _IMAGE, _PROPRIO, _ACTION_READOUT, _VALUE_READOUT = range(5)
 BATCH_KEYS = ("image", "proprio", "instruction_ids", "instruction_mask")
 INSTRUCTION_CACHE_BYTES = 64 * 2**20  # a frozen language tower's features of distinct instructions
 POLICY_TYPE = "vla"
-
-
-class PolicyOutput(NamedTuple):
-    mean: torch.Tensor  # (B, h, A), normalised action space
-    log_std: torch.Tensor  # (B, h, A), already clamped
-    value: torch.Tensor  # (B,)
-    features: torch.Tensor  # (B, d_model) the action readout's trunk features, what the action head reads
 
 
 def make_batch(observations: Mapping[str, Any], tokenizer: Tokenizer, config: PolicyConfig,
@@ -95,7 +87,7 @@ def make_batch(observations: Mapping[str, Any], tokenizer: Tokenizer, config: Po
     }
 
 
-class VLAPolicy(ChunkPolicyBase):
+class VLAPolicy(GaussianChunkPolicy):
     """Actor-critic VLA policy over action chunks; see the module docstring for the design."""
 
     policy_type = POLICY_TYPE
@@ -185,11 +177,19 @@ class VLAPolicy(ChunkPolicyBase):
     def action_dim(self) -> int:
         return self.config.action_dim
 
+    @property
+    def min_log_std(self) -> float:
+        return self.config.min_log_std
+
+    @property
+    def max_log_std(self) -> float:
+        return self.config.max_log_std
+
     # -- the network -------------------------------------------------------------------------------
     def make_batch(self, observations: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return make_batch(observations, self.tokenizer, self.config, self.device)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> PolicyOutput:
+    def forward(self, batch: dict[str, torch.Tensor]) -> GaussianChunk:
         image, proprio, ids, mask = self._check_batch(batch)
         batch_size, n_words = ids.shape
 
@@ -212,7 +212,7 @@ class VLAPolicy(ChunkPolicyBase):
         mean = self.action_head(action_readout).view(batch_size, self.config.chunk_len, self.config.action_dim).float()
         value = self.value_head(value_readout).squeeze(-1).float()
         log_std = self.clamped_log_std().expand_as(mean)
-        return PolicyOutput(mean=mean, log_std=log_std, value=value, features=action_readout)
+        return GaussianChunk(mean=mean, log_std=log_std, value=value, features=action_readout)
 
     def _instruction_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "language_tower"):
@@ -297,81 +297,10 @@ class VLAPolicy(ChunkPolicyBase):
             raise ValueError(f"batch sizes differ: image {image.shape[0]}, proprio {proprio.shape[0]}, instruction {ids.shape[0]}")
         return image, proprio, ids, mask.bool()
 
-    # -- the chunk distribution --------------------------------------------------------------------
-    def clamped_log_std(self) -> torch.Tensor:
-        return self.log_std.clamp(self.config.min_log_std, self.config.max_log_std)
-
-    chunk_log_prob = staticmethod(chunk_log_prob)  # vlapt.policies.gaussian
-    chunk_entropy = staticmethod(chunk_entropy)
-
-    def _scored_steps(self, steps: int) -> int:
-        if not 0 <= steps <= self.chunk_len:
-            raise ValueError(f"steps must be in [0, {self.chunk_len}] (0: the whole chunk), got {steps}")
-        return steps or self.chunk_len
-
-    # -- the ChunkPolicy interface -----------------------------------------------------------------
+    # -- the ChunkPolicy interface (sampling, scoring and BC: GaussianChunkPolicy) ------------------
     def observation_config(self) -> EnvConfig:
         c = self.config
         return EnvConfig(camera=c.camera, camera_fovy=c.camera_fovy, image_size=c.image_size, render=True)
-
-    def act(self, observations, deterministic: bool = False, generator: torch.Generator | None = None) -> ChunkSample:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                out = self(self.make_batch(observations))
-                if deterministic:
-                    actions = out.mean
-                else:
-                    noise = torch.randn(out.mean.shape, generator=generator, dtype=out.mean.dtype,
-                                        device=generator.device if generator is not None else out.mean.device)
-                    actions = out.mean + noise.to(out.mean.device) * out.log_std.exp()
-                log_prob = self.chunk_log_prob(out.mean, out.log_std, actions)
-                step_log_prob = self.chunk_log_prob(out.mean, out.log_std, actions, per_step=True)
-                env_actions = self.unnormalize_actions(actions)
-        finally:
-            self.train(was_training)
-        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), out.value.cpu().numpy(),
-                           step_log_prob.cpu().numpy())
-
-    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0, per_step: bool = False) -> ChunkEvaluation:
-        out = self(self.make_batch(observations))
-        if actions.shape != out.mean.shape:
-            raise ValueError(f"actions must have shape (B, chunk_len, action_dim) = {tuple(out.mean.shape)}, "
-                             f"got {tuple(actions.shape)}")
-        k = self._scored_steps(steps)
-        actions = actions.to(out.mean.device, out.mean.dtype)
-        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], per_step)
-        return ChunkEvaluation(log_prob, self.chunk_entropy(out.log_std[:, :k], per_step), out.value)
-
-    def value(self, observations) -> np.ndarray:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self(self.make_batch(observations)).value.cpu().numpy()
-        finally:
-            self.train(was_training)
-
-    def bc_loss(self, observations, actions: torch.Tensor, pad: torch.Tensor) -> BCLoss:
-        """Chunk Gaussian NLL of env-unit chunks (trains the mean and a calibrated std), padding masked out."""
-        out = self(self.make_batch(observations))
-        target = self.normalize_actions(actions.to(out.mean.device))
-        loss, mse = chunk_nll(out.mean, out.log_std, target, pad.to(out.mean.device))
-        return BCLoss(loss, mse, out.features)
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The trained parameters (frozen ones are left out): the value head's, and the rest."""
-        critic = [p for p in self.value_head.parameters() if p.requires_grad]
-        ids = {id(p) for p in critic}
-        return {"actor": [p for p in self.parameters() if p.requires_grad and id(p) not in ids], "critic": critic}
-
-    def reset_exploration(self, log_std: float) -> None:
-        with torch.no_grad():
-            self.log_std.fill_(log_std)
-
-    def exploration_std(self) -> float:
-        return float(self.clamped_log_std().detach().exp().mean())
 
     def unknown_words(self, instructions: list[str]) -> list[str]:
         if hasattr(self, "language_tower"):
