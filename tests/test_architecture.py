@@ -319,9 +319,7 @@ class ToyPolicy(ChunkPolicyBase):
             log_prob = self._log_prob(mean, actions, self.chunk_len)
         return ChunkSample(actions, actions.numpy(), log_prob.numpy(), value.numpy())
 
-    def evaluate(self, observations, actions, steps=0, per_step=False):
-        if per_step:
-            raise NotImplementedError("the toy scores whole chunks only")
+    def evaluate(self, observations, actions, steps=0):
         mean, value = self._forward(observations)
         k = steps or self.chunk_len
         entropy = (self.log_std[:k] + 0.5 + 0.5 * math.log(2 * math.pi)).sum().expand(len(mean))

@@ -56,10 +56,10 @@ class _Scores:
     def __init__(self, log_prob):
         self.log_prob = log_prob
 
-    def evaluate(self, observations, actions, steps=0, per_step=False):
+    def evaluate(self, observations, actions, steps=0):
         from vlapt.interfaces import ChunkEvaluation
 
-        lp = self.log_prob if per_step else self.log_prob.sum(-1)
+        lp = self.log_prob.sum(-1)
         return ChunkEvaluation(lp, torch.ones_like(lp), None)
 
 
@@ -68,9 +68,6 @@ def test_the_surrogate_clips_each_ratio_and_has_no_value_term():
     adv = torch.tensor([1.0, 1.0])
     loss, _, _, clipfrac = clipped_surrogate(_Scores(new), {}, torch.zeros(2, 2, 4), torch.zeros(2), adv, 0.2)
     assert loss.item() == pytest.approx(-(1.2 + math.exp(-0.4)) / 2) and clipfrac.item() == 1.0
-    executed = torch.tensor([[True, False], [True, True]])
-    loss, *_ = clipped_surrogate(_Scores(new), {}, torch.zeros(2, 2, 4), torch.zeros(2, 2), adv, 0.2, executed)
-    assert loss.item() == pytest.approx(-(1.2 + math.exp(-0.4) + 1.0) / 3)
 
 
 @pytest.fixture(scope="module")

@@ -775,7 +775,7 @@ def _fake_rollout(model, T=2, S=2, seed=0) -> RolloutBatch:
     return RolloutBatch(
         images=images, proprio=proprio, instructions=instructions, tasks=tasks,
         actions=sample.actions.numpy().reshape(T, S, h, a), log_probs=sample.log_prob.reshape(T, S),
-        step_log_probs=sample.step_log_prob.reshape(T, S, h), values=sample.value.reshape(T, S), rewards=rng.normal(size=(T, S)).astype(np.float32),
+        values=sample.value.reshape(T, S), rewards=rng.normal(size=(T, S)).astype(np.float32),
         discounts=np.full((T, S), 0.9**h, np.float32), dones=np.zeros((T, S), bool), steps=np.full((T, S), h, np.int32),
         last_values=np.zeros(S, np.float32), valid=np.ones((T, S), bool),
     )
@@ -1372,59 +1372,16 @@ def test_buffer_admission_none_keeps_the_demonstrations_only(dataset, sft_policy
             assert history[-1]["buffer_admitted"] == 0 and history[-1]["buffer_episodes"] == 2
 
 
-# -- action-level ratios, the learner's device and precision ----------------------------------------------------
-class _FixedPolicy:
-    """Hand-set per-action log-probs, so action-level PPO losses can be checked by hand."""
-
-    def __init__(self, step_log_probs, values):
-        self.step, self.values = step_log_probs, values
-
-    def evaluate(self, observations, actions, steps=0, per_step=False):
-        log_prob = self.step if per_step else self.step.sum(-1)
-        entropy = torch.ones_like(self.step) if per_step else torch.full((len(self.step),), float(self.step.shape[1]))
-        return log_prob, entropy, self.values
-
-
-def test_action_level_ratios_clip_each_executed_action_against_the_chunks_advantage():
-    new = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    old = torch.zeros(2, 3)
-    executed = torch.tensor([[True, True, False], [True, False, False]])
-    values = torch.zeros(2)
-    pl, vl, ent, kl, cf = ppo_losses(_FixedPolicy(new, values), {}, torch.zeros(2, 3, 4), old, values,
-                                     torch.tensor([1.0, -2.0]), values, 0.2, 0.2, executed)
-    # chunk 1: exp(0.5) clipped to 1.2 (advantage 1), then 1.0; chunk 2: 1.0 (advantage -2); its unexecuted steps ignored
-    assert pl.item() == pytest.approx(-(1.2 * 1 + 1.0 * 1 + 1.0 * -2) / 3)
-    assert cf.item() == pytest.approx(1 / 3)
-    assert kl.item() == pytest.approx(((math.exp(0.5) - 1) - 0.5) / 2)  # per chunk: the sum over its executed actions
-    assert ent.item() == pytest.approx(3.0)  # per chunk, as with chunk-level ratios
-    # the chunk-level loss of the same log-probs: one ratio exp(0.5) per chunk 1
-    pl_chunk, *_ = ppo_losses(_FixedPolicy(new, values), {}, torch.zeros(2, 3, 4), old.sum(-1), values,
-                              torch.tensor([1.0, -2.0]), values, 0.2, 0.2)
-    assert pl_chunk.item() == pytest.approx(-(1.2 * 1 + 1.0 * -2) / 2)
-
-
-def test_the_policys_per_action_log_probs_add_up_to_its_chunk_log_prob(tiny_model):
-    batch = _fake_rollout(tiny_model)
-    assert np.allclose(batch.step_log_probs.sum(-1), batch.log_probs, atol=1e-4)
-    rows = np.arange(4)
-    chunk = tiny_model.evaluate(batch.observations(rows), torch.from_numpy(batch.actions.reshape(4, *batch.actions.shape[2:])))
-    steps = tiny_model.evaluate(batch.observations(rows), torch.from_numpy(batch.actions.reshape(4, *batch.actions.shape[2:])),
-                                per_step=True)
-    torch.testing.assert_close(steps.log_prob.sum(-1), chunk.log_prob, atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose(steps.log_prob.detach().numpy(), batch.step_log_probs.reshape(4, -1), atol=1e-4, rtol=1e-5)
-
-
-@pytest.mark.parametrize("changes", [{"ratio": "action"}, {"precision": "bf16"}, {"ratio": "action", "precision": "bf16"}])
-def test_update_with_action_ratios_and_bf16_learns_with_finite_losses(tiny_model, changes):
+# -- the learner's device and precision ---------------------------------------------------------------------
+def test_update_in_bf16_learns_with_finite_losses(tiny_model):
     before = _params(tiny_model)
-    stats, _ = _run_update(tiny_model, lr=1e-3, **changes)
+    stats, _ = _run_update(tiny_model, lr=1e-3, precision="bf16")
     assert stats["updates"] > 0 and all(math.isfinite(stats[k]) for k in ("policy_loss", "value_loss", "approx_kl"))
     assert any(not torch.equal(before[k], v) for k, v in _params(tiny_model).items())
 
 
 def test_learner_options_are_checked():
-    for bad, message in (({"ratio": "token"}, "ratio must be one of chunk, action"),
-                         ({"precision": "fp16"}, "precision must be one of fp32, bf16"),
+    for bad, message in (({"precision": "fp16"}, "precision must be one of fp32, bf16"),
                          ({"rollout_device": "gpu"}, "rollout_device must be one of cpu, learner"),
                          ({"device": "tpu"}, "unknown device 'tpu'"),
                          ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "mps"}, "not available")):
@@ -1433,9 +1390,9 @@ def test_learner_options_are_checked():
     assert PPOConfig(tasks=[TASK], device="auto").validate()
 
 
-def test_post_training_with_action_ratios_and_bf16_resumes(dataset, sft_policy, tmp_path):
+def test_post_training_in_bf16_resumes(dataset, sft_policy, tmp_path):
     out = tmp_path / "ppo"
-    config = _ppo_config(dataset, sft_policy, out, ratio="action", precision="bf16", total_env_steps=40)
+    config = _ppo_config(dataset, sft_policy, out, precision="bf16", total_env_steps=40)
     final = train_ppo(config, progress=False)
     history = _history(out)
     assert all(math.isfinite(row["approx_kl"]) for row in history[1:]) and load_policy(final).chunk_len == 5

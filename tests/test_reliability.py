@@ -228,11 +228,11 @@ def test_an_option_added_after_a_run_was_made_counts_as_unchanged_at_its_default
 
     recorded = tmp_path / "config.yaml"
     old = yaml.safe_load(yaml.safe_dump(vlapt.config.to_dict(PPOConfig())))
-    del old["ratio"]  # a run from before the option existed
+    del old["precision"]  # a run from before the option existed
     recorded.write_text(yaml.safe_dump(old))
     check_recorded_config(recorded, PPOConfig())
-    with pytest.raises(ConfigError, match="ratio: '<unset>' -> 'action'"):
-        check_recorded_config(recorded, PPOConfig(ratio="action"))
+    with pytest.raises(ConfigError, match="precision: '<unset>' -> 'bf16'"):
+        check_recorded_config(recorded, PPOConfig(precision="bf16"))
 
 
 def test_starting_over_in_a_directory_removes_the_earlier_runs_outputs(dataset, sft_policy, tmp_path):

@@ -250,12 +250,11 @@ class ChunkSample(NamedTuple):
     env_actions: np.ndarray  # (B, h, A) the same chunks in env units, unclipped (the env clips)
     log_prob: np.ndarray  # (B,) of each whole chunk
     value: np.ndarray  # (B,)
-    step_log_prob: np.ndarray | None = None  # (B, h) of each action of the chunk, where the likelihood factorises
 
 
 class ChunkEvaluation(NamedTuple):
-    log_prob: Any  # (B,) tensor: of each whole chunk, or of its first `steps` actions; (B, h) per action with per_step
-    entropy: Any  # (B,), or (B, h) with per_step
+    log_prob: Any  # (B,) tensor: of each whole chunk, or of its first `steps` actions
+    entropy: Any  # (B,)
     value: Any  # (B,)
 
 
@@ -284,10 +283,8 @@ class ChunkPolicy(Protocol):
     def act(self, observations: Observation, deterministic: bool = False, generator: Any = None) -> ChunkSample:
         """Sample (or, deterministic, take the mode of) one chunk per observation, with log-probs and values."""
 
-    def evaluate(self, observations: Observation, actions: Any, steps: int = 0, per_step: bool = False) -> ChunkEvaluation:
-        """Score given chunks (in the policy's action space); ``steps`` > 0: their first ``steps`` actions only;
-        ``per_step``: the log-prob and entropy of each action (for action-level ratios; families whose chunk
-        likelihood does not factorise over actions raise NotImplementedError)."""
+    def evaluate(self, observations: Observation, actions: Any, steps: int = 0) -> ChunkEvaluation:
+        """Score given chunks (in the policy's action space); ``steps`` > 0: their first ``steps`` actions only."""
 
     def value(self, observations: Observation) -> np.ndarray:
         """The critic's value of each observation, ``(B,)``."""

@@ -14,9 +14,8 @@ run by `vlapt.rollout.groups.run_groups`, as chunked PPO's decisions by `vlapt.r
   *other* episodes of the group (a leave-one-out baseline, unbiased). A group whose rewards are
   all equal (all failures; all successes in the same number of steps) has zero advantages and
   contributes no policy gradient, only its self-BC samples.
-- The clipped surrogate over the chunk's ratio (or each executed action's, ``ratio=action``), no
-  value function, and optionally the self-BC term of chunked PPO (the same buffer, admission
-  rule and adaptive weight, `vlapt.algorithms.ppo_sbc`).
+- The clipped surrogate over the chunk's ratio, no value function, and optionally the self-BC term
+  of chunked PPO (the same buffer, admission rule and adaptive weight, `vlapt.algorithms.ppo_sbc`).
 """
 
 from __future__ import annotations
@@ -70,7 +69,6 @@ class GRPOConfig:
     pace_weight: float = 0.5  # reward of a success = 1 - pace_weight * steps / max_episode_steps (a failure: 0)
     advantage: str = "grpo"  # "grpo": (r - group mean) / group std; "rloo": r - mean of the rest of the group
     # the update
-    ratio: str = "chunk"  # "chunk": one ratio per chunk; "action": one per executed action (see ppo_sbc)
     lr: float = 2e-5  # small: a joint ratio over a 10 x 4 chunk moves far for a small change of the mean
     epochs: int = 2  # passes over each iteration's episodes
     minibatch_size: int = 128  # chunks per gradient step
@@ -107,7 +105,7 @@ class GRPOConfig:
         suite = get_suite(self.suite)
         suite.resolve_tasks(self.tasks)
         check_backend(self.env_backend)
-        for name, value, valid in (("advantage", self.advantage, ("grpo", "rloo")), ("ratio", self.ratio, ("chunk", "action")),
+        for name, value, valid in (("advantage", self.advantage, ("grpo", "rloo")),
                                    ("bc_weight_rule", self.bc_weight_rule, ("lagrangian", "fixed", "none")),
                                    ("buffer_admission", self.buffer_admission, ("shorter", "none")),
                                    ("precision", self.precision, ("fp32", "bf16"))):
@@ -156,25 +154,18 @@ def group_advantages(rewards: np.ndarray, kind: str, eps: float = 1e-6) -> np.nd
 
 # -- the loss ----------------------------------------------------------------------------------------------
 def clipped_surrogate(policy: ChunkPolicy, observations: dict, actions: torch.Tensor, old_log_probs: torch.Tensor,
-                      advantages: torch.Tensor, clip_coef: float, executed: torch.Tensor | None = None):
-    """The clipped policy-gradient surrogate, no value function; returns (loss, entropy, approx_kl, clipfrac).
-
-    Per chunk with ``old_log_probs`` ``(B,)``; per executed action with ``(B, h)`` and ``executed``."""
-    per_action = old_log_probs.dim() == 2
-    scored = policy.evaluate(observations, actions, per_step=True) if per_action else policy.evaluate(observations, actions)
+                      advantages: torch.Tensor, clip_coef: float):
+    """The clipped policy-gradient surrogate over each chunk's ratio ``(B,)``, no value function; returns (loss,
+    entropy, approx_kl, clipfrac)."""
+    scored = policy.evaluate(observations, actions)
     log_ratio = scored.log_prob - old_log_probs
     ratio = log_ratio.exp()
-    if per_action:
-        advantages = advantages[:, None]
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    weight = executed.float() if per_action else torch.ones_like(surrogate)
-    loss = -(surrogate * weight).sum() / weight.sum().clamp_min(1.0)
-    entropy = scored.entropy.sum(-1) if per_action else scored.entropy
+    loss = -surrogate.mean()
     with torch.no_grad():
-        kl = ((ratio - 1) - log_ratio) * weight
-        approx_kl = kl.sum(-1).mean() if per_action else kl.mean()
-        clipfrac = (((ratio - 1).abs() > clip_coef).float() * weight).sum() / weight.sum().clamp_min(1.0)
-    return loss, entropy.mean(), approx_kl, clipfrac
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    return loss, scored.entropy.mean(), approx_kl, clipfrac
 
 
 # -- the loop ----------------------------------------------------------------------------------------------
@@ -304,13 +295,9 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
             config: GRPOConfig, rng: np.random.Generator) -> dict:
     """Epochs of clipped-surrogate minibatches over every decision, each with a self-BC minibatch."""
     device = next(policy.parameters()).device
-    n, h = batch.actions.shape[:2]
+    n = batch.actions.shape[0]
     actions = torch.from_numpy(batch.actions).to(device)
-    if config.ratio == "action":
-        old = torch.from_numpy(batch.step_log_probs).to(device)
-        executed = torch.from_numpy(np.arange(h)[None] < batch.executed[:, None]).to(device)
-    else:
-        old, executed = torch.from_numpy(batch.log_probs).to(device), None
+    old = torch.from_numpy(batch.log_probs).to(device)
     adv = torch.from_numpy(advantages).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     policy.train()
@@ -325,7 +312,7 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
                             "instruction": [batch.observations["instruction"][i] for i in idx]}
             with autocast:
                 loss, entropy, kl, clipfrac = clipped_surrogate(policy, observations, actions[idx], old[idx], adv[idx],
-                                                                config.clip_coef, None if executed is None else executed[idx])
+                                                                config.clip_coef)
                 bc = torch.zeros((), device=device)
                 if bc_weight.value > 0:
                     demo = buffer.sample(config.bc_batch_size, rng)

@@ -68,9 +68,6 @@ class PPOConfig:
     lr: float = 2e-5  # small: a joint ratio over a 10 x 4 chunk moves far for a small change of the mean
     epochs: int = 4  # passes over each iteration's rollout: reuse of costly samples, cut short by target_kl
     minibatch_size: int = 128  # chunks per gradient step
-    # "chunk": one probability ratio per chunk, from its joint likelihood (the paper's); "action": one ratio per
-    # executed action of the chunk, each clipped on its own against the chunk's advantage (RLinf's action level)
-    ratio: str = "chunk"
     clip_coef: float = 0.2  # PPO's clip on each ratio: how far one update may move a chunk's likelihood
     value_clip_coef: float = 0.2  # the same clip on the value update, so the critic tracks returns without jumps
     vf_coef: float = 0.5  # the value loss's weight beside the policy loss in the shared backward pass
@@ -115,7 +112,6 @@ class PPOConfig:
         for name, value, valid in (("bc_weight_rule", self.bc_weight_rule, ("lagrangian", "fixed", "none")),
                                    ("buffer_admission", self.buffer_admission, ("shorter", "none")),
                                    ("advantage_norm", self.advantage_norm, ("minibatch", "none")),
-                                   ("ratio", self.ratio, ("chunk", "action")),
                                    ("rollout_device", self.rollout_device, ("cpu", "learner")),
                                    ("precision", self.precision, ("fp32", "bf16"))):
             if value not in valid:
@@ -203,36 +199,19 @@ def keep_shortest(buffer: DemoBuffer, episode: Episode, demo_key: int = -1) -> b
 # -- the losses ------------------------------------------------------------------------------------------
 def ppo_losses(policy: ChunkPolicy, observations: dict, actions: torch.Tensor, old_log_probs: torch.Tensor,
                old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, clip_coef: float,
-               value_clip_coef: float, executed: torch.Tensor | None = None):
-    """Clipped surrogate and clipped value loss; returns (policy_loss, value_loss, entropy, approx_kl, clipfrac).
-
-    ``old_log_probs`` of whole chunks ``(B,)``: one ratio per chunk. Of each action ``(B, h)``, with ``executed``
-    ``(B, h)`` marking the actions the env ran: one ratio per executed action, each against the chunk's advantage.
-    Entropy and approximate KL are per chunk either way, so ``target_kl`` means the same.
-    """
-    per_action = old_log_probs.dim() == 2
-    scored = policy.evaluate(observations, actions, per_step=True) if per_action else policy.evaluate(observations, actions)
-    new_log_probs, entropy, values = scored
+               value_clip_coef: float):
+    """Clipped surrogate over each chunk's ratio ``(B,)`` and the clipped value loss; returns (policy_loss,
+    value_loss, entropy, approx_kl, clipfrac)."""
+    new_log_probs, entropy, values = policy.evaluate(observations, actions)
     log_ratio = new_log_probs - old_log_probs
     ratio = log_ratio.exp()
-    if per_action:
-        advantages = advantages[:, None]
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
     clipped_values = old_values + (values - old_values).clamp(-value_clip_coef, value_clip_coef)
     value_loss = 0.5 * torch.max((values - returns).square(), (clipped_values - returns).square()).mean()
-    kl = (ratio - 1) - log_ratio
-    clipped = ((ratio - 1).abs() > clip_coef).float()
-    if per_action:
-        weight = executed.float()
-        policy_loss = -(surrogate * weight).sum() / weight.sum().clamp_min(1.0)
-        entropy = entropy.sum(-1)
-        with torch.no_grad():
-            approx_kl = (kl * weight).sum(-1).mean()
-            clipfrac = (clipped * weight).sum() / weight.sum().clamp_min(1.0)
-    else:
-        policy_loss = -surrogate.mean()
-        with torch.no_grad():
-            approx_kl, clipfrac = kl.mean(), clipped.mean()
+    policy_loss = -surrogate.mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
     return policy_loss, value_loss, entropy.mean(), approx_kl, clipfrac
 
 
@@ -378,14 +357,8 @@ def _update(policy, optimizer, batch: RolloutBatch, buffer: DemoBuffer, bc_weigh
     def tensor(array: np.ndarray, *shape: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array).reshape(T * S, *shape)).to(device)
 
-    h = batch.actions.shape[2]
     actions = tensor(batch.actions, *batch.actions.shape[2:])
-    if config.ratio == "action":  # one log-prob per action, and which actions the env executed
-        old_logp = tensor(batch.step_log_probs, h)
-        executed = tensor(np.arange(h)[None, None] < batch.steps[..., None], h)
-    else:
-        old_logp, executed = tensor(batch.log_probs), None
-    old_values, adv, ret = tensor(batch.values), tensor(advantages), tensor(returns)
+    old_logp, old_values, adv, ret = tensor(batch.log_probs), tensor(batch.values), tensor(advantages), tensor(returns)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     policy.train()
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
@@ -401,7 +374,7 @@ def _update(policy, optimizer, batch: RolloutBatch, buffer: DemoBuffer, bc_weigh
             with autocast:
                 pl, vl, ent, kl, cf = ppo_losses(policy, batch.observations(idx), actions[idx], old_logp[idx],
                                                  old_values[idx], mb_adv, ret[idx], config.clip_coef,
-                                                 config.value_clip_coef, None if executed is None else executed[idx])
+                                                 config.value_clip_coef)
                 bc = torch.zeros((), device=device)
                 if critic_only:
                     loss = config.vf_coef * vl

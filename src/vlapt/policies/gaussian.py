@@ -25,14 +25,14 @@ from vlapt.policies.base import ChunkPolicyBase
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor, per_step: bool = False) -> torch.Tensor:
-    """Log-density of whole chunks ``(B,)``: the sum over the ``h * A`` entries; ``per_step``: of each action, ``(B, h)``."""
+def chunk_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Log-density of whole chunks ``(B,)``: the sum over the ``h * A`` entries."""
     z = (actions - mean) * torch.exp(-log_std)
-    return (-0.5 * z.square() - log_std - LOG_SQRT_2PI).sum(dim=-1 if per_step else (-2, -1))
+    return (-0.5 * z.square() - log_std - LOG_SQRT_2PI).sum(dim=(-2, -1))
 
 
-def chunk_entropy(log_std: torch.Tensor, per_step: bool = False) -> torch.Tensor:
-    return (log_std + 0.5 + LOG_SQRT_2PI).sum(dim=-1 if per_step else (-2, -1))
+def chunk_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    return (log_std + 0.5 + LOG_SQRT_2PI).sum(dim=(-2, -1))
 
 
 def chunk_nll(mean: torch.Tensor, log_std: torch.Tensor, target: torch.Tensor,
@@ -115,22 +115,20 @@ class GaussianChunkPolicy(ChunkPolicyBase):
                                         device=generator.device if generator is not None else out.mean.device)
                     actions = out.mean + noise.to(out.mean.device) * out.log_std.exp()
                 log_prob = self.chunk_log_prob(out.mean, out.log_std, actions)
-                step_log_prob = self.chunk_log_prob(out.mean, out.log_std, actions, per_step=True)
                 env_actions = self.unnormalize_actions(actions)
         finally:
             self.train(was_training)
-        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), out.value.cpu().numpy(),
-                           step_log_prob.cpu().numpy())
+        return ChunkSample(actions.cpu(), env_actions.cpu().numpy(), log_prob.cpu().numpy(), out.value.cpu().numpy())
 
-    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0, per_step: bool = False) -> ChunkEvaluation:
+    def evaluate(self, observations, actions: torch.Tensor, steps: int = 0) -> ChunkEvaluation:
         out = self(self.make_batch(observations))
         if actions.shape != out.mean.shape:
             raise ValueError(f"actions must have shape (B, chunk_len, action_dim) = {tuple(out.mean.shape)}, "
                              f"got {tuple(actions.shape)}")
         k = self._scored_steps(steps)
         actions = actions.to(out.mean.device, out.mean.dtype)
-        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k], per_step)
-        return ChunkEvaluation(log_prob, self.chunk_entropy(out.log_std[:, :k], per_step), out.value)
+        log_prob = self.chunk_log_prob(out.mean[:, :k], out.log_std[:, :k], actions[:, :k])
+        return ChunkEvaluation(log_prob, self.chunk_entropy(out.log_std[:, :k]), out.value)
 
     def value(self, observations) -> np.ndarray:
         was_training = self.training

@@ -38,7 +38,6 @@ class RolloutBatch:
     tasks: list[str]  # (S,) each slot's task
     actions: np.ndarray  # (T, S, h, A) chunks as sampled, in the policy's own action space
     log_probs: np.ndarray  # (T, S) of each chunk
-    step_log_probs: np.ndarray  # (T, S, h) of each action (NaN where the policy's likelihood does not factorise)
     values: np.ndarray  # (T, S)
     rewards: np.ndarray  # (T, S) sum_j gamma^j r_j over executed steps (+ truncation bootstrap)
     discounts: np.ndarray  # (T, S) gamma ** steps executed
@@ -110,7 +109,6 @@ class ChunkedRollout:
         proprio = np.zeros((horizon, S, P), np.float32)
         actions = np.zeros((horizon, S, self.chunk_len, policy.action_dim), np.float32)
         log_probs = np.zeros((horizon, S), np.float32)
-        step_log_probs = np.full((horizon, S, self.chunk_len), np.nan, np.float32)
         values = np.zeros((horizon, S), np.float32)
         rewards = np.zeros((horizon, S), np.float32)
         discounts = np.zeros((horizon, S), np.float32)
@@ -129,8 +127,6 @@ class ChunkedRollout:
             for k, i in enumerate(group):
                 images[t, i], proprio[t, i] = obs[k]["image"], obs[k]["proprio"]
                 actions[t, i], log_probs[t, i], values[t, i] = chosen[k], sample.log_prob[k], sample.value[k]
-                if sample.step_log_prob is not None:
-                    step_log_probs[t, i] = sample.step_log_prob[k]
                 seen[i], sent[i] = obs[k], sample.env_actions[k]
             return self.pool.submit({i: sent[i] for i in group}, {i: self._reserved[i] for i in group})
 
@@ -168,7 +164,7 @@ class ChunkedRollout:
                 if t + 1 < horizon:
                     pending[g] = decide(t + 1, group)
         last_values = policy.value(stack_observations([self.observations[i] for i in range(S)]))
-        batch = RolloutBatch(images, proprio, instructions, self.tasks, actions, log_probs, step_log_probs, values, rewards,
+        batch = RolloutBatch(images, proprio, instructions, self.tasks, actions, log_probs, values, rewards,
                              discounts, dones, steps, last_values, valid)
         return batch, finished
 

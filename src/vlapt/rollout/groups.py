@@ -27,7 +27,6 @@ class GroupBatch:
     observations: dict  # batched: image (N, H, W, 3), proprio (N, P), instruction list of N
     actions: np.ndarray  # (N, h, A) in the policy's action space
     log_probs: np.ndarray  # (N,)
-    step_log_probs: np.ndarray  # (N, h)
     executed: np.ndarray  # (N,) env steps each chunk ran
     episode_of: np.ndarray  # (N,) the episode each decision belongs to
     env_steps: int  # every env step the iteration ran, those of episodes lost with an env worker included
@@ -41,8 +40,8 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
     S = len(slot_tasks)
     requests = {i: {"split": "train", "index": configurations[i // group_size]} for i in range(S)}
     observations = {i: obs for i, (obs, _) in pool.reset(requests).items()}
-    rows: dict[str, list] = {k: [] for k in ("image", "proprio", "instruction", "actions", "log_probs", "step_log_probs",
-                                              "executed", "episode_of")}
+    rows: dict[str, list] = {k: [] for k in ("image", "proprio", "instruction", "actions", "log_probs", "executed",
+                                              "episode_of")}
     sent: dict[int, list] = {i: [] for i in range(S)}  # per slot: the env actions it sent, per decision
     seen: dict[int, list] = {i: [] for i in range(S)}
     outcome: dict[int, tuple[bool, int]] = {}
@@ -63,8 +62,6 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
             rows["instruction"].append(batch["instruction"][k])
             rows["actions"].append(np.asarray(sample.actions[k]))
             rows["log_probs"].append(sample.log_prob[k])
-            rows["step_log_probs"].append(sample.step_log_prob[k] if sample.step_log_prob is not None
-                                          else np.full(sample.env_actions.shape[1], np.nan, np.float32))
             rows["executed"].append(n)
             rows["episode_of"].append(i)
             seen[i].append(observations[i])
@@ -90,6 +87,6 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
         observations={"image": kept("image"), "proprio": kept("proprio"),
                       "instruction": [text for text, k in zip(rows["instruction"], keep) if k]},
         actions=kept("actions", np.float32), log_probs=kept("log_probs", np.float32),
-        step_log_probs=kept("step_log_probs", np.float32), executed=kept("executed"), episode_of=kept("episode_of"),
+        executed=kept("executed"), episode_of=kept("episode_of"),
         env_steps=int(np.sum(rows["executed"])), episodes=episodes,
         groups=[[e for e in range(g * group_size, (g + 1) * group_size) if e not in lost] for g in range(S // group_size)])
