@@ -235,6 +235,23 @@ def test_an_option_added_after_a_run_was_made_counts_as_unchanged_at_its_default
         check_recorded_config(recorded, PPOConfig(precision="bf16"))
 
 
+def test_a_run_made_with_a_since_removed_option_resumes_if_it_used_the_behaviour_that_remains(tmp_path):
+    from vlapt.algorithms.grpo import GRPOConfig
+    from vlapt.config import load_config
+    from vlapt.rundir import check_recorded_config
+
+    for cls in (PPOConfig, GRPOConfig):
+        recorded = tmp_path / f"{cls.__name__}.yaml"
+        old = yaml.safe_load(yaml.safe_dump(vlapt.config.to_dict(cls())))
+        recorded.write_text(yaml.safe_dump({**old, "ratio": "chunk"}))  # a run from before ratio=action was removed
+        check_recorded_config(recorded, cls())
+        recorded.write_text(yaml.safe_dump({**old, "ratio": "action"}))
+        with pytest.raises(ConfigError, match="ratio: 'action' -> removed \\(only 'chunk' remains\\)"):
+            check_recorded_config(recorded, cls())
+        with pytest.raises(ConfigError, match="option 'ratio' was removed"):
+            load_config(cls, None, ["ratio=chunk"])
+
+
 def test_starting_over_in_a_directory_removes_the_earlier_runs_outputs(dataset, sft_policy, tmp_path):
     out = tmp_path / "ppo"
     train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=80), progress=False)

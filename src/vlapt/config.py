@@ -90,6 +90,10 @@ def _create(data: Any, source: Any):
 def _explain(exc: OmegaConfBaseException, cls: type) -> str:
     msg = str(exc).strip().splitlines()[0]
     key = getattr(exc, "full_key", None)
+    retired = getattr(cls, "RETIRED", {})
+    if key in retired:
+        return (f"option '{key}' was removed: {cls.__name__} keeps only its {retired[key]!r} behaviour; delete "
+                f"'{key}' from the config file or command line")
     names = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
     where = f" (option '{key}')" if key else ""
     return f"bad config{where}: {msg}. Top-level options of {cls.__name__}: {names}"

@@ -122,14 +122,16 @@ def _alive(pid: int) -> bool:
 
 
 def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = (), prefix: str = "",
-                       defaults: dict | None = None) -> list[str]:
+                       defaults: dict | None = None, retired: dict | None = None) -> list[str]:
     """``key: old -> new`` for every option that differs (nested configs compared key by key).
 
     An option the recorded config lacks (it was added in a later version) counts as unchanged
     when its current value is its default (``defaults``), the behaviour the run was made with.
+    An option the current config lacks (it was removed, `retired_options`) counts as unchanged when
+    the run recorded the value whose behaviour remains.
     """
     exempt = {"output_dir", *exempt}  # a run directory may be moved or copied
-    defaults = defaults or {}
+    defaults, retired = defaults or {}, retired or {}
     out = []
     for key in sorted(set(recorded) | set(current)):
         name = f"{prefix}{key}"
@@ -138,11 +140,30 @@ def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = ()
         if key not in recorded and key in defaults and current.get(key) == defaults[key]:
             continue
         old, new = recorded.get(key, "<unset>"), current.get(key, "<unset>")
+        if key not in current and key in retired and not isinstance(retired[key], dict):
+            if old != retired[key]:
+                out.append(f"{name}: {old!r} -> removed (only {retired[key]!r} remains)")
+            continue
         if isinstance(old, dict) and isinstance(new, dict):
             nested = defaults.get(key) if isinstance(defaults.get(key), dict) else None
-            out += config_differences(old, new, exempt, prefix=f"{name}.", defaults=nested)
+            nested_retired = retired.get(key) if isinstance(retired.get(key), dict) else None
+            out += config_differences(old, new, exempt, prefix=f"{name}.", defaults=nested, retired=nested_retired)
         elif old != new:
             out.append(f"{name}: {old!r} -> {new!r}")
+    return out
+
+
+def retired_options(config: Any) -> dict:
+    """The options removed from ``config``'s class and its nested configs, each with the value whose behaviour
+    remains: a class lists its own in ``RETIRED`` (a class attribute), e.g. ``{"ratio": "chunk"}``."""
+    out = dict(getattr(type(config), "RETIRED", {}))
+    if dataclasses.is_dataclass(config):
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                nested = retired_options(value)
+                if nested:
+                    out[field.name] = nested
     return out
 
 
@@ -156,7 +177,7 @@ def check_recorded_config(path: Path, config: Any, exempt: Iterable[str] = (), w
         return  # unreadable: the run's state decides, and its config is written anew
     current = yaml.safe_load(yaml.safe_dump(to_dict(config)))
     defaults = yaml.safe_load(yaml.safe_dump(to_dict(type(config)()))) if dataclasses.is_dataclass(config) else {}
-    differences = config_differences(recorded, current, exempt, defaults=defaults)
+    differences = config_differences(recorded, current, exempt, defaults=defaults, retired=retired_options(config))
     if differences:
         raise ConfigError(f"{path.parent} holds a {what} made with other options (" + "; ".join(differences[:8])
                           + ("; ..." if len(differences) > 8 else "") + "). Use the same options to resume it, choose "

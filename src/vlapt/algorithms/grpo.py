@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ log = logging.getLogger("vlapt.grpo")
 
 @dataclasses.dataclass
 class GRPOConfig:
+    # options since removed, with the value whose behaviour remains: runs made with it still resume
+    RETIRED: ClassVar[dict[str, Any]] = {"ratio": "chunk"}
     algorithm: str = "grpo"
     # what to post-train, on what
     init_policy: str = "runs/sft/policy"

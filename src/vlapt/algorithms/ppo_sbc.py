@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import time
+from typing import Any, ClassVar
 from collections import deque
 from pathlib import Path
 
@@ -47,6 +48,8 @@ log = logging.getLogger("vlapt.ppo")
 
 @dataclasses.dataclass
 class PPOConfig:
+    # options since removed, with the value whose behaviour remains: runs made with it still resume
+    RETIRED: ClassVar[dict[str, Any]] = {"ratio": "chunk"}
     algorithm: str = "ppo"  # `vlapt train algorithm=...` picks the algorithm module (vlapt.algorithms)
     # what to post-train, on what
     init_policy: str = "runs/sft/policy"  # the SFT checkpoint directory to start from
