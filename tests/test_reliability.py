@@ -248,8 +248,14 @@ def test_a_run_made_with_a_since_removed_option_resumes_if_it_used_the_behaviour
         recorded.write_text(yaml.safe_dump({**old, "ratio": "action"}))
         with pytest.raises(ConfigError, match="ratio: 'action' -> removed \\(only 'chunk' remains\\)"):
             check_recorded_config(recorded, cls())
-        with pytest.raises(ConfigError, match="option 'ratio' was removed"):
-            load_config(cls, None, ["ratio=chunk"])
+        assert load_config(cls, None, ["ratio=chunk", "seed=3"]).seed == 3  # a recorded config.yaml still loads
+        with pytest.raises(ConfigError, match="option 'ratio' was removed: only its 'chunk' behaviour remains"):
+            load_config(cls, None, ["ratio=action"])
+    from vlapt.pipeline import load_pipeline_config
+
+    with pytest.raises(ConfigError, match="option 'grpo.ratio' was removed"):
+        load_pipeline_config(None, ["post_training=grpo", "grpo.ratio=action"])
+    assert load_pipeline_config(None, ["post_training=grpo", "grpo.ratio=chunk", "grpo.seed=4"]).grpo.seed == 4
 
 
 def test_starting_over_in_a_directory_removes_the_earlier_runs_outputs(dataset, sft_policy, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+log = logging.getLogger("vlapt.config")
 
 
 class ConfigError(ValueError):
@@ -48,12 +50,13 @@ def load_config(
             raise ConfigError(f"config file {item} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {item} must hold a mapping of option names to values")
-        layers.append(_create(data, item))
+        layers.append(_create(_drop_retired(data, cls, item), item))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. sft.lr=3e-4)")
     if overrides:
-        layers.append(_create(OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))), "command line"))
+        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_create(_drop_retired(given, cls, "the command line"), "command line"))
     try:
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -80,6 +83,29 @@ def peek_option(key: str, path: str | os.PathLike | Sequence[str | os.PathLike] 
     return value
 
 
+def _drop_retired(data: dict, cls: type, source: Any, prefix: str = "") -> dict:
+    """``data`` without the options removed from ``cls`` (its ``RETIRED`` class attribute: name -> the value whose
+    behaviour remains) or from its nested configs; a removed option set to that value is dropped with a warning (a
+    run's recorded config.yaml still loads), set to another value is refused."""
+    retired = getattr(cls, "RETIRED", {})
+    defaults = cls() if dataclasses.is_dataclass(cls) else None
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key in retired:
+            if value != retired[key]:
+                raise ConfigError(f"option '{name}' was removed: only its {retired[key]!r} behaviour remains, got "
+                                  f"{value!r}; delete '{name}' from {source}", key=name)
+            log.warning("%s sets '%s: %s', an option since removed whose behaviour is now the only one: ignored",
+                        source, name, value)
+            continue
+        nested = getattr(defaults, str(key), None) if defaults is not None else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(nested):
+            value = _drop_retired(value, type(nested), source, f"{name}.")
+        out[key] = value
+    return out
+
+
 def _create(data: Any, source: Any):
     try:
         return OmegaConf.create(data)
@@ -90,10 +116,6 @@ def _create(data: Any, source: Any):
 def _explain(exc: OmegaConfBaseException, cls: type) -> str:
     msg = str(exc).strip().splitlines()[0]
     key = getattr(exc, "full_key", None)
-    retired = getattr(cls, "RETIRED", {})
-    if key in retired:
-        return (f"option '{key}' was removed: {cls.__name__} keeps only its {retired[key]!r} behaviour; delete "
-                f"'{key}' from the config file or command line")
     names = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
     where = f" (option '{key}')" if key else ""
     return f"bad config{where}: {msg}. Top-level options of {cls.__name__}: {names}"

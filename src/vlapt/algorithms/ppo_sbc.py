@@ -22,9 +22,9 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, ClassVar
 from collections import deque
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
