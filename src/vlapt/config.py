@@ -39,6 +39,7 @@ def load_config(
     """Defaults of ``cls``, then each YAML file in ``path`` (later files win), then ``key=value`` overrides."""
     base = OmegaConf.structured(cls)
     layers = [base]
+    retired = retired_options(cls()) if dataclasses.is_dataclass(cls) else {}
     paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     for item in paths:
         item = Path(item)
@@ -50,13 +51,13 @@ def load_config(
             raise ConfigError(f"config file {item} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {item} must hold a mapping of option names to values")
-        layers.append(_create(_drop_retired(data, cls, item), item))
+        layers.append(_create(_drop_retired(data, retired, item), item))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. sft.lr=3e-4)")
     if overrides:
         given = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-        layers.append(_create(_drop_retired(given, cls, "the command line"), "command line"))
+        layers.append(_create(_drop_retired(given, retired, "the command line"), "command line"))
     try:
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -83,25 +84,37 @@ def peek_option(key: str, path: str | os.PathLike | Sequence[str | os.PathLike] 
     return value
 
 
-def _drop_retired(data: dict, cls: type, source: Any, prefix: str = "") -> dict:
-    """``data`` without the options removed from ``cls`` (its ``RETIRED`` class attribute: name -> the value whose
-    behaviour remains) or from its nested configs; a removed option set to that value is dropped with a warning (a
-    run's recorded config.yaml still loads), set to another value is refused."""
-    retired = getattr(cls, "RETIRED", {})
-    defaults = cls() if dataclasses.is_dataclass(cls) else None
+def retired_options(config: Any) -> dict:
+    """The options removed from ``config``'s class and its nested configs, each with the value whose behaviour
+    remains: a class lists its own in ``RETIRED`` (a class attribute), e.g. ``{"ratio": "chunk"}``; a nested
+    config's appear under its field's name."""
+    out = dict(getattr(type(config), "RETIRED", {}))
+    if dataclasses.is_dataclass(config):
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                nested = retired_options(value)
+                if nested:
+                    out[field.name] = nested
+    return out
+
+
+def _drop_retired(data: dict, retired: dict, source: Any, prefix: str = "") -> dict:
+    """``data`` without the removed options ``retired`` names (`retired_options`): one set to the value whose
+    behaviour remains is dropped with a warning (a run's recorded config.yaml still loads), one set to another
+    value is refused."""
     out = {}
     for key, value in data.items():
-        name = f"{prefix}{key}"
-        if key in retired:
-            if value != retired[key]:
-                raise ConfigError(f"option '{name}' was removed: only its {retired[key]!r} behaviour remains, got "
+        name, kept = f"{prefix}{key}", retired.get(key)
+        if key in retired and not isinstance(kept, dict):
+            if value != kept:
+                raise ConfigError(f"option '{name}' was removed: only its {kept!r} behaviour remains, got "
                                   f"{value!r}; delete '{name}' from {source}", key=name)
             log.warning("%s sets '%s: %s', an option since removed whose behaviour is now the only one: ignored",
                         source, name, value)
             continue
-        nested = getattr(defaults, str(key), None) if defaults is not None else None
-        if isinstance(value, dict) and dataclasses.is_dataclass(nested):
-            value = _drop_retired(value, type(nested), source, f"{name}.")
+        if isinstance(value, dict) and isinstance(kept, dict):
+            value = _drop_retired(value, kept, source, f"{name}.")
         out[key] = value
     return out
 

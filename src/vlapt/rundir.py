@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from vlapt.config import ConfigError, atomic_write_json, save_config, to_dict
+from vlapt.config import ConfigError, atomic_write_json, retired_options, save_config, to_dict
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
@@ -127,7 +127,7 @@ def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = ()
 
     An option the recorded config lacks (it was added in a later version) counts as unchanged
     when its current value is its default (``defaults``), the behaviour the run was made with.
-    An option the current config lacks (it was removed, `retired_options`) counts as unchanged when
+    An option the current config lacks (it was removed, `vlapt.config.retired_options`) counts as unchanged when
     the run recorded the value whose behaviour remains.
     """
     exempt = {"output_dir", *exempt}  # a run directory may be moved or copied
@@ -150,20 +150,6 @@ def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = ()
             out += config_differences(old, new, exempt, prefix=f"{name}.", defaults=nested, retired=nested_retired)
         elif old != new:
             out.append(f"{name}: {old!r} -> {new!r}")
-    return out
-
-
-def retired_options(config: Any) -> dict:
-    """The options removed from ``config``'s class and its nested configs, each with the value whose behaviour
-    remains: a class lists its own in ``RETIRED`` (a class attribute), e.g. ``{"ratio": "chunk"}``."""
-    out = dict(getattr(type(config), "RETIRED", {}))
-    if dataclasses.is_dataclass(config):
-        for field in dataclasses.fields(config):
-            value = getattr(config, field.name)
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                nested = retired_options(value)
-                if nested:
-                    out[field.name] = nested
     return out
 
 
