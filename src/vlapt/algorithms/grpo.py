@@ -14,8 +14,9 @@ run by `vlapt.rollout.groups.run_groups`, as chunked PPO's decisions by `vlapt.r
   *other* episodes of the group (a leave-one-out baseline, unbiased). A group whose rewards are
   all equal (all failures; all successes in the same number of steps) has zero advantages and
   contributes no policy gradient, only its self-BC samples.
-- The clipped surrogate over the chunk's ratio, no value function, and optionally the self-BC term
-  of chunked PPO (the same buffer, admission rule and adaptive weight, `vlapt.algorithms.ppo_sbc`).
+- The clipped surrogate over the chunk's ratio (chunked PPO's, `ppo_sbc.policy_surrogate`), no value
+  function, and optionally the self-BC term of chunked PPO (the same buffer, admission rule and
+  adaptive weight, `vlapt.algorithms.ppo_sbc`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage
 from vlapt.algorithms.checkpointing import (
     capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
 )
-from vlapt.algorithms.ppo_sbc import BCWeight, keep_shortest
+from vlapt.algorithms.ppo_sbc import BCWeight, keep_shortest, policy_surrogate
 from vlapt.config import check_at_least
 from vlapt.data.buffer import DemoBuffer
 from vlapt.data.format import RELABELLED, env_args, read_episodes
@@ -161,13 +162,7 @@ def clipped_surrogate(policy: ChunkPolicy, observations: dict, actions: torch.Te
     """The clipped policy-gradient surrogate over each chunk's ratio ``(B,)``, no value function; returns (loss,
     entropy, approx_kl, clipfrac)."""
     scored = policy.evaluate(observations, actions)
-    log_ratio = scored.log_prob - old_log_probs
-    ratio = log_ratio.exp()
-    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    loss = -surrogate.mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - log_ratio).mean()
-        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    loss, approx_kl, clipfrac = policy_surrogate(scored.log_prob, old_log_probs, advantages, clip_coef)
     return loss, scored.entropy.mean(), approx_kl, clipfrac
 
 

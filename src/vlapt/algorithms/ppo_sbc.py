@@ -200,21 +200,27 @@ def keep_shortest(buffer: DemoBuffer, episode: Episode, demo_key: int = -1) -> b
 
 
 # -- the losses ------------------------------------------------------------------------------------------
+def policy_surrogate(new_log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                     clip_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate over one ratio per chunk ``(B,)``; returns (policy_loss, approx_kl, clipfrac)."""
+    log_ratio = new_log_probs - old_log_probs
+    ratio = log_ratio.exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    return -surrogate.mean(), approx_kl, clipfrac
+
+
 def ppo_losses(policy: ChunkPolicy, observations: dict, actions: torch.Tensor, old_log_probs: torch.Tensor,
                old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, clip_coef: float,
                value_clip_coef: float):
     """Clipped surrogate over each chunk's ratio ``(B,)`` and the clipped value loss; returns (policy_loss,
     value_loss, entropy, approx_kl, clipfrac)."""
     new_log_probs, entropy, values = policy.evaluate(observations, actions)
-    log_ratio = new_log_probs - old_log_probs
-    ratio = log_ratio.exp()
-    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    policy_loss, approx_kl, clipfrac = policy_surrogate(new_log_probs, old_log_probs, advantages, clip_coef)
     clipped_values = old_values + (values - old_values).clamp(-value_clip_coef, value_clip_coef)
     value_loss = 0.5 * torch.max((values - returns).square(), (clipped_values - returns).square()).mean()
-    policy_loss = -surrogate.mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - log_ratio).mean()
-        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
     return policy_loss, value_loss, entropy.mean(), approx_kl, clipfrac
 
 
