@@ -238,6 +238,12 @@ def test_a_damaged_dataset_is_refused(tmp_path):
     next((path / "data").rglob("*.parquet")).unlink()
     with pytest.raises(DatasetError, match="missing"):
         read_episodes(path)
+    path = _write(tmp_path / "ds3", images="png")
+    info = json.loads((path / "meta" / "info.json").read_text())
+    info["vlapt"]["keys"]["depth"] = "observation.depth"  # a key a newer writer might record
+    (path / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match="feature keys this vlapt does not know.*upgrade"):
+        read_episodes(path)
 
 
 def test_the_writer_publishes_whole_datasets_only(tmp_path):
@@ -261,6 +267,44 @@ def test_the_writer_publishes_whole_datasets_only(tmp_path):
             writer.add(EPISODES[0])
             writer.add(dataclasses.replace(EPISODES[1], proprio=np.zeros((5, 7), np.float32)))
     assert not (tmp_path / "mixed").exists()
+
+
+def test_overwrite_replaces_a_dataset_never_a_folder_of_other_things(tmp_path):
+    (tmp_path / "datasets" / "other").mkdir(parents=True)
+    (tmp_path / "datasets" / "other" / "keep.txt").write_text("not a dataset")
+    with pytest.raises(lerobot.LeRobotDatasetError, match="not a LeRobot dataset"):
+        lerobot.LeRobotWriter(tmp_path / "datasets", ENV_ARGS, overwrite=True)
+    assert (tmp_path / "datasets" / "other" / "keep.txt").read_text() == "not a dataset"
+
+
+def test_a_dataset_written_meanwhile_to_the_same_path_is_not_replaced(tmp_path):
+    target = tmp_path / "ds"
+    with pytest.raises(lerobot.LeRobotDatasetError, match="appeared while"):
+        with lerobot.LeRobotWriter(target, ENV_ARGS, images="png") as writer:
+            writer.add(EPISODES[0])
+            (target / "meta").mkdir(parents=True)  # another collection to the same path publishes first
+            (target / "meta" / "info.json").write_text("{}")
+    assert (target / "meta" / "info.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"], "the unpublished dataset's files are removed"
+
+
+def test_a_failure_while_publishing_leaves_nothing_behind(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lerobot, "_write_tasks", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _write(tmp_path / "ds", images="video")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_images_that_are_not_uint8_are_refused_before_anything_is_written(tmp_path):
+    with lerobot.LeRobotWriter(tmp_path / "ds", ENV_ARGS, images="png") as writer:
+        with pytest.raises(lerobot.LeRobotDatasetError, match="uint8"):
+            writer.add(dataclasses.replace(EPISODES[0], images=EPISODES[0].images / 255.0))
+        writer.add(EPISODES[1])  # the refused episode left no rows behind
+    (episode,) = read_episodes(tmp_path / "ds")
+    _assert_same(episode, EPISODES[1])
 
 
 def test_load_policy_names_the_lerobot_types_it_cannot_post_train(tmp_path, monkeypatch):

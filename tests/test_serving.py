@@ -117,6 +117,51 @@ def test_client_predict_is_load_policy_predict(server, policy, tiny_policy_dir):
                                       fresh.predict(observation(2), deterministic=False))
 
 
+def test_a_batch_over_max_batch_is_split_as_in_process_reads_it(server, policy):
+    rows = batch(9)
+    shared = {**rows, "instruction": INSTRUCTION}  # one instruction for every row
+
+    def in_process(observations, per_row):  # the same split into requests of at most 4, in-process
+        return np.concatenate([policy.predict_batch({k: v[s:s + 4] if k in per_row else v for k, v in observations.items()})
+                               for s in range(0, 9, 4)])
+
+    with PolicyClient(server.url) as client:
+        assert client.max_batch == 4
+        np.testing.assert_array_equal(client.predict_batch(rows), in_process(rows, ("image", "proprio", "instruction")))
+        np.testing.assert_array_equal(client.predict_batch(shared), in_process(shared, ("image", "proprio")))
+        np.testing.assert_allclose(client.predict_batch(shared), policy.predict_batch(shared), atol=1e-6)
+
+
+def test_a_timed_out_request_closes_the_connection_so_no_late_answer_is_taken_for_the_next(server, policy, monkeypatch):
+    predict, calls = policy.predict, []
+
+    def slow_first(observation, deterministic=True):
+        calls.append(observation)
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return predict(observation, deterministic=deterministic)
+
+    monkeypatch.setattr(policy, "predict", slow_first)
+    with PolicyClient(server.url, timeout=0.5) as client:
+        with pytest.raises(ConnectionError, match="did not answer within 0.5 s"):
+            client.predict(observation(0))
+        with pytest.raises(ConnectionError, match="make a new PolicyClient"):
+            client.predict(observation(1))
+    _healthy(server, policy)
+
+
+def test_a_server_with_incomplete_metadata_is_a_clear_error():
+    from websockets.sync.server import serve
+
+    from vlapt.serving.protocol import PROTOCOL
+
+    with serve(lambda connection: connection.send(pack({"protocol": PROTOCOL})), "127.0.0.1", 0) as fake:
+        threading.Thread(target=fake.serve_forever, daemon=True).start()
+        port = fake.socket.getsockname()[1]
+        with pytest.raises(ConnectionError, match="incomplete metadata.*chunk_len"):
+            PolicyClient(f"ws://127.0.0.1:{port}", timeout=5)
+
+
 def test_server_binds_to_loopback_by_default(policy):
     assert ServeConfig().host == "127.0.0.1"
     with PolicyServer(policy, port=0) as running:
@@ -155,7 +200,10 @@ def test_malformed_requests_get_error_replies(server, policy):
                                (pack([1, 2, 3]), "a request is a map"), (pack({"method": "train"}), "unknown method"),
                                (pack({"method": "predict"}), "no 'observation'"),
                                (pack({"observation": observation(), "deterministic": "yes"}), "deterministic"),
-                               (pack({"method": "predict_batch", "observation": batch(5)}), "max_batch")]:
+                               (pack({"method": "predict_batch", "observation": batch(5)}), "max_batch"),
+                               (pack({"method": "predict_batch",  # nested lists, as a client without numpy sends
+                                      "observation": {**batch(5), "image": np.zeros((5, 8, 8, 3), int).tolist()}}),
+                                "max_batch")]:
             raw.send(message)
             reply = unpack(raw.recv(timeout=10))
             assert re.search(match, reply["error"]["message"]), (match, reply)

@@ -40,7 +40,7 @@ class CollectConfig:
     env_backend: str = "local"  # where env slots run: local worker processes, or "ray" (vlapt.envs.pools)
     envs_per_task: int = 1
     output: str = "datasets/mt10_scripted_fovy30.hdf5"
-    overwrite: bool = False
+    overwrite: bool = False  # replace an existing dataset at `output` (never a directory that is not a dataset)
     format: str = "hdf5"  # "hdf5" (docs/dataset_format.md) | "lerobot": a LeRobotDataset v3 directory (vlapt.data.lerobot)
     lerobot_images: str = "png"  # format=lerobot: "png" (lossless, in the parquet) | "video" (mp4, LeRobot's AV1 settings: lossy)
 

@@ -25,6 +25,7 @@ one that does not, naming the features it has.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fractions
 import io
@@ -113,8 +114,13 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LeRobotDatasetError(f"{path} is a file; a LeRobot dataset is a directory: choose another output path")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise LeRobotDatasetError(f"dataset {path} already exists; pass overwrite=true to replace it, or choose another output path")
+    if path.exists() and any(path.iterdir()):
+        if not is_lerobot_dataset(path):  # overwrite replaces a dataset, never a folder of other things
+            raise LeRobotDatasetError(f"{path} is a non-empty directory but not a LeRobot dataset (no {INFO_PATH}); "
+                                      "give a new or empty directory, such as datasets/mt10_lerobot")
+        if not overwrite:
+            raise LeRobotDatasetError(f"dataset {path} already exists; pass overwrite=true to replace it, or choose "
+                                      "another output path")
     if path.suffix in (".hdf5", ".h5"):
         raise LeRobotDatasetError(f"{path} names an HDF5 file, but format=lerobot writes a directory; "
                                   "give a directory path such as datasets/mt10_lerobot")
@@ -189,7 +195,7 @@ class LeRobotWriter:
         _pyarrow()
         if images == "video":
             _av()
-        self.path = check_writable(path, overwrite)
+        self.path, self.overwrite = check_writable(path, overwrite), overwrite
         self.env_args, self.config, self.fps, self.images, self.keys = dict(env_args), config, int(fps), images, keys
         self.robot_type = robot_type or env_args.get("env_name")
         clean_stale_temporaries(self.path.parent, recursive=False)
@@ -249,6 +255,8 @@ class LeRobotWriter:
 
     def _check_matches(self, episode: Episode) -> None:
         f, k = self._features, self.keys
+        if episode.images.dtype != np.uint8:  # checked before any of the episode is written
+            raise LeRobotDatasetError(f"episode images must be uint8 RGB in 0-255, got dtype {episode.images.dtype}")
         expected = {"images": tuple(f[k.image]["shape"]), "proprio": tuple(f[k.proprio]["shape"]),
                     "actions": tuple(f[k.action]["shape"])}
         got = {"images": episode.images.shape[1:], "proprio": episode.proprio.shape[1:], "actions": episode.actions.shape[1:]}
@@ -349,14 +357,24 @@ class LeRobotWriter:
 
     # -- publishing --------------------------------------------------------------------------------
     def close(self) -> Path:
-        pa, pq = _pyarrow()
         if not self._episodes:
             self.abort()
             raise LeRobotDatasetError(f"no episodes were written; nothing published at {self.path}")
+        try:
+            self._finish()
+        except BaseException:  # a full disk, a vanished directory, ...: nothing half-written stays behind
+            self.abort()
+            raise
+        return self.path
+
+    def _finish(self) -> None:
+        pa, pq = _pyarrow()
         if self._data_writer is not None:
             self._data_writer.close()
+            self._data_writer = None
         if self._video is not None:
             self._video.close()
+            self._video = None
         if self._video_info is not None:
             self._features[self.keys.image]["info"] = self._video_info
         episodes_file = self._tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)
@@ -384,18 +402,18 @@ class LeRobotWriter:
         _write_json(self._tmp / INFO_PATH, info)
         if self.config is not None:
             save_config(self.config, self._tmp / "config.yaml")
+        if not self.overwrite and self.path.exists() and any(self.path.iterdir()):
+            raise LeRobotDatasetError(f"dataset {self.path} appeared while this one was written (another collection to "
+                                      "the same path?); pass overwrite=true to replace it, or choose another output path")
         _publish(self._tmp, self.path)
-        return self.path
 
     def abort(self) -> None:
-        try:
-            if self._data_writer is not None:
-                self._data_writer.close()
-            if self._video is not None:
-                self._video.close()
-        finally:
-            self._data_writer = self._video = None
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        for open_file in (self._data_writer, self._video):
+            if open_file is not None:
+                with contextlib.suppress(Exception):  # discarded anyway; the error that led here is the one to see
+                    open_file.close()
+        self._data_writer = self._video = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> "LeRobotWriter":
         return self
@@ -528,7 +546,13 @@ def read_info(path: str | os.PathLike) -> dict:
 def dataset_keys(info: dict) -> FeatureKeys:
     """The feature mapping a vlapt-written dataset recorded, else the default one."""
     recorded = (info.get(VLAPT_KEY) or {}).get("keys")
-    return FeatureKeys(**recorded) if recorded else DEFAULT_KEYS
+    if not recorded:
+        return DEFAULT_KEYS
+    known = {f.name for f in dataclasses.fields(FeatureKeys)}
+    if not isinstance(recorded, dict) or set(recorded) - known:
+        raise LeRobotDatasetError(f"the dataset's {INFO_PATH} records feature keys this vlapt does not know "
+                                  f"({recorded!r}; known: {sorted(known)}); a newer vlapt wrote it: upgrade vlapt")
+    return FeatureKeys(**recorded)
 
 
 def check_features(info: dict, keys: FeatureKeys, where: str | os.PathLike) -> dict[str, dict]:

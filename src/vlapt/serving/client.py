@@ -37,19 +37,30 @@ class PolicyClient:
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise ConnectionError(f"cannot connect to a policy server at {url}: {exc}; is `vlapt serve` running "
                                   "there?") from None
+        self._broken = ""  # why the connection can no longer be used, once it cannot
+        try:
+            self._read_metadata()
+        except BaseException:  # no connection left open behind a failed constructor
+            self.close()
+            raise
+
+    def _read_metadata(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         try:
             metadata = unpack(self._receive())
-        except ProtocolError as exc:
-            self.close()
-            raise ConnectionError(f"{url} is not a vlapt policy server: {exc}") from None
+        except (ProtocolError, ConnectionClosed) as exc:
+            raise ConnectionError(f"{self.url} is not a vlapt policy server, or refused the connection: {exc}") from None
         if not isinstance(metadata, dict) or metadata.get("protocol") != PROTOCOL:
-            self.close()
-            raise ConnectionError(f"{url} does not speak {PROTOCOL} (it sent {str(metadata)[:120]!r})")
+            raise ConnectionError(f"{self.url} does not speak {PROTOCOL} (it sent {str(metadata)[:120]!r})")
+        try:
+            self.chunk_len = int(metadata["chunk_len"])
+            self.action_dim = int(metadata["action_dim"])
+            self.max_batch = int(metadata.get("max_batch", 256))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConnectionError(f"{self.url} sent incomplete metadata ({type(exc).__name__}: {exc})") from None
         self.metadata: dict = metadata
-        self.chunk_len = int(metadata["chunk_len"])
-        self.action_dim = int(metadata["action_dim"])
         self.policy_type = str(metadata.get("policy_type", ""))
-        self.max_batch = int(metadata.get("max_batch", 256))
 
     def observation_config(self) -> EnvConfig:
         """The env settings the served policy observes with (camera, image size, ...)."""
@@ -70,7 +81,7 @@ class PolicyClient:
                              f"got {type(observations).__name__}")
         size = len(observations["image"]) if np.ndim(observations.get("image")) == 4 else 0
         if size > self.max_batch:  # the server takes at most max_batch at a time
-            parts = [self.predict_batch(_rows(observations, slice(s, s + self.max_batch)), deterministic)
+            parts = [self.predict_batch(_rows(observations, size, slice(s, s + self.max_batch)), deterministic)
                      for s in range(0, size, self.max_batch)]
             return np.concatenate(parts)
         actions = self._call("predict_batch", observations, deterministic)
@@ -91,6 +102,8 @@ class PolicyClient:
 
         request = pack({"method": method, "observation": _sendable(observation), "deterministic": bool(deterministic)})
         with self._lock:
+            if self._broken:
+                raise ConnectionError(f"this connection to {self.url} is closed: {self._broken}; make a new PolicyClient")
             try:
                 self._connection.send(request)
                 reply = unpack(self._receive())
@@ -112,7 +125,11 @@ class PolicyClient:
         try:
             return self._connection.recv(timeout=self.timeout)
         except TimeoutError:
-            raise ConnectionError(f"the policy server at {self.url} did not answer within {self.timeout} s") from None
+            # the late answer would arrive as the reply to the next request: never use this connection again
+            self._broken = f"the server did not answer within {self.timeout} s"
+            self.close()
+            raise ConnectionError(f"the policy server at {self.url} did not answer within {self.timeout} s; "
+                                  "the connection is closed (a larger timeout waits longer)") from None
 
     @staticmethod
     def _checked(actions: Any, shape: tuple | None) -> np.ndarray:
@@ -139,8 +156,13 @@ def _sendable(observation: Mapping) -> dict:
     return out
 
 
-def _rows(observations: Mapping, rows: slice) -> dict:
-    return {k: v[rows] for k, v in observations.items()}
+def _rows(observations: Mapping, size: int, rows: slice) -> dict:
+    """Some rows of a batch; a value not per row (one instruction for all) is passed whole, as in-process."""
+    def per_row(value: Any) -> bool:
+        return (isinstance(value, (list, tuple)) or np.ndim(value) > 0) and not isinstance(value, str) \
+            and len(value) == size
+
+    return {k: (v[rows] if per_row(v) else v) for k, v in observations.items()}
 
 
 class RemotePolicyAgent:

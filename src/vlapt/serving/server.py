@@ -204,10 +204,11 @@ class PolicyServer:
             raise ProtocolError(f"'deterministic' must be true or false, got {deterministic!r}")
         observation = request["observation"]
         if method == "predict_batch" and isinstance(observation, dict):
-            image = observation.get("image")
-            if isinstance(image, np.ndarray) and image.ndim >= 1 and image.shape[0] > self.max_batch:
-                raise ProtocolError(f"batch of {image.shape[0]} observations exceeds the server's max_batch "
-                                    f"{self.max_batch}; split it")
+            image = observation.get("image")  # an array, or nested lists from a client without numpy
+            size = len(image) if isinstance(image, list) or (isinstance(image, np.ndarray) and image.ndim >= 1) else 0
+            if size > self.max_batch:
+                raise ProtocolError(f"batch of {size} observations exceeds the server's max_batch {self.max_batch}; "
+                                    "split it")
         return method, observation, deterministic
 
 
