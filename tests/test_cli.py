@@ -193,6 +193,24 @@ def test_override_without_equals(capsys, tmp_path):
     assert _files(tmp_path) == []
 
 
+@pytest.mark.parametrize("override", ["tasks=[reach-v3", "dataset=*demos.hdf5", "output_dir=@runs/x"])
+def test_an_override_that_is_not_valid_yaml_names_itself(capsys, tmp_path, override):
+    err = _bad(capsys, ["sft", "--quiet", override])
+    assert f"cannot read the overrides '{override}'" in err and "in quotes" in err
+    assert _files(tmp_path) == []
+
+
+def test_flag_values_are_taken_as_given_not_read_as_yaml(capsys, tmp_path):
+    import yaml
+
+    for value in ("runs/exp #3", "off", "[1]"):
+        assert main(["sft", "--output-dir", value, "--dataset", value, "--print-config"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["output_dir"] == printed["dataset"] == value
+    assert main(["eval", "--policy", "scripted", "--tasks", "reach-v3,push-v3", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["tasks"] == ["reach-v3", "push-v3"]
+
+
 def test_relabel_without_a_policy_or_with_a_missing_one(capsys, tmp_path):
     err = _bad(capsys, ["relabel", "--tasks", "reach-v3", "--output", str(tmp_path / "r.hdf5"), "--quiet"])
     assert "policy=" in err

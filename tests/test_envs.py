@@ -1,4 +1,5 @@
 import os
+import pickle
 import signal
 
 import numpy as np
@@ -350,9 +351,16 @@ def test_pool_matches_single_env_and_reports_worker_errors():
         assert stepped[1].reset_observation is None
         with pytest.raises(WorkerError, match="action chunk must have shape"):
             pool.wait(pool.submit({0: np.zeros((2, 7))}))
+        with pytest.raises(WorkerError, match="non-finite values"):
+            pool.wait(pool.submit({0: np.array([[0.0, 0.0, 0.0, 0.0], [np.nan, 0.0, 0.0, 0.0]])}))
         # the worker that reported the error goes on answering (at once, not after a timeout)
         after = pool.wait(pool.submit({0: np.zeros((2, 4))}))
         assert after[0].info["steps"] == 2 and pool.lost_episodes == 0
+        # a request that cannot be sent is forgotten: the next one gets its own answer, and no worker is replaced
+        with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+            pool.submit({0: np.zeros((2, 4))}, reset_options={0: {"split": "eval", "index": lambda: 2}})
+        after = pool.wait(pool.submit({0: np.zeros((1, 4))}))
+        assert after[0].info["steps"] == 1 and after[0].info["episode_steps"] == 3 and pool.lost_episodes == 0
         with pytest.raises(IndexError, match="no env slots"):
             pool.submit({3: np.zeros((2, 4))})
     single = MetaWorldVLAEnv("push-v3", config, 2)
@@ -444,6 +452,8 @@ def test_a_worker_that_dies_or_hangs_is_replaced_and_its_episode_reported_lost()
         os.kill(pool.worker_pid(0), signal.SIGKILL)
         with pytest.raises(WorkerError, match="reach-v3.*no restarts left"):
             pool.wait(pool.submit({0: np.zeros((2, 4))}))
+        with pytest.raises(WorkerError, match="no restarts left.*can run no more episodes"):  # and says so ever after
+            pool.submit({0: np.zeros((2, 4))})
 
 
 def test_a_replaced_workers_idle_slots_answer_lost_until_they_are_reset():

@@ -95,6 +95,9 @@ def test_every_group_runs_one_configuration(sft_policy):
         original = pool.reset
         pool.reset = lambda requests: resets.append(dict(requests)) or original(requests)
         batch = run_groups(policy, pool, slot_tasks, [7, 11], 3, torch.Generator().manual_seed(0))
+        for configurations, group_size in (([7], 4), ([7], 3), ([7, 11, 13], 3)):  # slots left out, or too few configs
+            with pytest.raises(ValueError, match="whole number of groups and one configuration per group"):
+                run_groups(policy, pool, slot_tasks, configurations, group_size, torch.Generator())
     assert [resets[0][i]["index"] for i in range(6)] == [7, 7, 7, 11, 11, 11]
     assert [e.config_index for e in batch.episodes] == [7, 7, 7, 11, 11, 11] and batch.groups == [[0, 1, 2], [3, 4, 5]]
     # the same configuration, different sampled chunks: the episodes of a group differ

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -118,11 +119,33 @@ def test_a_pipeline_rerun_with_changed_stage_options_refuses_or_redoes_them(tmp_
     with pytest.raises(ConfigError, match=r"sft stage made with other options \(batch_size: 8 -> 4\)"):
         run_pipeline(_tiny_pipeline(tmp_path, "sft.batch_size=4"), progress=False)
     assert (run / "config.yaml").read_text() == config_before  # nothing recorded before the check
+    holder = open_run(run, {}, has_progress="", log_file=None, resume=False)  # the run, still going in another process
+    try:
+        with pytest.raises(RunInUseError):
+            run_pipeline(_tiny_pipeline(tmp_path, "sft.batch_size=4", "rerun_stale=true"), progress=False)
+    finally:
+        holder.close()
+    assert (run / "sft" / "policy").is_dir(), "no stage is removed from under a live run"
+    (run / "eval_dagger.json").write_text("{}")  # the row of an earlier run with a DAgger round
     # asked to, the stale stage and every stage after it run again
     run_pipeline(_tiny_pipeline(tmp_path, "sft.batch_size=4", "rerun_stale=true"), progress=False)
+    assert not (run / "eval_dagger.json").exists(), "rows this run has not are not left for the report"
     assert (run / "demos.hdf5").stat().st_mtime_ns == demos_before
     assert yaml.safe_load((run / "sft" / "config.yaml").read_text())["batch_size"] == 4
     assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["init_policy"] == str(run / "sft" / "policy")
+
+
+def test_a_pipeline_says_which_options_it_wires_over(tmp_path, caplog):
+    config = _tiny_pipeline(tmp_path, "ppo.init_policy=mine/policy", "eval.tasks=[push-v3]")
+    with caplog.at_level(logging.WARNING, logger="vlapt.pipeline"):
+        config.resolved()
+    assert "ppo.init_policy='mine/policy' is ignored" in caplog.text and "eval.tasks=['push-v3'] is ignored" in caplog.text
+    assert config.ppo.init_policy == str(tmp_path / "run" / "sft" / "policy") and config.eval.tasks == [TASK]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlapt.pipeline"):
+        config.resolved()  # wired once, it stays quiet
+        _tiny_pipeline(tmp_path).resolved()
+    assert caplog.text == ""
 
 
 # -- bad input: a message, exit 2, nothing written ---------------------------------------------------------

@@ -56,7 +56,12 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. sft.lr=3e-4)")
     if overrides:
-        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+        try:
+            given = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+        except (yaml.YAMLError, OmegaConfBaseException) as exc:
+            raise ConfigError(f"cannot read the overrides {' '.join(overrides)!r}: {str(exc).splitlines()[0]}; a value "
+                              "is read as YAML: put one with brackets, ' #', ': ' or a leading '*', '@' or '&' in "
+                              "quotes (e.g. 'output_dir=\"runs/a #1\"')") from None
         layers.append(_create(_drop_retired(given, retired, "the command line"), "command line"))
     try:
         merged = OmegaConf.merge(*layers)
@@ -80,7 +85,11 @@ def peek_option(key: str, path: str | os.PathLike | Sequence[str | os.PathLike] 
     for item in overrides:
         name, _, text = item.partition("=")
         if name.strip() == key:
-            value = text.strip()
+            try:  # as the config loader reads it: a YAML value
+                parsed = yaml.safe_load(text)
+            except yaml.YAMLError:  # load_config reports it with a clear message
+                parsed = None
+            value = parsed if isinstance(parsed, str) else text.strip()
     return value
 
 
@@ -171,11 +180,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file, flush it to disk, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

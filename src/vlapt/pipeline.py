@@ -88,20 +88,23 @@ class PipelineStages:
     def resolved(self) -> "PipelineStages":
         """Wire the stages together: paths live under output_dir, every stage runs the same suite."""
         out = Path(self.output_dir)
-        self.collect.suite = self.suite
-        self.collect.output = str(out / ("demos_lerobot" if self.collect.format == "lerobot" else "demos.hdf5"))
-        self.sft.dataset = self.collect.output
-        self.sft.output_dir = str(out / "sft")
-        post_train = self.post_train
-        post_train.suite = self.suite
-        post_train.init_policy = str(self.dagger_policy(self.dagger_rounds))
-        post_train.demos = self.collect.output
-        post_train.output_dir = str(self.post_training_dir())
-        self.eval.suite = self.suite
-        self.relabel.suite = self.suite
+        demos = str(out / ("demos_lerobot" if self.collect.format == "lerobot" else "demos.hdf5"))
+        post_train, post = self.post_train, self.algorithm().name
+        wiring = [("collect", "suite", self.suite), ("collect", "output", demos), ("sft", "dataset", demos),
+                  ("sft", "output_dir", str(out / "sft")), (post, "suite", self.suite),
+                  (post, "init_policy", str(self.dagger_policy(self.dagger_rounds))), (post, "demos", demos),
+                  (post, "output_dir", str(self.post_training_dir())), ("eval", "suite", self.suite),
+                  ("relabel", "suite", self.suite)]
         if self.collect.tasks:
-            self.sft.tasks = post_train.tasks = self.eval.tasks = list(self.collect.tasks)
-            self.relabel.tasks = self.dagger_sft.tasks = list(self.collect.tasks)
+            wiring += [(section, "tasks", list(self.collect.tasks))
+                       for section in ("sft", post, "eval", "relabel", "dagger_sft")]
+        for section, field, value in wiring:
+            config = post_train if section == post else getattr(self, section)
+            given, default = getattr(config, field), getattr(type(config)(), field)
+            if given not in (default, value):
+                log.warning("%s.%s=%r is ignored: the pipeline sets it to %r (stage paths follow output_dir, "
+                            "every stage runs suite, and collect.tasks when given)", section, field, given, value)
+            setattr(config, field, value)
         if self.dagger_rounds < 0:
             raise ValueError(f"dagger_rounds must be >= 0, got {self.dagger_rounds}")
         if self.video_episodes < 0:
@@ -205,6 +208,7 @@ def stages(config: PipelineStages) -> list[tuple[str, Path, Any, tuple[str, ...]
 
 
 COLLECT_RESUMABLE = ("num_workers", "env_backend", "overwrite", "output")
+EVAL_FILES = ("scripted", "sft", "dagger", "post_trained", "post_trained_average")  # eval_<key>.json: the results' rows
 
 
 def check_stages(config: PipelineStages) -> None:
@@ -241,8 +245,8 @@ def run_pipeline(config: PipelineStages, progress: bool = True, command: str | N
     config.resolved()
     validate_stages(config)  # a bad option of a late stage is found now, not after an hour of collect and SFT
     check_output_dir(config.output_dir)
-    check_stages(config)
-    with open_run(config.output_dir, config, has_progress="", log_file=None, resume=False):
+    with open_run(config.output_dir, config, has_progress="", log_file=None, resume=False,
+                  check=lambda: check_stages(config)):
         return _run_stages(config, progress, command or " ".join(sys.argv))
 
 
@@ -304,6 +308,8 @@ def _run_stages(config: PipelineStages, progress: bool, command: str) -> dict:
     weight_average = Path(post_trained_policy).parent / "policy_ema"  # left only when it belongs to this run
     if weight_average.is_dir():
         agents.append((f"{post_trained}, weight average", "post_trained_average", policy_agent(weight_average), protocol))
+    for file_key in set(EVAL_FILES) - {key for _, key, _, _ in agents}:  # an earlier run's row that this one has not
+        (out / f"eval_{file_key}.json").unlink(missing_ok=True)
     for name, file_key, agent, eval_config in agents:
         if eval_config.execute_steps:
             name = f"{name} (first {eval_config.execute_steps} actions of each chunk)"

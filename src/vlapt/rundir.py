@@ -31,7 +31,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -192,8 +192,11 @@ class Run:
 
 
 def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] = (), has_progress: str = "checkpoints",
-             log_file: str | None = "train.log", resume: bool = True) -> Run:
+             log_file: str | None = "train.log", resume: bool = True, check: Callable[[], None] | None = None) -> Run:
     """Create or reopen a run directory: checked, locked, cleaned, its config checked then recorded, logging to a file.
+
+    ``check`` runs once the directory is locked and before anything in it changes (the pipeline's
+    stage checks, which may remove stale stages: never under another process's live run).
 
     A run counts as started (and its recorded config binding) once ``has_progress`` exists in it;
     ``resume=False`` starts over in the directory whatever it recorded: the earlier run's checkpoints,
@@ -203,6 +206,8 @@ def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] =
     directory.mkdir(parents=True, exist_ok=True)
     lock = RunLock(directory).acquire()
     try:
+        if check is not None:
+            check()
         for path in clean_stale_temporaries(directory):
             logging.getLogger("vlapt").info("removed %s, left by a run that died while writing it", path)
         resumed = resume and (directory / has_progress).exists()

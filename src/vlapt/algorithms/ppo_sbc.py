@@ -303,6 +303,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
     run_log.begin(config.init_policy, resume_from, iteration, env_steps, finished=env_steps >= config.total_env_steps)
     with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
         rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index, config.rollout_groups)
+        rollout.lost_episodes = history[-1].get("lost_episodes", 0) if history else 0  # a count over the whole run
         while env_steps < config.total_env_steps:
             iteration += 1
             t0 = time.perf_counter()

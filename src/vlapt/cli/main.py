@@ -50,8 +50,10 @@ def _shortcut(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
             continue
         if isinstance(value, bool):
             value = "true"
-        if isinstance(value, list):
-            value = "[" + ",".join(value) + "]"
+        elif isinstance(value, list):
+            value = "[" + ",".join(json.dumps(v) for v in value) + "]"
+        elif isinstance(value, str):  # quoted, so that YAML reads a path such as "runs/a #1" or "off" as it is
+            value = json.dumps(value)
         out.append(f"{key}={value}")
     return out + list(args.overrides)
 
@@ -266,6 +268,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     config = load_pipeline_config(args.config, overrides)
     if _printed(args, config.resolved()):  # with the paths and suite the stages are wired to
         return 0
+    args.resume_hint = (f"the finished stages and the running stage's last checkpoint are kept in {config.output_dir}; "
+                        "run the same command again to go on from them")
     run_pipeline(config, progress=not args.quiet, command="vlapt " + " ".join(args.argv))
     return 0
 
@@ -441,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     args.run_dir = None  # set by the commands that train into an output_dir, for the interruption message
+    args.resume_hint = None  # or the message itself, where a command knows better (the pipeline's stages)
     # inputs, files and resources that cannot serve (a full disk included): a message, exit 2, no traceback
     bad_input: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError)
     previous_term = signal.signal(signal.SIGTERM, _terminate)
@@ -453,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlapt {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"vlapt {args.command}: interrupted; {_where_to_resume(args.run_dir)}", file=sys.stderr)
+        print(f"vlapt {args.command}: interrupted; {args.resume_hint or _where_to_resume(args.run_dir)}", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous_term)

@@ -38,6 +38,9 @@ def run_groups(policy: ChunkPolicy, pool: EnvPool, slot_tasks: list[str], config
                group_size: int, generator) -> GroupBatch:
     """Run one episode in every slot; slots ``g * group_size ... (g + 1) * group_size - 1`` share configuration g."""
     S = len(slot_tasks)
+    if group_size < 1 or S % group_size or len(configurations) != S // group_size:
+        raise ValueError(f"{S} slots make {S / max(group_size, 1):g} groups of {group_size}: give a whole number of "
+                         f"groups and one configuration per group (got {len(configurations)})")
     requests = {i: {"split": "train", "index": configurations[i // group_size]} for i in range(S)}
     observations = {i: obs for i, (obs, _) in pool.reset(requests).items()}
     rows: dict[str, list] = {k: [] for k in ("image", "proprio", "instruction", "actions", "log_probs", "executed",

@@ -134,6 +134,9 @@ class MetaWorldVLAEnv(gym.Env):
             chunk = chunk[None]
         if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM or chunk.shape[0] < 1:
             raise ValueError(f"action chunk must have shape (n, {ACTION_DIM}) with n >= 1, got {chunk.shape}")
+        if not np.isfinite(chunk).all():  # MuJoCo would reset its state on NaN and carry on as if nothing happened
+            raise ValueError(f"action chunk has non-finite values (rows {sorted(set(np.argwhere(~np.isfinite(chunk))[:, 0]))}); "
+                             "the policy that produced it has diverged")
         chunk = np.clip(chunk, -1.0, 1.0)
         rewards: list[float] = []
         frames: list[np.ndarray] = []

@@ -87,6 +87,7 @@ class WorkerPool:
         self._owner = [i % self.num_workers for i in range(len(self.specs))]
         self._next_ticket = 0
         self.lost_episodes = 0  # step answers whose episode was lost with its worker
+        self._failed = ""  # why the pool gave up on a worker (no restarts left): then every call says so
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -99,6 +100,7 @@ class WorkerPool:
                                      for i, a in actions.items()})
 
     def wait(self, ticket: tuple) -> dict:
+        self._check_usable()
         number, workers, slots = ticket
         merged: dict = {}
         for w in workers:
@@ -121,7 +123,17 @@ class WorkerPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _check_usable(self) -> None:
+        if self._failed:
+            raise WorkerError(f"{self._failed}; this env pool can run no more episodes: start a new one")
+
+    def _give_up(self, message: str) -> WorkerError:
+        """The error that ends the pool: raised now, and named by every later call."""
+        self._failed = message
+        return WorkerError(message)
+
     def _submit(self, command: str, payload: dict) -> tuple:
+        self._check_usable()
         unknown = [i for i in payload if not 0 <= i < len(self.specs)]
         if unknown:
             raise IndexError(f"no env slots {unknown}; the pool has {len(self.specs)}")

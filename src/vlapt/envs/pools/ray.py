@@ -251,7 +251,7 @@ class RayPool(WorkerPool):
         ray.kill(self._actors[w])
         if self.restarts_left <= 0:
             self._actors[w] = None
-            raise WorkerError(f"{who} {cause}; no restarts left (raise the pool's max_restarts or "
+            raise self._give_up(f"{who} {cause}; no restarts left (raise the pool's max_restarts or "
                               "VLAPT_RAY_MAX_RESTARTS, or look for what kills or stalls the simulator or the node)")
         self.restarts_left -= 1
         pending = list(self._outstanding[w].items())
@@ -263,7 +263,7 @@ class RayPool(WorkerPool):
         try:
             self._await_ready([w], replacement=True)
         except WorkerError as exc:
-            raise WorkerError(f"{who} {cause}; its replacement: {exc}") from None
+            raise self._give_up(f"{who} {cause}; its replacement: {exc}") from None
         log.warning("env actor %d replaced, now on node %s %s", w, self._where[w]["ip"], self._where[w]["node_id"][:8])
         actor = self._actors[w]
         for number, (command, part, _) in pending:  # in submission order; resets run again, steps answer lost

@@ -131,6 +131,9 @@ class SubprocessPool(WorkerPool):
             self._conns[w].send((command, part))
         except (OSError, EOFError, ValueError):
             pass  # a dead worker: found and handled when its answer is awaited
+        except Exception:  # the request did not pickle, so nothing was sent: no answer will come for it
+            self._outstanding[w].pop()
+            raise
 
     def _receive(self, w: int, number: int) -> Any:
         """Receive from worker ``w`` until ticket ``number``'s answer is in, keeping earlier answers for their waiters."""
@@ -176,8 +179,8 @@ class SubprocessPool(WorkerPool):
         self._conns[w].close()
         if self.restarts_left <= 0:
             self._conns[w] = self._procs[w] = None
-            raise WorkerError(f"env worker {w} (tasks: {tasks}) failed: {cause}; no restarts left "
-                              "(raise the pool's max_restarts, or look for what kills or stalls the simulator)")
+            raise self._give_up(f"env worker {w} (tasks: {tasks}) failed: {cause}; no restarts left (raise the pool's "
+                                "max_restarts, or look for what kills or stalls the simulator)")
         self.restarts_left -= 1
         pending = list(self._outstanding[w])
         self._outstanding[w].clear()
@@ -185,7 +188,10 @@ class SubprocessPool(WorkerPool):
         log.warning("env worker %d (tasks: %s) %s; restarting it (%d restarts left); the episodes of its slots are "
                     "lost (%d with a step in flight)", w, tasks, cause, self.restarts_left, len(in_flight))
         self._spawn(w, replacement=True)
-        self._await_ready(w)
+        try:
+            self._await_ready(w)
+        except WorkerError as exc:
+            raise self._give_up(str(exc)) from None
         for number, command, part in pending:  # in submission order: resets run again, steps answer lost
             if command == "step":
                 self._send(w, number, "lose", {i: options for i, (_, options) in part.items()})
