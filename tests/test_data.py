@@ -458,6 +458,17 @@ def test_a_demo_missing_an_array_is_a_dataset_error(dataset, tmp_path, member):
         ChunkDataset.from_file(path, chunk_len=2)
 
 
+def test_a_demo_whose_arrays_differ_in_length_is_a_dataset_error(dataset, tmp_path):
+    def one_image_more(f):
+        images = f["data/demo_1/obs/image"][()]
+        del f["data/demo_1/obs/image"]
+        f["data/demo_1/obs/image"] = np.concatenate([images, images[-1:]])
+
+    path = _damaged_copy(dataset[0], tmp_path / "damaged.hdf5", one_image_more)
+    with pytest.raises(DatasetError, match="demo_1 has rows of different lengths.*collect it again"):
+        read_episodes(path)
+
+
 def test_dataset_suite_names_the_suite_a_dataset_was_collected_in():
     args = dataset_env_args(get_suite("mt50"), ["door-lock-v3"], EnvConfig(image_size=IMAGE_SIZE), 3)
     assert args["suite"] == "mt50" and args["env_name"] == "metaworld" and args["config_seed"] == 3

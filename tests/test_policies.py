@@ -348,6 +348,14 @@ def test_a_config_edited_after_saving_is_refused(saved):
         load_policy(saved)
 
 
+@pytest.mark.parametrize("key, value", [("files", ["model.safetensors"]), ("policy_type", ["vla"]),
+                                        ("policy_sha256", 7)])
+def test_a_config_whose_fields_have_the_wrong_type_is_refused(saved, key, value):
+    _rewrite_config(saved, lambda d: d.update({key: value}), keep_hash=True)
+    with pytest.raises(CheckpointError, match=f"'{key}' must be a"):
+        load_policy(saved)
+
+
 def test_checkpoints_without_keypoint_field_load_as_before(tokenizer, tmp_path):
     # written before image_keypoints existed: no keypoint tokens (the default then), whatever today's default is
     torch.manual_seed(0)

@@ -801,6 +801,15 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+def test_the_update_rescores_with_the_network_that_sampled_dropout_and_all():
+    torch.manual_seed(0)
+    config = policy_config_for_size("tiny", image_size=IMAGE_SIZE, chunk_len=5, dropout=0.5,
+                                    vocab=Tokenizer.build(SUITE.vocabulary()).vocab)
+    model = VLAPolicy(config).eval()
+    stats, _ = _run_update(model, lr=0.0, epochs=1)  # weights unchanged: every ratio is exactly 1
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6) and stats["clipfrac"] == 0.0
+
+
 def test_update_takes_every_minibatch_when_losses_are_finite(tiny_model):
     before = _params(tiny_model)
     stats, _ = _run_update(tiny_model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import vlapt  # noqa: F401
@@ -24,6 +26,7 @@ from vlapt.cli.main import main
 from vlapt.config import ConfigError, load_config
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.pipeline import PipelineConfig, run_pipeline
+from vlapt.policies import load_policy
 from vlapt.rundir import RunInUseError, clean_stale_temporaries, open_run
 
 TASK = "reach-v3"
@@ -91,6 +94,20 @@ def test_resuming_with_other_options_is_refused_before_the_recorded_config_chang
     # a larger budget is the same run, resumed
     train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=80), progress=False)
     assert yaml.safe_load((out / "config.yaml").read_text())["total_env_steps"] == 80
+
+
+def test_resuming_from_a_starting_policy_that_changed_since_is_refused(dataset, sft_policy, tmp_path):
+    start = tmp_path / "sft_policy"
+    shutil.copytree(sft_policy, start)
+    out = tmp_path / "ppo"
+    train_ppo(_ppo_config(dataset, start, out), progress=False)
+    trained_further = load_policy(start)  # as if its SFT run went on after post-training began
+    with torch.no_grad():
+        next(trained_further.parameters()).add_(0.01)
+    trained_further.save(start)
+    with pytest.raises(ConfigError, match="has changed since this run began.*resume=false"):
+        train_ppo(_ppo_config(dataset, start, out, total_env_steps=80), progress=False)
+    train_ppo(_ppo_config(dataset, start, out, total_env_steps=80, resume=False), progress=False)  # the way out
 
 
 def test_sft_resumed_with_another_model_is_refused(dataset, tmp_path):

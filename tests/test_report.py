@@ -1,5 +1,6 @@
 """The run report: what it reads from run directories, what the page holds, and that Chromium renders it."""
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -96,6 +97,19 @@ def test_report_page_is_self_contained_and_escapes_what_it_shows(tmp_path):
     assert "vlapt pipeline --config configs/pipeline_quick.yaml" in page and "0123abc" in page
     assert "12.6 min" in page  # wall time
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page, "loads nothing"
+
+
+def test_a_result_naming_files_outside_its_videos_embeds_none_of_them(tmp_path):
+    run = fake_pipeline_run(tmp_path / "run")
+    secret = tmp_path / "secret.mp4"
+    secret.write_bytes(b"private bytes, not a video")
+    result = json.loads((run / "eval_post_trained.json").read_text())
+    result["videos"][0]["files"] = {"mp4": "../../../secret.mp4"}
+    result["videos"][1]["files"] = {"mp4": str(secret)}
+    (run / "eval_post_trained.json").write_text(json.dumps(result))
+    page = build_report([run], tmp_path / "report.html").read_text()
+    assert base64.b64encode(secret.read_bytes()).decode() not in page and 'src="data:video/mp4' not in page
+    assert "not a video file name" in page
 
 
 def test_report_of_a_training_run_shows_its_periodic_evaluations(tmp_path):

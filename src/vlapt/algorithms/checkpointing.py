@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlapt.config import atomic_write_text
+from vlapt.config import ConfigError, atomic_write_text
 from vlapt.policies import CheckpointError, load_policy
 from vlapt.rundir import Run, open_run
 
@@ -127,6 +127,8 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
 
 def rng_state(np_rng: np.random.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU learner draws from these
+        tensors.update({f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     meta: dict[str, Any] = {"python": _python_state_to_json(random.getstate())}
     if np_rng is not None:
         meta["numpy"] = np_rng.bit_generator.state
@@ -135,6 +137,11 @@ def rng_state(np_rng: np.random.Generator | None = None) -> tuple[dict[str, torc
 
 def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, np_rng: np.random.Generator | None = None) -> None:
     torch.set_rng_state(tensors["rng.torch"])
+    cuda: list[torch.Tensor] = []
+    while f"rng.cuda.{len(cuda)}" in tensors:
+        cuda.append(tensors[f"rng.cuda.{len(cuda)}"])
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     random.setstate(_python_state_from_json(meta["python"]))
     if np_rng is not None and "numpy" in meta:
         np_rng.bit_generator.state = meta["numpy"]
@@ -218,6 +225,16 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             f"{pointer} points at {path}, which does not exist; delete {pointer} to start over or restore the directory"
         )
     return path
+
+
+def check_same_start(meta: dict, init_sha256: str, init_policy: str, checkpoint: Path) -> None:
+    """Refuse to resume a post-training run whose starting policy has changed since it began (say its SFT run
+    trained further): the run would go on from one policy while its results name another."""
+    recorded = meta.get("init_state_sha256")
+    if recorded is not None and recorded != init_sha256:
+        raise ConfigError(f"the starting policy {init_policy} has changed since this run began (its weights differ from "
+                          f"those {checkpoint} records): the run cannot go on from it; start over with resume=false "
+                          "(in a pipeline: the post-training section's resume=false), or use another output_dir")
 
 
 def load_training_checkpoint(path: str | os.PathLike, device: str = "cpu"):

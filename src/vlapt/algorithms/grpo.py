@@ -34,7 +34,8 @@ import torch
 from vlapt.algorithms import Algorithm
 from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage
 from vlapt.algorithms.checkpointing import (
-    capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
+    capture_state, check_same_start, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint,
+    start_run,
 )
 from vlapt.algorithms.ppo_sbc import BCWeight, keep_shortest, policy_surrogate
 from vlapt.config import check_at_least
@@ -126,6 +127,10 @@ class GRPOConfig:
             raise ValueError(f"pace_weight must be in [0, 1) so that every success beats every failure, got {self.pace_weight}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_at_least(self, 0, "target_kl", "max_nonfinite_updates", "bc_lr")
+        for name in ("clip_coef", "max_grad_norm", "bc_target_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.eval_every % self.checkpoint_every:
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every ({self.checkpoint_every}): "
                              "an evaluation scores the checkpoint written at its iteration")
@@ -209,6 +214,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
     history: list[dict] = []
     if resume_from is not None:
         _, tensors, state = load_training_checkpoint(resume_from)
+        check_same_start(state, init_sha256, config.init_policy, resume_from)
         restore_state(optimizer, rng, {"sample": sample_gen}, tensors, state)
         buffer.load_state(tensors, state["buffer"], demos)
         bc_weight.load(state["bc_weight"])
@@ -263,7 +269,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
                 "train_success": len(successes) / max(1, len(finished)),
                 "lost_episodes": lost_episodes + len(batch.episodes) - len(finished),
                 "train_steps_to_success": float(np.mean([e.steps for e in successes])) if successes else float("nan"),
-                "mean_reward": float(rewards.mean()),
+                "mean_reward": float(np.mean([rewards[e] for m in batch.groups for e in m])) if finished else float("nan"),
                 "informative_groups": sum(len(m) > 1 and float(np.ptp(rewards[m])) > 0 for m in batch.groups) / len(batch.groups),
                 "bc_weight": bc_weight.value, **stats, **{f"buffer_{k}": v for k, v in buffer.stats().items()},
                 "rollout_env_steps_per_s": steps_now / rollout_time, "learn_time_s": time.perf_counter() - t1,
@@ -277,7 +283,8 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
                 buffer_tensors, buffer_meta = buffer.state()
                 tensors.update({**buffer_tensors, **average.state()})
                 meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration,
-                             "env_steps": env_steps, "next_index": dict(next_index), "history": history})
+                             "env_steps": env_steps, "next_index": dict(next_index), "history": history,
+                             "init_state_sha256": init_sha256})
                 checkpoint = save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
                 run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
@@ -298,7 +305,7 @@ def _update(policy, optimizer, batch: GroupBatch, advantages: np.ndarray, buffer
     old = torch.from_numpy(batch.log_probs).to(device)
     adv = torch.from_numpy(advantages).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    policy.train()
+    policy.eval()  # re-score with the network that sampled the chunks (no dropout), so the first ratios are 1
     sums = {"policy_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
     updates, nonfinite = 0, 0
     for _ in range(config.epochs):

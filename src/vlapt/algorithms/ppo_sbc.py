@@ -32,7 +32,8 @@ import torch
 from vlapt.algorithms import Algorithm
 from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage
 from vlapt.algorithms.checkpointing import (
-    capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
+    capture_state, check_same_start, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint,
+    start_run,
 )
 from vlapt.algorithms.returns import chunk_gae
 from vlapt.config import check_at_least
@@ -128,6 +129,10 @@ class PPOConfig:
                              "an evaluation scores the checkpoint written at its iteration")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_at_least(self, 0, "target_kl", "max_nonfinite_updates", "bc_lr", "value_clip_coef")
+        for name in ("clip_coef", "max_grad_norm", "bc_target_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         resolve_device(self.device)
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gamma must be in (0, 1] and gae_lambda in [0, 1], got {self.gamma} and {self.gae_lambda}")
@@ -289,6 +294,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
     history: list[dict] = []
     if resume_from is not None:
         _, tensors, state = load_training_checkpoint(resume_from)
+        check_same_start(state, init_sha256, config.init_policy, resume_from)
         restore_state(optimizer, rng, {"sample": sample_gen}, tensors, state)
         buffer.load_state(tensors, state["buffer"], demos)
         bc_weight.load(state["bc_weight"])
@@ -323,7 +329,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             if actor is not policy:
                 actor.load_state_dict(policy.state_dict())
             nonfinite += stats.pop("nonfinite")
-            if iteration > config.value_warmup_iterations:  # the warm-up leaves the actor as SFT left it
+            if iteration > config.value_warmup_iterations:  # averaged from the first actor update on
                 average.update(policy)
             if nonfinite > config.max_nonfinite_updates:
                 raise FloatingPointError(
@@ -344,7 +350,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             done = env_steps >= config.total_env_steps
             if iteration % config.checkpoint_every == 0 or done:
                 checkpoint = _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer,
-                                         bc_weight, rollout.next_index, history, average)
+                                         bc_weight, rollout.next_index, history, average, init_sha256)
                 run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
     metadata = {"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps, "iterations": iteration,
@@ -370,7 +376,7 @@ def _update(policy, optimizer, batch: RolloutBatch, buffer: DemoBuffer, bc_weigh
     actions = tensor(batch.actions, *batch.actions.shape[2:])
     old_logp, old_values, adv, ret = tensor(batch.log_probs), tensor(batch.values), tensor(advantages), tensor(returns)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    policy.train()
+    policy.eval()  # re-score with the network that sampled the chunks (no dropout), so the first ratios are 1
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "bc_loss": 0.0}
     updates, nonfinite = 0, 0
     for _ in range(config.epochs):
@@ -429,13 +435,13 @@ def _explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 
 # -- checkpoints -----------------------------------------------------------------------------------------
 def _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history,
-                average: WeightAverage) -> Path:
+                average: WeightAverage, init_sha256: str) -> Path:
     tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
     buffer_tensors, buffer_meta = buffer.state()
     tensors.update(buffer_tensors)
     tensors.update(average.state())
     meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration, "env_steps": env_steps,
-                 "next_index": dict(next_index), "history": history})
+                 "next_index": dict(next_index), "history": history, "init_state_sha256": init_sha256})
     return save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
 
 

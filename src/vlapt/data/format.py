@@ -186,6 +186,10 @@ def read_episodes(
                     raise DatasetError(f"dataset {path}: {name} has no {', '.join(missing)}; the file is damaged or "
                                        "was not written by `vlapt collect`; collect it again")
                 actions = g["actions"][()]
+                lengths = {k: g[k].shape[0] for k in ("obs/image", "obs/proprio", "obs/state", "actions", "rewards") if k in g}
+                if len(set(lengths.values())) > 1:  # one row per step, or every later chunk would pair the wrong image
+                    raise DatasetError(f"dataset {path}: {name} has rows of different lengths ({lengths}); the file is "
+                                       "damaged or was not written by `vlapt collect`; collect it again")
                 out.append(Episode(
                     task=str(a["task"]), instruction=str(a["instruction"]), success=bool(a["success"]),
                     steps=len(actions), split=str(a["config_split"]), config_index=int(a["config_index"]),

@@ -26,7 +26,8 @@ class TaskMetrics:
     success_rate: float
     steps_to_success: float | None  # None when no episode succeeded
     steps_failures_as_limit: float
-    success_within: dict[str, float]  # "100" -> fraction of episodes that succeeded within 100 env steps
+    success_within: dict[str, float]  # "100" -> fraction of episodes that succeeded within 100 env steps (limits
+    # above the episode limit are left out: an episode cut at 100 steps says nothing of success within 400)
 
 
 SUCCESS_WITHIN = (100, 400)  # the episode lengths of RLinf's and LeRobot's MetaWorld protocols
@@ -42,8 +43,14 @@ def task_metrics(episodes: Sequence[Episode], max_episode_steps: int,
         success_rate=len(successes) / len(episodes),
         steps_to_success=(sum(successes) / len(successes)) if successes else None,
         steps_failures_as_limit=sum(e.steps if e.success else max_episode_steps for e in episodes) / len(episodes),
-        success_within={str(n): sum(s <= n for s in successes) / len(episodes) for n in success_within},
+        success_within={str(n): sum(s <= n for s in successes) / len(episodes)
+                        for n in _within_reach(success_within, max_episode_steps)},
     )
+
+
+def _within_reach(success_within: Sequence[int], max_episode_steps: int) -> list[int]:
+    """The step limits an episode of at most ``max_episode_steps`` can speak for (within 400 needs 400 steps)."""
+    return [n for n in success_within if n <= max_episode_steps]
 
 
 def summarize(episodes: Iterable[Episode], tasks: Sequence[str], max_episode_steps: int,
@@ -59,7 +66,8 @@ def summarize(episodes: Iterable[Episode], tasks: Sequence[str], max_episode_ste
         "success_rate": _mean(m["success_rate"] for m in per_task.values()),
         "steps_to_success": _mean(steps) if steps else None,
         "steps_failures_as_limit": _mean(m["steps_failures_as_limit"] for m in per_task.values()),
-        "success_within": {str(n): _mean(m["success_within"][str(n)] for m in per_task.values()) for n in success_within},
+        "success_within": {str(n): _mean(m["success_within"][str(n)] for m in per_task.values())
+                           for n in _within_reach(success_within, max_episode_steps)},
     }
     return {"per_task": per_task, "average": average}
 

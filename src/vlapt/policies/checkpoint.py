@@ -108,6 +108,10 @@ def read_config(path: str | os.PathLike) -> dict:
                               f"version {FORMAT_VERSION}; use the vlapt version that wrote it")
     if not isinstance(document.get("policy"), dict):
         raise CheckpointError(f"{config_path} has no 'policy' mapping with the model config")
+    for key, kind in (("policy_type", str), ("policy_sha256", str), ("files", dict)):
+        if key in document and not isinstance(document[key], kind):
+            raise CheckpointError(f"{config_path}: {key!r} must be a {kind.__name__}, got {type(document[key]).__name__}; "
+                                  "the file was edited or is not from vlapt, re-save the checkpoint")
     recorded = document.get("policy_sha256")
     if recorded is not None and recorded != _config_hash(document["policy"]):
         raise CheckpointError(f"the policy config in {config_path} was edited after the checkpoint was written, so it no "

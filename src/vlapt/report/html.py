@@ -78,6 +78,9 @@ def _run_view(run: Run, budget: list[int]) -> dict:
             if fmt is None:
                 continue
             path = row.video_path(files[fmt])
+            if path is None:
+                left_out.append(f"{str(files[fmt])[:80]!r} (not a video file name)")
+                continue
             entry = {"row": row.label, "task": video.get("task", "?"), "success": bool(video.get("success")),
                      "steps": video.get("steps"), "config_index": video.get("config_index"), "name": path.name,
                      "kind": "video" if fmt == "mp4" else "image"}

@@ -34,7 +34,11 @@ class Row:
     result: dict
     path: Path  # the JSON it was read from (video paths are relative to its directory)
 
-    def video_path(self, name: str) -> Path:
+    def video_path(self, name: str) -> Path | None:
+        """Where a video the result names lies; None for a name that is not a plain video file name (a result
+        from elsewhere must not make the report embed ``../../secret`` or ``/home/me/.ssh/id_rsa``)."""
+        if not isinstance(name, str) or Path(name).name != name or Path(name).suffix not in (".mp4", ".gif"):
+            return None
         directory = Path(self.result.get("video_dir", ""))
         return (directory if directory.is_absolute() else self.path.parent / directory) / name
 
