@@ -298,6 +298,16 @@ def test_env_reset_draws_the_same_configuration_as_make_configuration(reach_env)
     obs_b, _ = reach_env.reset(options={"split": "eval", "index": 3})
     np.testing.assert_array_equal(obs_a["state"], obs_b["state"])
     np.testing.assert_array_equal(obs_a["image"], obs_b["image"])
+    # a configuration as info and results files record it (a dict) replays the same scene
+    obs_c, _ = reach_env.reset(options={"configuration": info["configuration"]})
+    np.testing.assert_array_equal(obs_c["state"], obs_b["state"])
+    for bad in ({**info["configuration"], "rand_vec": [0.0, 0.0]}, {**info["configuration"], "rand_vec": [9.0] * 6}):
+        with pytest.raises(ValueError, match="is not a reach-v3 configuration"):
+            reach_env.reset(options={"configuration": bad})
+    with pytest.raises(ValueError, match=r"config_seed must be in \[0, 2\*\*32\)"):
+        make_configuration("reach-v3", "eval", 3, seed=-1)
+    with pytest.raises(UnknownTaskError, match="names no task"):
+        SUITE.resolve_tasks(" , ")
 
 
 # -- pools ---------------------------------------------------------------------------------------------

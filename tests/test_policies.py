@@ -509,6 +509,29 @@ def test_unknown_instruction_words_warn_once(model, caplog):
     assert len(warnings) == 1 and "fridge" in warnings[0].getMessage()
 
 
+def test_one_instruction_for_a_batch_is_read_as_words_not_letters(model, caplog):
+    obs = dict(observations(3), instruction=INSTRUCTIONS[0])
+    with caplog.at_level(logging.WARNING, logger="vlapt.policies"):
+        chunks = model.predict_batch(obs)
+    assert chunks.shape[0] == 3 and not [r for r in caplog.records if "never saw" in r.getMessage()]
+
+
+def test_bc_targets_of_another_chunk_length_are_refused_naming_it(model):
+    h, a = model.chunk_len, model.action_dim
+    for actions, pad in ((torch.zeros(2, 1, a), torch.zeros(2, 1, dtype=torch.bool)),
+                         (torch.zeros(2, h, a), torch.zeros(2, 1, dtype=torch.bool))):
+        with pytest.raises(ValueError, match=r"BC targets must be chunks of shape \(B, chunk_len, action_dim\)"):
+            model.bc_loss(observations(2), actions, pad)
+    assert torch.isfinite(model.bc_loss(observations(2), torch.zeros(2, h, a), torch.zeros(2, h, dtype=torch.bool)).loss)
+
+
+def test_freeze_takes_a_single_part_by_name(model):
+    model.freeze("vision")
+    assert model.config.vision_trainable == "none"
+    with pytest.raises(ValueError, match=r"cannot freeze \['wheels'\]"):
+        model.freeze("wheels")
+
+
 def test_action_normalisation_round_trip(tokenizer):
     config = tiny_config(tokenizer, action_mean=[0.1, -0.2, 0.0, 0.3], action_std=[0.5, 0.5, 2.0, 1.0])
     model = VLAPolicy(config)

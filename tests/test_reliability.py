@@ -245,6 +245,22 @@ def test_a_killed_collection_leaves_nothing_the_next_one_keeps(tmp_path):
 
 
 # -- signals -----------------------------------------------------------------------------------------------
+def test_a_stop_swallowed_on_its_way_still_stops_the_run_at_its_next_step(dataset, tmp_path):
+    import vlapt.rundir as rundir
+
+    try:  # the KeyboardInterrupt of a signal that lands in a garbage-collector callback is printed and dropped
+        rundir.request_stop()
+    except KeyboardInterrupt:
+        pass
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_sft(_sft_config(dataset, tmp_path / "sft"), progress=False)
+        assert not (tmp_path / "sft" / "policy").exists(), "stopped before its first step"
+    finally:
+        rundir.clear_stop_request()
+    train_sft(_sft_config(dataset, tmp_path / "sft"), progress=False)  # cleared: the same run goes on
+
+
 def test_sigterm_stops_training_cleanly_and_says_where_to_resume(dataset, sft_policy, tmp_path):
     out = tmp_path / "ppo"
     command = [VLAPT, "train", "--quiet", "--init-policy", str(sft_policy), "--demos", str(dataset), "--output-dir", str(out),

@@ -44,6 +44,32 @@ STARTED_OVER = ("checkpoints", "evals", "tb", "history.json", "policy", "policy_
 _TEMPORARY = re.compile(r"^\..+\.(tmp|tmp-|old-)(\d+)$")
 
 
+# -- stopping a run -------------------------------------------------------------------------------------------
+_stop_requested = False
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """The command line's SIGTERM and SIGINT handler: stop the run as Ctrl-C does, its last checkpoint intact.
+
+    The KeyboardInterrupt raised here lands wherever the interpreter is; in a garbage-collector callback
+    Python prints it and carries on, so the training loops also call `stop_if_requested` at every step.
+    """
+    global _stop_requested
+    _stop_requested = True
+    raise KeyboardInterrupt
+
+
+def stop_if_requested() -> None:
+    """Raise the KeyboardInterrupt of a stop that was asked for but swallowed on its way."""
+    if _stop_requested:
+        raise KeyboardInterrupt
+
+
+def clear_stop_request() -> None:
+    global _stop_requested
+    _stop_requested = False
+
+
 class RunInUseError(ConfigError):
     """Another live process holds the run directory."""
 

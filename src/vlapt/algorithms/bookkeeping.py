@@ -18,6 +18,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from vlapt.config import atomic_write_json
+from vlapt.rundir import stop_if_requested
 
 log = logging.getLogger("vlapt.train")
 
@@ -70,6 +71,7 @@ class RunLog:
 
     def record(self, row: dict, steps_now: int, **postfix) -> None:
         """One iteration's statistics: into the history, TensorBoard (against env steps), the bar and the log."""
+        stop_if_requested()
         row["wall_time_s"] = time.perf_counter() - self.start
         self.history.append(row)
         for k, v in row.items():

@@ -40,6 +40,7 @@ from vlapt.data.format import dataset_suite, env_args, read_episodes
 from vlapt.interfaces import EnvConfig, ObservationSpec
 from vlapt.policies import load_policy, resolve_device
 from vlapt.policies.vla import VISION_BACKBONES, PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
+from vlapt.rundir import stop_if_requested
 
 log = logging.getLogger("vlapt.sft")
 
@@ -267,6 +268,7 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
     bar = tqdm(total=config.steps, initial=step, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     while step < config.steps:
+        stop_if_requested()
         lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / config.steps)))  # cosine decay to zero
         for group in optimizer.param_groups:

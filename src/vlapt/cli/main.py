@@ -448,7 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     args.resume_hint = None  # or the message itself, where a command knows better (the pipeline's stages)
     # inputs, files and resources that cannot serve (a full disk included): a message, exit 2, no traceback
     bad_input: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError)
-    previous_term = signal.signal(signal.SIGTERM, _terminate)
+    from vlapt.rundir import clear_stop_request, request_stop
+
+    clear_stop_request()
+    previous_term, previous_int = signal.signal(signal.SIGTERM, request_stop), signal.signal(signal.SIGINT, request_stop)
     try:
         return int(args.func(args) or 0)
     except bad_input as exc:
@@ -462,11 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous_term)
-
-
-def _terminate(signum, frame) -> None:
-    """SIGTERM stops a run the way Ctrl-C does: cleanly, its last checkpoint intact."""
-    raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _where_to_resume(run_dir) -> str:

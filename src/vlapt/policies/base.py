@@ -89,7 +89,8 @@ class ChunkPolicyBase(nn.Module):
     def predict_batch(self, observations: Observation, deterministic: bool = True) -> np.ndarray:
         """Action chunks ``(B, chunk_len, action_dim)`` (float32, clipped to [-1, 1]) for a batch."""
         check_observation_batch(observations)
-        self._warn_unknown_words(list(observations["instruction"]))
+        instructions = observations["instruction"]
+        self._warn_unknown_words([instructions] if isinstance(instructions, str) else list(instructions))
         was_training = self.training
         self.eval()
         try:

@@ -142,8 +142,12 @@ class GaussianChunkPolicy(ChunkPolicyBase):
     def bc_loss(self, observations, actions: torch.Tensor, pad: torch.Tensor) -> BCLoss:
         """Chunk Gaussian NLL of env-unit chunks (trains the mean and a calibrated std), padding masked out."""
         out = self(self.make_batch(observations))
-        target = self.normalize_actions(torch.as_tensor(actions).to(out.mean.device, out.mean.dtype))
-        loss, mse = chunk_nll(out.mean, out.log_std, target, torch.as_tensor(pad).to(out.mean.device))
+        actions, pad = torch.as_tensor(actions), torch.as_tensor(pad)
+        if actions.shape != out.mean.shape or pad.shape != actions.shape[:2]:
+            raise ValueError(f"BC targets must be chunks of shape (B, chunk_len, action_dim) = {tuple(out.mean.shape)} "
+                             f"with a (B, chunk_len) padding mask, got {tuple(actions.shape)} and {tuple(pad.shape)}")
+        target = self.normalize_actions(actions.to(out.mean.device, out.mean.dtype))
+        loss, mse = chunk_nll(out.mean, out.log_std, target, pad.to(out.mean.device))
         return BCLoss(loss, mse, out.features)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

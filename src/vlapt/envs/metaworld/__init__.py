@@ -32,6 +32,8 @@ class MetaWorldSuite:
             return self.tasks
         names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
         names = [n for n in names if n]
+        if not names:
+            raise UnknownTaskError(f"task list {tasks!r} names no task; give task names, or none for the suite's own")
         for name in names:
             check_task(name)
         if len(set(names)) != len(names):

@@ -46,7 +46,9 @@ def check_split(split: str) -> str:
 def _stream(seed: int, task: str, split: str, index: int) -> np.random.Generator:
     if index < 0:
         raise ValueError(f"configuration index must be >= 0, got {index}")
-    entropy = [int(seed) & 0xFFFFFFFF, task_index(task), SPLITS.index(check_split(split)), int(index)]
+    if not 0 <= int(seed) < 2**32:  # two seeds must never share a stream
+        raise ValueError(f"config_seed must be in [0, 2**32), got {seed}")
+    entropy = [int(seed), task_index(task), SPLITS.index(check_split(split)), int(index)]
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
 
@@ -59,7 +61,9 @@ def _sampler_env(task: str):
 def draw_configuration(raw_env, task: str, split: str, index: int, seed: int = 0) -> Configuration:
     """Reset a raw MetaWorld env of ``task`` into configuration (seed, split, index) and return it.
 
-    The env is left reset in that configuration, so an episode can start right away.
+    The env is left in that configuration, but reset it once more before an episode: after the reset that draws
+    it the simulator state is the configuration's, yet the rendered image can differ from that of the same
+    configuration replayed (a few pixels of a red site marker); a second reset makes the two the same.
     """
     check_task(task)
     stream = _stream(seed, task, split, index)

@@ -10,7 +10,7 @@ every step, into ``info["frames"]``, leaving the policy's image as it is.
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, Mapping
 
 import gymnasium as gym
 import numpy as np
@@ -109,10 +109,16 @@ class MetaWorldVLAEnv(gym.Env):
             split = options.get("split", "train")
             index = options.get("index", seed or 0)
             configuration = draw_configuration(self._env, self.task, split, index, self.config_seed)
-            self._raw_obs, _ = self._env.reset()
+            self._raw_obs, _ = self._env.reset()  # as a replay renders it (draw_configuration)
         else:
+            if isinstance(configuration, Mapping):  # as info["configuration"] and results files record it
+                configuration = Configuration(**{**configuration, "rand_vec": tuple(configuration["rand_vec"])})
             if configuration.task != self.task:
                 raise ValueError(f"configuration is for task {configuration.task!r}, env runs {self.task!r}")
+            space, vec = self._env._random_reset_space, np.asarray(configuration.rand_vec, dtype=np.float64)
+            if vec.shape != space.shape or not (np.all(vec >= space.low) and np.all(vec <= space.high)):
+                raise ValueError(f"configuration rand_vec {configuration.rand_vec} is not a {self.task} configuration "
+                                 f"(shape {space.shape} within its reset space): use one that draw_configuration made")
             self._env._freeze_rand_vec = True
             self._env._last_rand_vec = np.asarray(configuration.rand_vec, dtype=np.float64)
             self._raw_obs, _ = self._env.reset()

@@ -237,6 +237,7 @@ class VLAPolicy(GaussianChunkPolicy):
     def freeze(self, parts) -> None:
         """Stop training ``parts``: "vision", the whole image encoder (recorded as ``vision_trainable="none"``);
         "language", a pretrained language tower (``language_trainable="none"``)."""
+        parts = [parts] if isinstance(parts, str) else list(parts)
         unknown = sorted(set(parts) - set(self.FREEZABLE))
         if unknown:
             raise ValueError(f"the VLA policy cannot freeze {unknown}; it can freeze {list(self.FREEZABLE)}")
