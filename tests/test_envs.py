@@ -100,6 +100,8 @@ def test_get_suite_finds_built_in_suites_and_import_paths():
         get_suite("vlapt.envs.no_such_module:Suite")
     with pytest.raises(UnknownTaskError, match="cannot import env suite"):
         get_suite("vlapt.envs.metaworld:NoSuchSuite")
+    with pytest.raises(UnknownTaskError, match="gives a function, not an EnvSuite"):
+        get_suite("vlapt.envs.metaworld.tasks:check_task")
 
 
 def test_register_suite_adds_a_name_and_refuses_to_rebind_one(monkeypatch):
@@ -177,6 +179,8 @@ def test_suite_builds_envs_configurations_and_experts():
     with pytest.raises(UnknownTaskError):
         SUITE.make_env("push-v4", EnvConfig(render=False))
     experts = {name: SUITE.make_expert(name) for name in SUITE.expert_names}
+    with pytest.raises(UnknownTaskError, match="push-v4"):
+        experts["scripted"].expert("push-v4")
     assert [e.name for e in experts.values()] == ["scripted", "scripted-fast"]
     assert all(e.chunk_len == 1 and e.observation_config().privileged_state for e in experts.values())
     with pytest.raises(ValueError, match="valid experts"):
@@ -361,6 +365,10 @@ def test_pool_matches_single_env_and_reports_worker_errors():
         assert stepped[1].reset_observation is None
         with pytest.raises(WorkerError, match="action chunk must have shape"):
             pool.wait(pool.submit({0: np.zeros((2, 7))}))
+        with pytest.raises(WorkerError, match="action chunk must have shape"):  # one worker fails, the other answers
+            pool.wait(pool.submit({0: np.zeros((2, 7)), 1: np.zeros((2, 4))}))
+        pool.wait(pool.submit({1: np.zeros((1, 4))}))
+        assert not pool._arrived, "the answer of the worker that did not fail was collected, not left behind"
         with pytest.raises(WorkerError, match="non-finite values"):
             pool.wait(pool.submit({0: np.array([[0.0, 0.0, 0.0, 0.0], [np.nan, 0.0, 0.0, 0.0]])}))
         # the worker that reported the error goes on answering (at once, not after a timeout)

@@ -68,7 +68,11 @@ def get_suite(name: str) -> EnvSuite:
         raise UnknownTaskError(f"unknown suite {name!r}; valid suites: {', '.join(suite_names())} "
                                f"(or module:attribute of your own EnvSuite, or a name its package declares in the "
                                f"{ENTRY_POINT_GROUP!r} entry-point group)")
-    return target() if isinstance(target, type) else target
+    suite = target() if isinstance(target, type) else target
+    if not callable(getattr(suite, "make_env", None)) or not hasattr(suite, "tasks"):
+        raise UnknownTaskError(f"{name!r} gives a {type(suite).__name__}, not an EnvSuite (one with tasks and make_env): "
+                               "point at an EnvSuite class or instance")
+    return suite
 
 
 __all__ = ["get_suite", "register_suite", "suite_names"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -70,8 +71,13 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    staging = output.with_name(f".{output.name}.tmp{os.getpid()}")  # a reader never sees half a PNG
+    try:
+        fig.savefig(staging, dpi=110, format=output.suffix.lstrip(".").lower() or "png")
+        os.replace(staging, output)
+    finally:
+        staging.unlink(missing_ok=True)
+        plt.close(fig)
     return output
 
 

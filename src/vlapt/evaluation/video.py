@@ -139,7 +139,8 @@ class _staged:
         return self.staging
 
     def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            os.replace(self.staging, self.path)
-        else:
+        try:
+            if kind is None:
+                os.replace(self.staging, self.path)
+        finally:
             self.staging.unlink(missing_ok=True)

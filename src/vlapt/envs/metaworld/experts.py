@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from vlapt.envs.metaworld.tasks import check_task
 from vlapt.interfaces import EnvConfig
 
 
@@ -30,7 +31,7 @@ class ScriptedExpert:
         if task not in self._experts:
             from metaworld.policies import ENV_POLICY_MAP
 
-            self._experts[task] = ENV_POLICY_MAP[task]()
+            self._experts[task] = ENV_POLICY_MAP[check_task(task)]()
         return self._experts[task]
 
     def raw_action(self, state: np.ndarray, task: str) -> np.ndarray:

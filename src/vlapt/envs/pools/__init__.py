@@ -103,8 +103,16 @@ class WorkerPool:
         self._check_usable()
         number, workers, slots = ticket
         merged: dict = {}
+        error: WorkerError | None = None
         for w in workers:
-            merged.update(self._receive(w, number))
+            try:
+                merged.update(self._receive(w, number))
+            except WorkerError as exc:  # the other workers' answers are still collected: none is left behind
+                if self._failed:
+                    raise
+                error = error or exc
+        if error is not None:
+            raise error
         self.lost_episodes += sum(isinstance(r, StepResult) and bool(r.info.get("lost")) for r in merged.values())
         return {i: merged[i] for i in slots}
 
