@@ -7,12 +7,13 @@ resolved result next to its outputs so a run can be repeated exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
@@ -151,6 +152,14 @@ def check_at_least(config: Any, minimum: float, *names: str) -> None:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_positive(config: Any, *names: str) -> None:
+    """Raise a ValueError naming the first option of ``names`` whose value on ``config`` is not above 0."""
+    for name in names:
+        value = getattr(config, name)
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
@@ -176,19 +185,26 @@ def check_output_file(path: str | os.PathLike, example_name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` (``.name.tmp<pid>``) to write; when the block ends it is renamed over
+    ``path``, so readers never see half a file; if the block fails it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file, flush it to disk, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp, open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

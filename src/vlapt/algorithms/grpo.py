@@ -38,7 +38,7 @@ from vlapt.algorithms.checkpointing import (
     start_run,
 )
 from vlapt.algorithms.ppo_sbc import BCWeight, keep_shortest, policy_surrogate
-from vlapt.config import check_at_least
+from vlapt.config import check_at_least, check_positive
 from vlapt.data.buffer import DemoBuffer
 from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs import get_suite
@@ -125,12 +125,8 @@ class GRPOConfig:
             raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}], got {self.max_episode_steps}")
         if not 0 <= self.pace_weight < 1:
             raise ValueError(f"pace_weight must be in [0, 1) so that every success beats every failure, got {self.pace_weight}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_positive(self, "lr", "clip_coef", "max_grad_norm", "bc_target_ratio")
         check_at_least(self, 0, "target_kl", "max_nonfinite_updates", "bc_lr")
-        for name in ("clip_coef", "max_grad_norm", "bc_target_ratio"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.eval_every % self.checkpoint_every:
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every ({self.checkpoint_every}): "
                              "an evaluation scores the checkpoint written at its iteration")
@@ -262,14 +258,15 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
             if actor is not policy:
                 actor.load_state_dict(policy.state_dict())
             average.update(policy)
-            finished = [batch.episodes[e] for members in batch.groups for e in members]
+            grouped = [e for members in batch.groups for e in members]  # the episodes not lost with a worker
+            finished = [batch.episodes[e] for e in grouped]
             successes = [e for e in finished if e.success]
             row = {
                 "iteration": iteration, "env_steps": env_steps,
                 "train_success": len(successes) / max(1, len(finished)),
                 "lost_episodes": lost_episodes + len(batch.episodes) - len(finished),
                 "train_steps_to_success": float(np.mean([e.steps for e in successes])) if successes else float("nan"),
-                "mean_reward": float(np.mean([rewards[e] for m in batch.groups for e in m])) if finished else float("nan"),
+                "mean_reward": float(rewards[grouped].mean()) if grouped else float("nan"),
                 "informative_groups": sum(len(m) > 1 and float(np.ptp(rewards[m])) > 0 for m in batch.groups) / len(batch.groups),
                 "bc_weight": bc_weight.value, **stats, **{f"buffer_{k}": v for k, v in buffer.stats().items()},
                 "rollout_env_steps_per_s": steps_now / rollout_time, "learn_time_s": time.perf_counter() - t1,

@@ -36,7 +36,7 @@ from vlapt.algorithms.checkpointing import (
     start_run,
 )
 from vlapt.algorithms.returns import chunk_gae
-from vlapt.config import check_at_least
+from vlapt.config import check_at_least, check_positive
 from vlapt.data.buffer import DemoBuffer
 from vlapt.data.format import RELABELLED, env_args, read_episodes
 from vlapt.envs import get_suite
@@ -127,12 +127,8 @@ class PPOConfig:
         if self.eval_every % self.checkpoint_every:
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every ({self.checkpoint_every}): "
                              "an evaluation scores the checkpoint written at its iteration")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_positive(self, "lr", "clip_coef", "max_grad_norm", "bc_target_ratio")
         check_at_least(self, 0, "target_kl", "max_nonfinite_updates", "bc_lr", "value_clip_coef")
-        for name in ("clip_coef", "max_grad_norm", "bc_target_ratio"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         resolve_device(self.device)
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gamma must be in (0, 1] and gae_lambda in [0, 1], got {self.gamma} and {self.gae_lambda}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
+
+from vlapt.config import staged_file
 
 
 def load_history(run_dir: str | Path, up_to_env_steps: int | None = None) -> list[dict]:
@@ -70,13 +71,10 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
         ax.grid(alpha=0.3)
     fig.tight_layout()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp{os.getpid()}")  # a reader never sees half a PNG
     try:
-        fig.savefig(staging, dpi=110, format=output.suffix.lstrip(".").lower() or "png")
-        os.replace(staging, output)
+        with staged_file(output) as staging:
+            fig.savefig(staging, dpi=110, format=output.suffix.lstrip(".").lower() or "png")
     finally:
-        staging.unlink(missing_ok=True)
         plt.close(fig)
     return output
 

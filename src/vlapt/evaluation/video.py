@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vlapt.config import staged_file
 from vlapt.interfaces import Episode
 
 VIDEO_FORMATS: tuple[str, ...] = ("mp4", "gif")
@@ -75,7 +76,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 30, crf: i
     frames = _even(np.asarray(frames))
     path = Path(path)
     height, width = frames.shape[1:3]
-    with _staged(path) as staging:
+    with staged_file(path) as staging:
         with av.open(str(staging), "w", format="mp4", options={"movflags": "+faststart"}) as container:
             stream = container.add_stream("libx264", rate=int(fps))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -92,7 +93,7 @@ def write_gif(frames: np.ndarray, path: str | os.PathLike, fps: int = 30) -> Pat
 
     images = [Image.fromarray(frame) for frame in np.asarray(frames)]
     path = Path(path)
-    with _staged(path) as staging:
+    with staged_file(path) as staging:
         images[0].save(staging, format="GIF", save_all=True, append_images=images[1:],
                        duration=max(20, round(1000 / fps)), loop=0, optimize=False)
     return path
@@ -125,22 +126,3 @@ def _even(frames: np.ndarray) -> np.ndarray:
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     return frames
-
-
-class _staged:
-    """A temporary sibling (``.name.tmp-<pid>``) renamed over ``path`` on success, removed on failure."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return self.staging
-
-    def __exit__(self, kind, value, traceback) -> None:
-        try:
-            if kind is None:
-                os.replace(self.staging, self.path)
-        finally:
-            self.staging.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from vlapt.config import staged_file
 from vlapt.report.figures import learning_curves
 from vlapt.report.runs import Run, finite, read_run
 
@@ -52,13 +53,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLik
         within=_within(runs),
         generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
+    with staged_file(output) as staging:
         staging.write_text(page, encoding="utf-8")
-        os.replace(staging, output)
-    finally:
-        staging.unlink(missing_ok=True)
     return output
 
 

@@ -120,7 +120,7 @@ class MetaWorldVLAEnv(gym.Env):
                 raise ValueError(f"configuration rand_vec {configuration.rand_vec} is not a {self.task} configuration "
                                  f"(shape {space.shape} within its reset space): use one that draw_configuration made")
             self._env._freeze_rand_vec = True
-            self._env._last_rand_vec = np.asarray(configuration.rand_vec, dtype=np.float64)
+            self._env._last_rand_vec = vec
             self._raw_obs, _ = self._env.reset()
         self.configuration = configuration
         self._steps = 0

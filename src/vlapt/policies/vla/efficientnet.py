@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlapt.config import staged_file
 from vlapt.policies.vla.config import PolicyConfig, trainable_blocks
 from vlapt.policies.vla.network import VisionEncoder
 
@@ -77,15 +78,10 @@ def convert_weights(output: str | os.PathLike | None = None, source: str | os.Pa
                          "dict of tensors") from exc
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} does not hold a state dict of tensors")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    try:
+    with staged_file(output) as staging:
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging),
                   metadata={"source": source.name, "source_sha256": digest})
-        os.replace(staging, output)
-    finally:
-        staging.unlink(missing_ok=True)
     log.info("converted %s to %s", source, output)
     return output
 
