@@ -1,6 +1,7 @@
 import os
 import pickle
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -490,6 +491,50 @@ def test_a_replaced_workers_idle_slots_answer_lost_until_they_are_reset():
         assert pool.wait(pool.submit({1: np.zeros((2, 4))}))[1].info["steps"] == 2
         assert pool.wait(pool.submit({0: np.zeros((2, 4))}))[0].info["steps"] == 2  # reset by its own options
         assert pool.lost_episodes == 3
+
+
+class _InterruptedMidMessage:
+    """A pipe end whose next receive reads a few bytes of the message and is then interrupted, as Ctrl-C can."""
+
+    def __init__(self, conn):
+        self.conn, self.interrupted, self.read_on = conn, False, 0
+
+    def recv(self):
+        if self.interrupted:  # what follows is the torn message's rest, taken for a message of its own
+            self.read_on += 1
+            return self.conn.recv()
+        self.interrupted = True
+        os.read(self.conn.fileno(), 6)
+        raise KeyboardInterrupt
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_an_answer_interrupted_mid_message_is_not_read_on_and_close_ends():
+    spec = SlotSpec(SUITE, "reach-v3", EnvConfig(render=False, privileged_state=True), 2)
+    reset = {"split": "eval", "index": 1}
+    pool = make_pool([spec], num_workers=1, backend="subprocess")
+    try:
+        pool.reset({0: reset})
+        torn = pool._conns[0] = _InterruptedMidMessage(pool._conns[0])
+        with pytest.raises(KeyboardInterrupt):
+            pool.wait(pool.submit({0: np.zeros((2, 4))}))
+        # going on: the worker whose answer was torn is replaced, its episode reported lost
+        assert pool.wait(pool.submit({0: np.zeros((2, 4))}, reset_options={0: reset}))[0].info["lost"]
+        assert pool.wait(pool.submit({0: np.zeros((2, 4))}))[0].info["steps"] == 2
+        assert torn.read_on == 0
+        torn = pool._conns[0] = _InterruptedMidMessage(pool._conns[0])
+        with pytest.raises(KeyboardInterrupt):
+            pool.wait(pool.submit({0: np.zeros((2, 4))}))
+        pool.submit({0: np.zeros((2, 4))})  # left unanswered: close would read its answer after the torn one
+        worker = pool._procs[0]
+    finally:
+        closing = threading.Thread(target=pool.close, daemon=True)
+        closing.start()
+        closing.join(timeout=60)
+    assert not closing.is_alive() and torn.read_on == 0, "close read on from the middle of a message"
+    assert not worker.is_alive()
 
 
 def test_narrower_field_of_view_makes_objects_larger():

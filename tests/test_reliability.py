@@ -244,6 +244,19 @@ def test_a_killed_collection_leaves_nothing_the_next_one_keeps(tmp_path):
     assert clean_stale_temporaries(tmp_path) == []
 
 
+def test_a_writer_killed_between_its_renames_gets_its_old_version_back(tmp_path):
+    dead = _dead_pid()
+    retired = tmp_path / f".policy.old-{dead}"  # the old version moved aside, the new one not yet renamed in
+    retired.mkdir()
+    (retired / "config.json").write_text("{}")
+    superseded = tmp_path / f".policy_ema.old-{dead}"  # the new version is in place: the old one goes
+    superseded.mkdir()
+    (tmp_path / "policy_ema").mkdir()
+    assert clean_stale_temporaries(tmp_path) == [superseded]
+    assert (tmp_path / "policy" / "config.json").read_text() == "{}" and not retired.exists()
+    assert not superseded.exists() and (tmp_path / "policy_ema").is_dir()
+
+
 # -- signals -----------------------------------------------------------------------------------------------
 def test_a_stop_swallowed_on_its_way_still_stops_the_run_at_its_next_step(dataset, tmp_path):
     import vlapt.rundir as rundir

@@ -121,7 +121,11 @@ class RunLock:
 
 
 def clean_stale_temporaries(directory: Path, recursive: bool = True) -> list[Path]:
-    """Remove temporaries of writers whose process is gone; returns what was removed."""
+    """Remove temporaries of writers whose process is gone; returns what was removed.
+
+    A writer that died between its two renames (the old version moved aside as ``.name.old-<pid>``,
+    the new one not yet in place) leaves ``name`` missing: the old, complete version is put back.
+    """
     removed = []
     if not directory.is_dir():
         return removed
@@ -129,6 +133,12 @@ def clean_stale_temporaries(directory: Path, recursive: bool = True) -> list[Pat
     for path in sorted(candidates):
         match = _TEMPORARY.match(path.name)
         if not match or not path.exists() or _alive(int(match.group(2))):
+            continue
+        target = path.with_name(path.name[1:path.name.rindex(".")])
+        if match.group(1) == "old-" and not target.exists():
+            os.replace(path, target)
+            logging.getLogger("vlapt").warning("restored %s from %s, left by a writer that died while replacing it",
+                                               target, path)
             continue
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         removed.append(path)

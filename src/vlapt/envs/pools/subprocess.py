@@ -74,6 +74,7 @@ class SubprocessPool(WorkerPool):
         # per worker: (ticket, command, payload) sent and not yet received, in order
         self._outstanding: list[deque] = [deque() for _ in range(self.num_workers)]
         self._arrived: dict[tuple[int, int], Any] = {}  # (worker, ticket) -> its part of the answer
+        self._torn: set[int] = set()  # workers whose pipe an interrupt left mid-message: nothing more can be read
         try:
             for w in range(self.num_workers):
                 self._spawn(w)
@@ -90,13 +91,15 @@ class SubprocessPool(WorkerPool):
             if conn is None:
                 continue
             try:
+                if w in self._torn:  # a half-read answer: the rest would be read as a message; it is killed below
+                    raise EOFError
                 for _ in self._outstanding[w]:  # answers nobody waited for
                     if conn.poll(min(self.timeout_s, 10.0)):
                         conn.recv()
                 conn.send(("close", None))
                 if conn.poll(10):
                     conn.recv()
-            except (OSError, EOFError):
+            except Exception:  # gone, or its pipe unreadable: the worker is killed below
                 pass
             proc.join(timeout=5)
             if proc.is_alive():
@@ -106,6 +109,7 @@ class SubprocessPool(WorkerPool):
             self._conns[w] = self._procs[w] = None
         self._outstanding = [deque() for _ in range(self.num_workers)]
         self._arrived = {}
+        self._torn = set()
 
     def worker_pid(self, worker: int) -> int:
         return self._procs[worker].pid
@@ -118,6 +122,7 @@ class SubprocessPool(WorkerPool):
         proc.start()
         child.close()
         self._conns[w], self._procs[w] = parent, proc
+        self._torn.discard(w)
 
     def _await_ready(self, w: int) -> None:
         try:
@@ -153,11 +158,19 @@ class SubprocessPool(WorkerPool):
 
     def _recv(self, w: int, timeout: float, what: str) -> Any:
         conn, proc = self._conns[w], self._procs[w]
+        if w in self._torn:
+            raise _WorkerGone("an interrupt left its pipe mid-message")
         deadline = time.monotonic() + timeout
         while True:
             try:
                 if conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
-                    status, value = conn.recv()
+                    try:
+                        status, value = conn.recv()
+                    except (EOFError, OSError):
+                        raise
+                    except BaseException:  # Ctrl-C mid-message: the rest of it is still in the pipe
+                        self._torn.add(w)
+                        raise
                     break
             except (EOFError, OSError):
                 raise _WorkerGone(f"it died (exit code {proc.exitcode})") from None
