@@ -183,6 +183,7 @@ def test_evaluation_is_deterministic_and_independent_of_parallelism(serial_resul
     assert again["episodes"] == serial_result["episodes"]
     assert again["per_task"] == serial_result["per_task"]
     assert again["env_steps"] == serial_result["env_steps"]
+    assert again["protocol"]["envs_per_task"] == min(envs_per_task, EPISODES)
 
 
 class LosingPool(InProcessPool):

@@ -850,6 +850,10 @@ def test_update_normalises_advantages_per_minibatch_unless_asked_not_to(tiny_mod
     _run_update(copy.deepcopy(tiny_model), rollout=rollout, minibatch_size=4, epochs=1, advantage_norm="none")
     advantages, _ = chunk_gae(rollout.rewards, rollout.values, rollout.discounts, rollout.dones, rollout.last_values, 0.95)
     torch.testing.assert_close(seen[0].sort().values, torch.from_numpy(np.sort(advantages.reshape(-1))))
+    seen.clear()
+    rollout.valid[0, 1] = False  # three rows in minibatches of two: the lone last row joins the one before
+    _run_update(copy.deepcopy(tiny_model), rollout=rollout, minibatch_size=2, epochs=1)
+    assert [len(a) for a in seen] == [3] and seen[0].mean().abs() < 1e-6
     with pytest.raises(ValueError, match="advantage_norm"):
         PPOConfig(tasks=[TASK], advantage_norm="task").validate()
 
@@ -1223,10 +1227,13 @@ def test_train_ppo_resume_continues_where_the_checkpoint_left_off(reference_run,
         for key, value in entry.items():
             assert torch.equal(torch.as_tensor(resumed["optim"]["state"][index][key]), torch.as_tensor(value))
 
+    # the training-success window goes on from the checkpoint's episodes instead of starting empty
+    _, _, final_state = load_training_checkpoint(latest_checkpoint(resumed_run.out))
+    assert ckpt_state["recent"] and final_state["recent"][:len(ckpt_state["recent"])] == ckpt_state["recent"]
+    assert len(final_state["recent"]) > len(ckpt_state["recent"])
     # new episodes start on the next unused configuration, not on configuration 0 again
     assert resumed_run.start_indices == [ckpt_state["next_index"]]
     assert ckpt_state["next_index"][TASK] >= 1
-    _, _, final_state = load_training_checkpoint(latest_checkpoint(resumed_run.out))
     assert final_state["iteration"] == len(history)
     assert final_state["next_index"][TASK] > ckpt_state["next_index"][TASK]
     assert "resumed from" in (resumed_run.out / "train.log").read_text()

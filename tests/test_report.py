@@ -112,6 +112,18 @@ def test_a_result_naming_files_outside_its_videos_embeds_none_of_them(tmp_path):
     assert "not a video file name" in page
 
 
+def test_a_row_evaluated_on_training_configurations_is_marked_so(tmp_path):
+    run = fake_pipeline_run(tmp_path / "run")
+    page = build_report([run], tmp_path / "held_out.html").read_text()
+    assert "training configurations" not in page
+    result = json.loads((run / "eval_sft.json").read_text())
+    result["protocol"]["split"] = "train"
+    (run / "eval_sft.json").write_text(json.dumps(result))
+    page = build_report([run], tmp_path / "report.html").read_text()
+    assert "SFT: checkpoint:sft, mean chunks, training configurations" in page
+    assert page.count("training configurations") == 2  # and the table's note says where
+
+
 def test_report_of_a_training_run_shows_its_periodic_evaluations(tmp_path):
     pipeline = fake_pipeline_run(tmp_path / "pipeline")
     train = tmp_path / "train"

@@ -301,7 +301,9 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
     env_config = suite.check_env_config(policy.observation_config())
     slots = [SlotSpec(suite, t, env_config, h) for t in tasks for _ in range(config.envs_per_task)]
     run_log = RunLog(out_dir, "ppo", config.total_env_steps, env_steps, history, evaluator, config.eval_every, progress)
-    recent = deque(maxlen=max(20, 2 * len(slots)))  # recent finished training episodes
+    recent = deque(maxlen=max(20, 2 * len(slots)))  # (success, steps) of recent finished training episodes
+    if resume_from is not None:
+        recent.extend(tuple(e) for e in state.get("recent", []))
     run_log.begin(config.init_policy, resume_from, iteration, env_steps, finished=env_steps >= config.total_env_steps)
     with make_pool(slots, num_workers=config.num_workers, backend=config.env_backend) as pool:
         rollout = ChunkedRollout(pool, [s.task for s in slots], config.gamma, h, next_index, config.rollout_groups)
@@ -316,7 +318,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             steps_now = int(batch.steps.sum())
             env_steps += steps_now
             for episode in finished:
-                recent.append(episode)
+                recent.append((bool(episode.success), int(episode.steps)))
                 if episode.success and config.buffer_admission == "shorter":
                     keep_shortest(buffer, episode)
             t1 = time.perf_counter()
@@ -331,11 +333,11 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
                 raise FloatingPointError(
                     f"{nonfinite} updates had non-finite losses or gradients; stopped. The last good checkpoint is in "
                     f"{out_dir / 'checkpoints'}; lower lr or max_grad_norm and resume")
-            succ = [e for e in recent if e.success]
+            succ = [steps for success, steps in recent if success]
             row = {
                 "iteration": iteration, "env_steps": env_steps,
                 "train_success": len(succ) / len(recent) if recent else float("nan"),
-                "train_steps_to_success": float(np.mean([e.steps for e in succ])) if succ else float("nan"),
+                "train_steps_to_success": float(np.mean(succ)) if succ else float("nan"),
                 "bc_weight": bc_weight.value, **stats, **{f"buffer_{k}": v for k, v in buffer.stats().items()},
                 "lost_episodes": rollout.lost_episodes,
                 "rollout_env_steps_per_s": steps_now / rollout_time, "learn_time_s": time.perf_counter() - t1,
@@ -346,7 +348,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             done = env_steps >= config.total_env_steps
             if iteration % config.checkpoint_every == 0 or done:
                 checkpoint = _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer,
-                                         bc_weight, rollout.next_index, history, average, init_sha256)
+                                         bc_weight, rollout.next_index, history, average, init_sha256, recent)
                 run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
     metadata = {"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps, "iterations": iteration,
@@ -378,8 +380,11 @@ def _update(policy, optimizer, batch: RolloutBatch, buffer: DemoBuffer, bc_weigh
     for _ in range(config.epochs):
         order = rows[rng.permutation(len(rows))]
         epoch_kl = []
-        for start in range(0, len(order), config.minibatch_size):
-            idx = order[start : start + config.minibatch_size]
+        starts = list(range(0, len(order), config.minibatch_size))
+        if len(starts) > 1 and len(order) - starts[-1] == 1:
+            starts.pop()  # a lone last row joins the minibatch before it: one advantage cannot be normalised
+        for start, end in zip(starts, starts[1:] + [len(order)]):
+            idx = order[start:end]
             mb_adv = adv[idx]
             if config.advantage_norm == "minibatch" and len(idx) > 1:
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
@@ -431,13 +436,14 @@ def _explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 
 # -- checkpoints -----------------------------------------------------------------------------------------
 def _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history,
-                average: WeightAverage, init_sha256: str) -> Path:
+                average: WeightAverage, init_sha256: str, recent: deque) -> Path:
     tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
     buffer_tensors, buffer_meta = buffer.state()
     tensors.update(buffer_tensors)
     tensors.update(average.state())
     meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration, "env_steps": env_steps,
-                 "next_index": dict(next_index), "history": history, "init_state_sha256": init_sha256})
+                 "next_index": dict(next_index), "history": history, "init_state_sha256": init_sha256,
+                 "recent": [list(e) for e in recent]})
     return save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
 
 

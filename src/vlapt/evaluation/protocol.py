@@ -149,6 +149,7 @@ def evaluate(
             "deterministic": getattr(agent, "deterministic", config.deterministic),
             "chunk_len": agent.chunk_len,
             "execute_steps": config.execute_steps or agent.chunk_len,
+            "envs_per_task": envs_per_task,  # a sampling policy's draws depend on how episodes are batched
             "camera": env_config.camera if env_config.render else None,
             "image_size": env_config.image_size if env_config.render else None,
             "success": "info['success'] at any step; the first success ends the episode",

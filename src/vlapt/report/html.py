@@ -46,9 +46,11 @@ def build_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLik
                                      autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                                      lstrip_blocks=True)
     environment.filters.update(rate=_rate, steps=_steps, seconds=_seconds)
+    views = [_run_view(run, budget) for run in runs]
     page = environment.get_template("report.html.j2").render(
         title=title or ("vlapt run: " + runs[0].name if len(runs) == 1 else f"vlapt: {len(runs)} runs"),
-        runs=[_run_view(run, budget) for run in runs],
+        runs=views,
+        any_training_split=any(row["split"] == "train" for view in views for row in view["rows"]),
         curves=_data_uri(curves, "image/png") if curves else None,
         within=_within(runs),
         generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -64,7 +66,8 @@ def _run_view(run: Run, budget: list[int]) -> dict:
         protocol = row.result.get("protocol", {})
         rows.append({"label": row.label, "average": row.result["average"], "per_task": row.result.get("per_task", {}),
                      "episodes_per_task": protocol.get("episodes_per_task"), "limit": protocol.get("max_episode_steps"),
-                     "deterministic": protocol.get("deterministic"), "agent": row.result.get("agent", ""),
+                     "deterministic": protocol.get("deterministic"), "split": protocol.get("split"),
+                     "agent": row.result.get("agent", ""),
                      "wall_time_s": row.result.get("wall_time_s")})
     videos, left_out = [], []
     for row in run.rows:
