@@ -234,6 +234,15 @@ def test_temporaries_of_dead_writers_are_removed_on_start(dataset, sft_policy, t
     assert mine.exists()
 
 
+def test_the_curves_of_an_attempt_stopped_before_its_first_checkpoint_are_not_kept(dataset, sft_policy, tmp_path):
+    out = tmp_path / "ppo"
+    stale = out / "tb" / "events.out.tfevents.1.stopped-attempt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\0" * 64)
+    train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=10), progress=False)
+    assert not stale.exists() and len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+
+
 def test_a_killed_collection_leaves_nothing_the_next_one_keeps(tmp_path):
     dead = _dead_pid()
     stale = tmp_path / f".demos.hdf5.tmp{dead}"

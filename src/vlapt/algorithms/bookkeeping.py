@@ -34,7 +34,10 @@ class RunLog:
         self.out_dir, self.name, self.history = out_dir, name, history
         self.evaluator = evaluator if eval_every else None
         self.eval_every = eval_every
-        # on resume, drop only the points logged after the checkpoint (scalars are logged against env steps)
+        # on resume, drop only the points logged after the checkpoint (scalars are logged against env steps);
+        # starting from step 0, the curves of an attempt stopped before its first checkpoint go
+        if not env_steps:
+            shutil.rmtree(out_dir / "tb", ignore_errors=True)
         self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=env_steps + 1 if env_steps else None)
         self.bar = tqdm(total=total_env_steps, initial=env_steps, desc=name, unit="step", disable=not progress,
                         dynamic_ncols=True)
