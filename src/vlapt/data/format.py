@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from vlapt.config import check_output_file, save_config
+from vlapt.data.errors import DatasetError
 from vlapt.interfaces import Episode
 from vlapt.rundir import clean_stale_temporaries
 
@@ -24,10 +25,6 @@ FORMAT = "vlapt-demos"
 FORMAT_VERSION = 1
 # `vlapt relabel`: the episodes' ``source`` and the env_args key that names the executed policy
 RELABELLED = "relabelled"
-
-
-class DatasetError(ValueError):
-    """A dataset path that cannot be written or read; the message says what to do."""
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:

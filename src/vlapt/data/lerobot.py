@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlapt.config import save_config
-from vlapt.data.format import DatasetError
+from vlapt.data.errors import DatasetError
 from vlapt.interfaces import Episode
 from vlapt.rundir import clean_stale_temporaries
 

@@ -56,8 +56,8 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
     for run_dir, label in zip(run_dirs, labels):
         history = load_history(run_dir, up_to_env_steps)
         x = [row["env_steps"] for row in history]
-        line = axes[0].plot(x, _smooth([row["train_success"] for row in history], smooth), alpha=0.5, label=f"{label} (train)")[0]
-        axes[1].plot(x, _smooth([row["train_steps_to_success"] for row in history], smooth), alpha=0.5, color=line.get_color())
+        line = axes[0].plot(x, running_mean([row["train_success"] for row in history], smooth), alpha=0.5, label=f"{label} (train)")[0]
+        axes[1].plot(x, running_mean([row["train_steps_to_success"] for row in history], smooth), alpha=0.5, color=line.get_color())
         evals = load_evaluations(run_dir, history)
         if evals:
             ex = [s for s, _ in evals]
@@ -137,7 +137,8 @@ def _fmt(value: float, digits: int) -> str:
     return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def running_mean(values: Sequence[float | None], window: int) -> list[float]:
+    """The running mean over the last ``window`` finite values (None and NaN skipped; NaN where none)."""
     out = []
     for i in range(len(values)):
         chunk = [v for v in values[max(0, i - window + 1) : i + 1] if v is not None and math.isfinite(v)]

@@ -6,6 +6,7 @@ import io
 import math
 from typing import Sequence
 
+from vlapt.evaluation.curves import running_mean
 from vlapt.report.runs import Run, finite
 
 # (history key, title, y label); success and steps also carry the held-out evaluations
@@ -39,7 +40,7 @@ def learning_curves(runs: Sequence[Run], smooth: int = 5) -> bytes | None:
             values = [row.get(key, math.nan) for row in run.history]
             values = [v if finite(v) else math.nan for v in values]
             if key.startswith("train_"):
-                ax.plot(x, _smooth(values, smooth), color=colour, alpha=0.55, marker=marker,
+                ax.plot(x, running_mean(values, smooth), color=colour, alpha=0.55, marker=marker,
                         label=f"{run.name} (training)")
             else:
                 ax.plot(x, values, color=colour, marker=marker, label=run.name)
@@ -58,10 +59,3 @@ def learning_curves(runs: Sequence[Run], smooth: int = 5) -> bytes | None:
     plt.close(fig)
     return buffer.getvalue()
 
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = [v for v in values[max(0, i - window + 1): i + 1] if math.isfinite(v)]
-        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
-    return out

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlapt.policies.vla.config import PolicyConfig, trainable_blocks
-from vlapt.policies.vla.network import VisionEncoder
+from vlapt.policies.vla.encoder import VisionEncoder
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 BEFORE_OR_UNUSED = ("embed", "pre_layrnorm", "pooler", "head")  # parameters "last_<k>" leaves frozen besides early layers

@@ -20,7 +20,6 @@ computes the same chunk likelihood when acting and when PPO re-scores the chunk.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -31,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlapt.config import staged_file
+from vlapt.policies.checkpoint import file_sha256
 from vlapt.policies.vla.config import PolicyConfig, trainable_blocks
-from vlapt.policies.vla.network import VisionEncoder
+from vlapt.policies.vla.encoder import VisionEncoder
 
 log = logging.getLogger("vlapt.policies")
 
@@ -78,7 +78,7 @@ def convert_weights(output: str | os.PathLike | None = None, source: str | os.Pa
                          "dict of tensors") from exc
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} does not hold a state dict of tensors")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    digest = file_sha256(source)
     with staged_file(output) as staging:
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging),
                   metadata={"source": source.name, "source_sha256": digest})
@@ -131,7 +131,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
             weights = resolve_weights(config.vision_backbone_path)
             if weights is not None:
                 self._load_pretrained(weights)
-                spec = {"weights": weights.name, "sha256": _sha256(weights)}
+                spec = {"weights": weights.name, "sha256": file_sha256(weights)}
             else:
                 spec = {"weights": "random"}
             config.vision_backbone_spec = json.dumps(spec)  # from now on the policy checkpoint carries the weights
@@ -207,10 +207,6 @@ class EfficientNetLite0Encoder(VisionEncoder):
         if x.shape[-1] != self.grid:
             x = F.adaptive_avg_pool2d(x, self.grid)
         return self.project(x.flatten(2).transpose(1, 2))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
