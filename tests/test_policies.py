@@ -8,6 +8,10 @@ import hashlib
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +110,48 @@ def test_unknown_override_and_backbone_are_reported(tokenizer):
         policy_config_for_size("tiny", widht=3)
     with pytest.raises(ValueError, match="available: .*'conv'"):
         VLAPolicy(tiny_config(tokenizer, vision_backbone="resnet_from_nowhere", image_keypoints=0))
+
+
+BACKBONE_MODULE = """
+import torch
+from torch import nn
+
+
+class MeanColour(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_tokens = 1
+        self.project = nn.Linear(3, config.d_model)
+
+    def forward(self, image):
+        return self.project(image.float().mean(dim=(1, 2)) / 255.0)[:, None]
+
+
+def build(config):
+    return MeanColour(config)
+"""
+
+
+def test_a_backbone_of_ones_own_by_module_and_function_loads_in_a_fresh_process(tokenizer, tmp_path, monkeypatch):
+    (tmp_path / "my_backbone.py").write_text(BACKBONE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    policy = VLAPolicy(tiny_config(tokenizer, vision_backbone="my_backbone:build", image_keypoints=0)).eval()
+    policy.save(tmp_path / "policy")
+    expected = policy.act(observations(), deterministic=True).actions
+    np.save(tmp_path / "expected.npy", expected.numpy())
+    script = (f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              "from test_policies import observations; from vlapt.policies import load_policy; "
+              f"policy = load_policy({str(tmp_path / 'policy')!r}); "
+              "actions = policy.act(observations(), deterministic=True).actions.numpy(); "
+              f"assert np.array_equal(actions, np.load({str(tmp_path / 'expected.npy')!r})); print('same')")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")])}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-2000:]
+    for name, message in (("my_backbone:nothing", "cannot import vision_backbone"), ("no_such_module:build", "cannot import"),
+                          ("my_backbone:torch", "not a builder")):
+        with pytest.raises(ValueError, match=message):
+            VLAPolicy(tiny_config(tokenizer, vision_backbone=name, image_keypoints=0))
 
 
 # --------------------------------------------------------------------------- distribution

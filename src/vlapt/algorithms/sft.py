@@ -39,7 +39,8 @@ from vlapt.data.dataset import ChunkDataset
 from vlapt.data.format import dataset_suite, env_args, read_episodes
 from vlapt.interfaces import EnvConfig, ObservationSpec
 from vlapt.policies import load_policy, resolve_device
-from vlapt.policies.vla import VISION_BACKBONES, PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
+from vlapt.policies.vla import PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
+from vlapt.policies.vla.network import vision_backbone_builder
 from vlapt.rundir import stop_if_requested
 
 log = logging.getLogger("vlapt.sft")
@@ -132,8 +133,7 @@ class StatePredictionHead(nn.Module):
 
 def build_policy_config(model: ModelConfig, spec: ObservationSpec, stats: dict, vocabulary: list[str]) -> PolicyConfig:
     """The policy's full config: preset + knobs + normalisation + a vocabulary of every instruction of the suite."""
-    if model.vision_backbone not in VISION_BACKBONES:
-        raise ValueError(f"unknown model.vision_backbone {model.vision_backbone!r}; available: {sorted(VISION_BACKBONES)}")
+    vision_backbone_builder(model.vision_backbone)  # an unknown or unimportable backbone is named, before any building
     return policy_config_for_size(
         model.size,
         chunk_len=model.chunk_len,

@@ -8,6 +8,7 @@ tokens. Pretrained encoders live in their own modules (`backbones` for Hugging F
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -210,18 +211,29 @@ def register_vision_backbone(name: str, builder: VisionBackboneBuilder) -> None:
     VISION_BACKBONES[name] = builder
 
 
+def vision_backbone_builder(name: str) -> VisionBackboneBuilder:
+    """The builder registered as ``name``, or the one ``module:function`` names (imported on use, so a policy
+    saved with a backbone of one's own loads in any process that can import it)."""
+    if name in VISION_BACKBONES:
+        return VISION_BACKBONES[name]
+    if ":" in name:
+        module, _, attribute = name.partition(":")
+        try:
+            builder = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import vision_backbone {name!r}: {exc}") from exc
+        if not callable(builder):
+            raise ValueError(f"vision_backbone {name!r} is a {type(builder).__name__}, not a builder (config -> module)")
+        return builder
+    raise ValueError(f"unknown vision_backbone {name!r}; available: {sorted(VISION_BACKBONES)}, or module:function "
+                     "of a builder of your own (or register one with vlapt.policies.vla.register_vision_backbone)")
+
+
 def build_vision_backbone(config: PolicyConfig) -> nn.Module:
-    try:
-        builder = VISION_BACKBONES[config.vision_backbone]
-    except KeyError:
-        raise ValueError(
-            f"unknown vision_backbone {config.vision_backbone!r}; available: {sorted(VISION_BACKBONES)} "
-            "(add more with vlapt.policies.vla.register_vision_backbone)"
-        ) from None
-    encoder = builder(config)
+    encoder = vision_backbone_builder(config.vision_backbone)(config)
     if not isinstance(getattr(encoder, "num_tokens", None), int):
         raise TypeError(f"vision backbone {config.vision_backbone!r} must expose an int attribute num_tokens")
     if config.vision_trainable != "all" and not isinstance(encoder, VisionEncoder):
         raise ValueError(f"vision backbone {config.vision_backbone!r} is not a VisionEncoder, so it cannot be frozen; "
-                         "set vision_trainable='all' or subclass vlapt.policies.vla.network.VisionEncoder")
+                         "set vision_trainable='all' or subclass vlapt.policies.vla.encoder.VisionEncoder")
     return encoder
