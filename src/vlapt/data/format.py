@@ -139,7 +139,7 @@ def is_lerobot(path: str | os.PathLike) -> bool:
 
 def env_args(path: str | os.PathLike) -> dict[str, Any]:
     if is_lerobot(path):
-        from vlapt.data import lerobot
+        import vlapt.data.lerobot as lerobot
 
         return lerobot.env_args(path)
     with open_dataset(path) as f:
@@ -158,7 +158,7 @@ def read_episodes(
 ) -> list[Episode]:
     """Episodes in file order, optionally only some tasks and the first ``demos_per_task`` of each."""
     if is_lerobot(path):
-        from vlapt.data import lerobot
+        import vlapt.data.lerobot as lerobot
 
         return lerobot.read_episodes(path, tasks, demos_per_task, suite=dataset_suite(lerobot.env_args(path)))
     out: list[Episode] = []
