@@ -132,26 +132,34 @@ def build(config):
 """
 
 
-def test_a_backbone_of_ones_own_by_module_and_function_loads_in_a_fresh_process(tokenizer, tmp_path, monkeypatch):
+def test_a_backbone_an_installed_package_declares_loads_in_a_fresh_process(tokenizer, tmp_path, monkeypatch):
+    # an installed distribution as importlib.metadata finds it on the path: its module and its entry point
     (tmp_path / "my_backbone.py").write_text(BACKBONE_MODULE)
+    info = tmp_path / "my_backbone-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-backbone\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[vlapt.vision_backbones]\nmean_colour = my_backbone:build\n"
+                                           "not_a_builder = my_backbone:torch\nbroken = my_backbone:nothing\n")
+    with pytest.raises(ValueError, match="unknown vision_backbone 'mean_colour'.*entry-point group"):
+        VLAPolicy(tiny_config(tokenizer, vision_backbone="mean_colour", image_keypoints=0))
     monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(0)
-    policy = VLAPolicy(tiny_config(tokenizer, vision_backbone="my_backbone:build", image_keypoints=0)).eval()
+    policy = VLAPolicy(tiny_config(tokenizer, vision_backbone="mean_colour", image_keypoints=0)).eval()
     policy.save(tmp_path / "policy")
-    expected = policy.act(observations(), deterministic=True).actions
-    np.save(tmp_path / "expected.npy", expected.numpy())
-    script = (f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    np.save(tmp_path / "expected.npy", policy.act(observations(), deterministic=True).actions.numpy())
+    script = (f"import sys, numpy as np, torch; torch.set_num_threads(1); sys.path.insert(0, {str(Path(__file__).parent)!r}); "
               "from test_policies import observations; from vlapt.policies import load_policy; "
               f"policy = load_policy({str(tmp_path / 'policy')!r}); "
               "actions = policy.act(observations(), deterministic=True).actions.numpy(); "
-              f"assert np.array_equal(actions, np.load({str(tmp_path / 'expected.npy')!r})); print('same')")
+              f"np.testing.assert_allclose(actions, np.load({str(tmp_path / 'expected.npy')!r}), atol=1e-6); print('same')")
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(tmp_path), os.environ.get("PYTHONPATH", "")])}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-2000:]
-    for name, message in (("my_backbone:nothing", "cannot import vision_backbone"), ("no_such_module:build", "cannot import"),
-                          ("my_backbone:torch", "not a builder")):
+    for name, message in (("broken", "entry point, which cannot be loaded"), ("not_a_builder", "not a builder")):
         with pytest.raises(ValueError, match=message):
             VLAPolicy(tiny_config(tokenizer, vision_backbone=name, image_keypoints=0))
+    with pytest.raises(ValueError, match="unknown vision_backbone"):  # a module path is not a backbone name
+        VLAPolicy(tiny_config(tokenizer, vision_backbone="my_backbone:build", image_keypoints=0))
 
 
 # --------------------------------------------------------------------------- distribution

@@ -1072,6 +1072,9 @@ def resumed_run(dataset, sft_policy, tmp_path_factory):
         with pytest.raises(_Crash):
             train_ppo(config, progress=False, evaluator=before_crash)
     checkpoint = latest_checkpoint(out)
+    state_file = checkpoint / "state.json"  # a window entry no real episode gives: it must come back on resume
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()),
+                                      "recent": json.loads(state_file.read_text())["recent"] + [[True, 1]]}))
     _, tensors, state = load_training_checkpoint(checkpoint)
     weights = load_policy(checkpoint).state_dict()
     records, start_indices, purge_steps = [], [], []
@@ -1229,8 +1232,8 @@ def test_train_ppo_resume_continues_where_the_checkpoint_left_off(reference_run,
 
     # the training-success window goes on from the checkpoint's episodes instead of starting empty
     _, _, final_state = load_training_checkpoint(latest_checkpoint(resumed_run.out))
-    assert ckpt_state["recent"] and final_state["recent"][:len(ckpt_state["recent"])] == ckpt_state["recent"]
-    assert len(final_state["recent"]) > len(ckpt_state["recent"])
+    assert ckpt_state["recent"][-1] == [True, 1] and [True, 1] in final_state["recent"]
+    assert history[2]["train_success"] > 0.0  # the planted success counts in the first row after the resume
     # new episodes start on the next unused configuration, not on configuration 0 again
     assert resumed_run.start_indices == [ckpt_state["next_index"]]
     assert ckpt_state["next_index"][TASK] >= 1

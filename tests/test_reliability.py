@@ -234,12 +234,17 @@ def test_temporaries_of_dead_writers_are_removed_on_start(dataset, sft_policy, t
     assert mine.exists()
 
 
-def test_the_curves_of_an_attempt_stopped_before_its_first_checkpoint_are_not_kept(dataset, sft_policy, tmp_path):
-    out = tmp_path / "ppo"
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_the_curves_of_an_attempt_stopped_before_its_first_checkpoint_are_not_kept(dataset, sft_policy, tmp_path,
+                                                                                   stage):
+    out = tmp_path / stage
     stale = out / "tb" / "events.out.tfevents.1.stopped-attempt"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"\0" * 64)
-    train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=10), progress=False)
+    if stage == "sft":
+        train_sft(_sft_config(dataset, out), progress=False)
+    else:
+        train_ppo(_ppo_config(dataset, sft_policy, out, total_env_steps=10), progress=False)
     assert not stale.exists() and len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
 
 
@@ -258,12 +263,17 @@ def test_a_writer_killed_between_its_renames_gets_its_old_version_back(tmp_path)
     retired = tmp_path / f".policy.old-{dead}"  # the old version moved aside, the new one not yet renamed in
     retired.mkdir()
     (retired / "config.json").write_text("{}")
+    staged = tmp_path / f".policy.tmp-{dead}"
+    staged.mkdir()
     superseded = tmp_path / f".policy_ema.old-{dead}"  # the new version is in place: the old one goes
     superseded.mkdir()
     (tmp_path / "policy_ema").mkdir()
-    assert clean_stale_temporaries(tmp_path) == [superseded]
+    half_removed = tmp_path / f".demos.old-{dead}"  # killed while removing it after publishing; then demos was deleted
+    half_removed.mkdir()
+    assert clean_stale_temporaries(tmp_path) == [half_removed, staged, superseded]
     assert (tmp_path / "policy" / "config.json").read_text() == "{}" and not retired.exists()
     assert not superseded.exists() and (tmp_path / "policy_ema").is_dir()
+    assert not half_removed.exists() and not (tmp_path / "demos").exists()
 
 
 # -- signals -----------------------------------------------------------------------------------------------

@@ -124,7 +124,9 @@ def clean_stale_temporaries(directory: Path, recursive: bool = True) -> list[Pat
     """Remove temporaries of writers whose process is gone; returns what was removed.
 
     A writer that died between its two renames (the old version moved aside as ``.name.old-<pid>``,
-    the new one not yet in place) leaves ``name`` missing: the old, complete version is put back.
+    the new one still staged as ``.name.tmp-<pid>`` or ``.name.tmp<pid>``) leaves ``name`` missing: the
+    old, complete version is put back. Without its staged sibling an old version is the leftover of a
+    removal that did not finish, and goes.
     """
     removed = []
     if not directory.is_dir():
@@ -135,7 +137,8 @@ def clean_stale_temporaries(directory: Path, recursive: bool = True) -> list[Pat
         if not match or not path.exists() or _alive(int(match.group(2))):
             continue
         target = path.with_name(path.name[1:path.name.rindex(".")])
-        if match.group(1) == "old-" and not target.exists():
+        staged = [path.with_name(f".{target.name}.{kind}{match.group(2)}") for kind in ("tmp-", "tmp")]
+        if match.group(1) == "old-" and not target.exists() and any(p.exists() for p in staged):
             os.replace(path, target)
             logging.getLogger("vlapt").warning("restored %s from %s, left by a writer that died while replacing it",
                                                target, path)

@@ -26,19 +26,28 @@ log = logging.getLogger("vlapt.train")
 Evaluator = Callable[[Path], dict]
 
 
+def open_tensorboard(out_dir: Path, step: int):
+    """The run's TensorBoard writer, its curves going on from ``step`` (the checkpoint's env or gradient step).
+
+    On resume only the points logged after the checkpoint are dropped; from step 0, the curves of an
+    attempt stopped before its first checkpoint are removed, so the new ones do not double them.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not step and (out_dir / "tb").exists():
+        log.warning("removing %s: the curves of an earlier attempt that stopped before its first checkpoint",
+                    out_dir / "tb")
+        shutil.rmtree(out_dir / "tb", ignore_errors=True)
+    return SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if step else None)
+
+
 class RunLog:
     def __init__(self, out_dir: Path, name: str, total_env_steps: int, env_steps: int, history: list[dict],
                  evaluator: Evaluator | None, eval_every: int, progress: bool):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.out_dir, self.name, self.history = out_dir, name, history
         self.evaluator = evaluator if eval_every else None
         self.eval_every = eval_every
-        # on resume, drop only the points logged after the checkpoint (scalars are logged against env steps);
-        # starting from step 0, the curves of an attempt stopped before its first checkpoint go
-        if not env_steps:
-            shutil.rmtree(out_dir / "tb", ignore_errors=True)
-        self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=env_steps + 1 if env_steps else None)
+        self.writer = open_tensorboard(out_dir, env_steps)
         self.bar = tqdm(total=total_env_steps, initial=env_steps, desc=name, unit="step", disable=not progress,
                         dynamic_ncols=True)
         # wall time accumulates over resumes: a resumed run continues from its checkpoint's last row

@@ -381,7 +381,7 @@ def _update(policy, optimizer, batch: RolloutBatch, buffer: DemoBuffer, bc_weigh
         order = rows[rng.permutation(len(rows))]
         epoch_kl = []
         starts = list(range(0, len(order), config.minibatch_size))
-        if len(starts) > 1 and len(order) - starts[-1] == 1:
+        if config.minibatch_size > 1 and len(starts) > 1 and len(order) - starts[-1] == 1:
             starts.pop()  # a lone last row joins the minibatch before it: one advantage cannot be normalised
         for start, end in zip(starts, starts[1:] + [len(order)]):
             idx = order[start:end]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vlapt.algorithms.bookkeeping import open_tensorboard
 from vlapt.algorithms.checkpointing import (
     capture_state, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint, start_run,
 )
@@ -133,7 +134,10 @@ class StatePredictionHead(nn.Module):
 
 def build_policy_config(model: ModelConfig, spec: ObservationSpec, stats: dict, vocabulary: list[str]) -> PolicyConfig:
     """The policy's full config: preset + knobs + normalisation + a vocabulary of every instruction of the suite."""
-    vision_backbone_builder(model.vision_backbone)  # an unknown or unimportable backbone is named, before any building
+    try:  # an unknown or unloadable backbone is named before anything is built
+        vision_backbone_builder(model.vision_backbone)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("vision_backbone", "model.vision_backbone", 1)) from None
     return policy_config_for_size(
         model.size,
         chunk_len=model.chunk_len,
@@ -261,9 +265,7 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
         step = int(state["step"])
         log.info("resumed from %s at step %d", resume_from, step)
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if step else None)
+    writer = open_tensorboard(out_dir, step)
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()

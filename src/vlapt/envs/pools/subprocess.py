@@ -90,17 +90,18 @@ class SubprocessPool(WorkerPool):
             conn, proc = self._conns[w], self._procs[w]
             if conn is None:
                 continue
-            try:
-                if w in self._torn:  # a half-read answer: the rest would be read as a message; it is killed below
-                    raise EOFError
-                for _ in self._outstanding[w]:  # answers nobody waited for
-                    if conn.poll(min(self.timeout_s, 10.0)):
+            if w in self._torn:  # a half-read answer: the rest would be read as a message, so nothing is
+                proc.kill()
+            else:
+                try:
+                    for _ in self._outstanding[w]:  # answers nobody waited for
+                        if conn.poll(min(self.timeout_s, 10.0)):
+                            conn.recv()
+                    conn.send(("close", None))
+                    if conn.poll(10):
                         conn.recv()
-                conn.send(("close", None))
-                if conn.poll(10):
-                    conn.recv()
-            except Exception:  # gone, or its pipe unreadable: the worker is killed below
-                pass
+                except Exception as exc:  # gone, or its pipe unreadable: the worker is killed below
+                    log.debug("env worker %d did not close cleanly (%r); killing it", w, exc)
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()

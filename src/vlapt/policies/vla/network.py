@@ -8,7 +8,6 @@ tokens. Pretrained encoders live in their own modules (`backbones` for Hugging F
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
@@ -211,22 +210,32 @@ def register_vision_backbone(name: str, builder: VisionBackboneBuilder) -> None:
     VISION_BACKBONES[name] = builder
 
 
+VISION_BACKBONE_GROUP = "vlapt.vision_backbones"  # entry-point group: installed packages declare builders by name
+
+
 def vision_backbone_builder(name: str) -> VisionBackboneBuilder:
-    """The builder registered as ``name``, or the one ``module:function`` names (imported on use, so a policy
-    saved with a backbone of one's own loads in any process that can import it)."""
+    """The builder registered as ``name``, or the one an installed package declares under that name in the
+    ``vlapt.vision_backbones`` entry-point group (so a policy saved with it loads in every process). A checkpoint
+    names only a backbone: it never makes loading import a module nobody declared."""
     if name in VISION_BACKBONES:
         return VISION_BACKBONES[name]
-    if ":" in name:
-        module, _, attribute = name.partition(":")
+    from importlib.metadata import entry_points
+
+    declared = entry_points(group=VISION_BACKBONE_GROUP, name=name)
+    if declared:
         try:
-            builder = getattr(importlib.import_module(module), attribute)
+            builder = next(iter(declared)).load()
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import vision_backbone {name!r}: {exc}") from exc
+            raise ValueError(f"vision_backbone {name!r} is declared by an installed package's {VISION_BACKBONE_GROUP} "
+                             f"entry point, which cannot be loaded: {exc}") from exc
         if not callable(builder):
-            raise ValueError(f"vision_backbone {name!r} is a {type(builder).__name__}, not a builder (config -> module)")
+            raise ValueError(f"vision_backbone {name!r} is declared as a {type(builder).__name__}, not a builder "
+                             "(config -> module)")
         return builder
-    raise ValueError(f"unknown vision_backbone {name!r}; available: {sorted(VISION_BACKBONES)}, or module:function "
-                     "of a builder of your own (or register one with vlapt.policies.vla.register_vision_backbone)")
+    known = sorted(set(VISION_BACKBONES) | {point.name for point in entry_points(group=VISION_BACKBONE_GROUP)})
+    raise ValueError(f"unknown vision_backbone {name!r}; available: {known} (a builder of your own: declare it in the "
+                     f"{VISION_BACKBONE_GROUP!r} entry-point group of its package, or register it in this process "
+                     "with vlapt.policies.vla.register_vision_backbone)")
 
 
 def build_vision_backbone(config: PolicyConfig) -> nn.Module:
