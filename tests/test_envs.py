@@ -537,6 +537,19 @@ def test_an_answer_interrupted_mid_message_is_not_read_on_and_close_ends():
     assert not worker.is_alive()
 
 
+def test_a_close_interrupted_mid_message_can_be_called_again():
+    spec = SlotSpec(SUITE, "reach-v3", EnvConfig(render=False, privileged_state=True), 2)
+    pool = make_pool([spec], num_workers=1, backend="subprocess")
+    pool.reset({0: {"split": "eval", "index": 1}})
+    pool.submit({0: np.zeros((2, 4))})  # unanswered: close drains it, and is interrupted doing so
+    torn = pool._conns[0] = _InterruptedMidMessage(pool._conns[0])
+    worker = pool._procs[0]
+    with pytest.raises(KeyboardInterrupt):
+        pool.close()
+    pool.close()
+    assert torn.read_on == 0 and not worker.is_alive()
+
+
 def test_narrower_field_of_view_makes_objects_larger():
     pixels = {}
     for fovy in (0.0, 30.0):

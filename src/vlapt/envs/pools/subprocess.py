@@ -102,6 +102,9 @@ class SubprocessPool(WorkerPool):
                         conn.recv()
                 except Exception as exc:  # gone, or its pipe unreadable: the worker is killed below
                     log.debug("env worker %d did not close cleanly (%r); killing it", w, exc)
+                except BaseException:  # Ctrl-C while draining: a second close kills it without reading
+                    self._torn.add(w)
+                    raise
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
