@@ -229,6 +229,34 @@ def test_reads_a_dataset_declared_as_lerobot_records_metaworld(tmp_path):
     np.testing.assert_array_equal(back[0].images, EPISODES[1].images)
 
 
+def _images_as_files(path: Path, name=lambda row: f"images/frame_{row:06d}.png") -> None:
+    """Rewrite a PNG dataset as one saved without embedding its images: each frame a file its ``path`` names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for parquet in (path / "data").rglob("*.parquet"):
+        table = pq.read_table(parquet)
+        column = table.schema.get_field_index("observation.image")
+        field = table.schema.field(column)
+        frames = table.column(column).to_pylist()
+        for row, frame in enumerate(frames):
+            (path / name(row)).parent.mkdir(parents=True, exist_ok=True)
+            (path / name(row)).write_bytes(frame["bytes"])
+        moved = pa.array([{"bytes": None, "path": name(row)} for row in range(len(frames))], type=field.type)
+        pq.write_table(table.set_column(column, field, moved), parquet)
+
+
+def test_image_frames_stored_as_files_inside_the_dataset_are_read(tmp_path):
+    path = _write(tmp_path / "ds", images="png")
+    _images_as_files(path)
+    for a, b in zip(_by_task(EPISODES), _by_task(read_episodes(path))):
+        _assert_same(a, b)
+    outside = _write(tmp_path / "outside", images="png")
+    _images_as_files(outside, name=lambda row: f"../ds/images/frame_{row:06d}.png")  # files, but not its own
+    with pytest.raises(DatasetError, match="not a file inside the dataset"):
+        read_episodes(outside)
+
+
 def test_a_damaged_dataset_is_refused(tmp_path):
     path = _write(tmp_path / "ds", images="video")
     next((path / "videos").rglob("*.mp4")).write_bytes(b"not a video")

@@ -484,6 +484,21 @@ def _decode_png(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def _stored_image(struct: dict, root: Path) -> np.ndarray:
+    """An ``image`` feature's frame: its bytes, or (a dataset saved without embedding them) the file its
+    ``path`` names inside the dataset."""
+    if struct.get("bytes") is not None:
+        return _decode_png(struct["bytes"])
+    name = struct.get("path")
+    if not name:
+        raise LeRobotDatasetError(f"dataset {root}: an image frame holds neither bytes nor a path; the dataset is damaged")
+    file = (root / name).resolve()
+    if not file.is_relative_to(root.resolve()) or not file.is_file():
+        raise LeRobotDatasetError(f"dataset {root}: image file {name!r} is not a file inside the dataset; store the "
+                                  "images in it (LeRobot embeds them in the parquet files when it pushes a dataset)")
+    return _decode_png(file.read_bytes())
+
+
 # -- statistics (LeRobot's: per episode, then aggregated weighted by frame counts) ------------------------
 def _feature_stats(values: np.ndarray) -> dict[str, np.ndarray]:
     values = np.asarray(values, dtype=np.float64)
@@ -769,7 +784,7 @@ def _read_frames(root: Path, info: dict, features: dict, keys: FeatureKeys, rows
             data = {role: values[rows_i] for role, values in arrays.items()}
             data["task_index"] = task[rows_i]
             if images is not None:
-                data["image"] = np.stack([_decode_png(images[r]["bytes"]) for r in rows_i])
+                data["image"] = np.stack([_stored_image(images[r], root) for r in rows_i])
             out[int(i)] = data
     lost = wanted - set(out)
     if lost:
