@@ -34,9 +34,10 @@ SRC = Path(vlapt.__file__).parent
 ALLOWED = {
     "interfaces": set(),
     "config": set(),
+    "plugins": set(),
     "rundir": {"config"},
-    "envs": {"interfaces", "config"},
-    "policies": {"interfaces", "config"},
+    "envs": {"interfaces", "config", "plugins"},
+    "policies": {"interfaces", "config", "plugins"},
     "rollout": {"interfaces"},
     "data": {"interfaces", "config", "rundir", "envs", "rollout", "policies"},
     "evaluation": {"interfaces", "config", "rundir", "envs", "rollout", "policies"},

@@ -13,6 +13,7 @@ import importlib
 from typing import Callable
 
 from vlapt.interfaces import EnvSuite, UnknownTaskError
+from vlapt.plugins import declared_names, load_declared
 
 _SUITES: dict[str, Callable[[], EnvSuite]] = {}
 ENTRY_POINT_GROUP = "vlapt.env_suites"
@@ -36,14 +37,8 @@ register_suite("mt10", lambda: _metaworld("mt10"))
 register_suite("mt50", lambda: _metaworld("mt50"))
 
 
-def _declared():
-    from importlib.metadata import entry_points
-
-    return {point.name.lower(): point for point in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def suite_names() -> list[str]:
-    return sorted(set(_SUITES) | set(_declared()))
+    return sorted(set(_SUITES) | {name.lower() for name in declared_names(ENTRY_POINT_GROUP)})
 
 
 def get_suite(name: str) -> EnvSuite:
@@ -51,20 +46,14 @@ def get_suite(name: str) -> EnvSuite:
     key = str(name).lower()
     if key in _SUITES:
         return _SUITES[key]()
-    declared = _declared().get(key)
-    if declared is not None:
-        try:
-            target = declared.load()
-        except (ImportError, AttributeError) as exc:
-            raise UnknownTaskError(f"env suite {name!r} is declared by an installed package's {ENTRY_POINT_GROUP} "
-                                   f"entry point, which cannot be loaded: {exc}") from exc
-    elif ":" in name:
+    target = load_declared(ENTRY_POINT_GROUP, str(name), what="env suite", error=UnknownTaskError, casefold=True)
+    if target is None and ":" in name:
         module, _, attribute = name.partition(":")
         try:
             target = getattr(importlib.import_module(module), attribute)
         except (ImportError, AttributeError) as exc:
             raise UnknownTaskError(f"cannot import env suite {name!r}: {exc}") from exc
-    else:
+    elif target is None:
         raise UnknownTaskError(f"unknown suite {name!r}; valid suites: {', '.join(suite_names())} "
                                f"(or module:attribute of your own EnvSuite, or a name its package declares in the "
                                f"{ENTRY_POINT_GROUP!r} entry-point group)")

@@ -174,9 +174,9 @@ def register_policy_type(name: str, loader: PolicyLoader | str) -> None:
 
 def policy_types() -> list[str]:
     """The registered policy types and those installed packages declare as entry points."""
-    from importlib.metadata import entry_points
+    from vlapt.plugins import declared_names
 
-    return sorted(set(_POLICY_TYPES) | {point.name for point in entry_points(group=ENTRY_POINT_GROUP)})
+    return sorted(set(_POLICY_TYPES) | declared_names(ENTRY_POINT_GROUP))
 
 
 def _loader(name: str) -> PolicyLoader:
@@ -186,15 +186,11 @@ def _loader(name: str) -> PolicyLoader:
 
     loader = _POLICY_TYPES.get(name)
     if loader is None:
-        from importlib.metadata import entry_points
+        from vlapt.plugins import load_declared
 
-        declared = entry_points(group=ENTRY_POINT_GROUP, name=name)
-        if declared:
-            try:
-                return next(iter(declared)).load()
-            except (ImportError, AttributeError) as exc:
-                raise CheckpointError(f"policy_type {name!r} is declared by an installed package's {ENTRY_POINT_GROUP} "
-                                      f"entry point, which cannot be loaded: {exc}") from exc
+        declared = load_declared(ENTRY_POINT_GROUP, name, what="policy_type", error=CheckpointError)
+        if declared is not None:
+            return declared
         raise CheckpointError(f"unknown policy_type {name!r}; known types: {', '.join(policy_types())} "
                               "(a family of your own registers with vlapt.policies.register_policy_type, or, to be "
                               f"found by every vlapt process, declares its loader in the {ENTRY_POINT_GROUP!r} "

@@ -219,20 +219,15 @@ def vision_backbone_builder(name: str) -> VisionBackboneBuilder:
     names only a backbone: it never makes loading import a module nobody declared."""
     if name in VISION_BACKBONES:
         return VISION_BACKBONES[name]
-    from importlib.metadata import entry_points
+    from vlapt.plugins import declared_names, load_declared
 
-    declared = entry_points(group=VISION_BACKBONE_GROUP, name=name)
-    if declared:
-        try:
-            builder = next(iter(declared)).load()
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"vision_backbone {name!r} is declared by an installed package's {VISION_BACKBONE_GROUP} "
-                             f"entry point, which cannot be loaded: {exc}") from exc
+    builder = load_declared(VISION_BACKBONE_GROUP, name, what="vision_backbone")
+    if builder is not None:
         if not callable(builder):
             raise ValueError(f"vision_backbone {name!r} is declared as a {type(builder).__name__}, not a builder "
                              "(config -> module)")
         return builder
-    known = sorted(set(VISION_BACKBONES) | {point.name for point in entry_points(group=VISION_BACKBONE_GROUP)})
+    known = sorted(set(VISION_BACKBONES) | declared_names(VISION_BACKBONE_GROUP))
     raise ValueError(f"unknown vision_backbone {name!r}; available: {known} (a builder of your own: declare it in the "
                      f"{VISION_BACKBONE_GROUP!r} entry-point group of its package, or register it in this process "
                      "with vlapt.policies.vla.register_vision_backbone)")
