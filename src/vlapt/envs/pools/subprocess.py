@@ -10,6 +10,8 @@ times in the pool's life. Its slots' episodes in flight are lost: each such slot
 pending step with ``truncated=True`` and ``info["lost"] = True`` (no reward, no steps), so a
 caller can drop the partial episode instead of learning from it, and ``lost_episodes`` counts
 them. Past the restart budget the pool raises `WorkerError`, naming the worker and its tasks.
+A worker whose answer an interrupt (Ctrl-C) cut mid-message is replaced the same way if the
+caller goes on, without counting against the budget: the worker did not fail.
 """
 
 from __future__ import annotations
@@ -189,16 +191,17 @@ class SubprocessPool(WorkerPool):
     def _replace(self, w: int, cause: str) -> None:
         """Kill worker ``w`` and start a new one for its slots; send it every request the old one left unanswered."""
         tasks = self._tasks_of(w)
+        charged = w not in self._torn  # a pipe torn by an interrupt is this process's doing, not the worker's failure
         proc = self._procs[w]
         if proc.is_alive():
             proc.kill()
         proc.join(timeout=10)
         self._conns[w].close()
-        if self.restarts_left <= 0:
+        if charged and self.restarts_left <= 0:
             self._conns[w] = self._procs[w] = None
             raise self._give_up(f"env worker {w} (tasks: {tasks}) failed: {cause}; no restarts left (raise the pool's "
                                 "max_restarts, or look for what kills or stalls the simulator)")
-        self.restarts_left -= 1
+        self.restarts_left -= charged
         pending = list(self._outstanding[w])
         self._outstanding[w].clear()
         in_flight = sorted({i for _, command, part in pending if command == "step" for i in part})
