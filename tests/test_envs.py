@@ -475,6 +475,26 @@ def test_a_worker_that_dies_or_hangs_is_replaced_and_its_episode_reported_lost()
             pool.submit({0: np.zeros((2, 4))})
 
 
+def test_an_interrupt_while_a_worker_is_replaced_leaves_its_requests_answered_later():
+    spec = SlotSpec(SUITE, "reach-v3", EnvConfig(render=False, privileged_state=True), 2)
+    with make_pool([spec], num_workers=1, backend="subprocess", max_restarts=1) as pool:
+        pool.reset({0: {"split": "eval", "index": 1}})
+        os.kill(pool.worker_pid(0), signal.SIGKILL)
+        ticket = pool.submit({0: np.zeros((2, 4))}, reset_options={0: {"split": "eval", "index": 1}})
+
+        def interrupted(w):  # Ctrl-C while the replacement starts
+            del pool._await_ready
+            raise KeyboardInterrupt
+
+        pool._await_ready = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            pool.wait(ticket)
+        lost = pool.wait(ticket)[0]  # going on: the request is answered (lost), not forgotten
+        assert lost.info["lost"] and pool.restarts_left == 0, "one death, one restart: the interrupt is not charged"
+        going_on = pool.wait(pool.submit({0: np.zeros((2, 4))}))[0]
+        assert going_on.info["steps"] == 2 and "lost" not in going_on.info
+
+
 def test_a_replaced_workers_idle_slots_answer_lost_until_they_are_reset():
     spec = SlotSpec(SUITE, "reach-v3", EnvConfig(render=False, privileged_state=True), 2)
     reset = {"split": "eval", "index": 1}

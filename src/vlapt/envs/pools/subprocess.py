@@ -207,13 +207,20 @@ class SubprocessPool(WorkerPool):
         in_flight = sorted({i for _, command, part in pending if command == "step" for i in part})
         log.warning("env worker %d (tasks: %s) %s; restarting it (%d restarts left); the episodes of its slots are "
                     "lost (%d with a step in flight)", w, tasks, cause, self.restarts_left, len(in_flight))
-        self._spawn(w, replacement=True)
         try:
-            self._await_ready(w)
-        except WorkerError as exc:
-            raise self._give_up(str(exc)) from None
-        for number, command, part in pending:  # in submission order: resets run again, steps answer lost
-            if command == "step":
-                self._send(w, number, "lose", {i: options for i, (_, options) in part.items()})
-            else:
-                self._send(w, number, command, part)
+            self._spawn(w, replacement=True)
+            try:
+                self._await_ready(w)
+            except WorkerError as exc:
+                raise self._give_up(str(exc)) from None
+            for number, command, part in pending:  # in submission order: resets run again, steps answer lost
+                if command == "step":
+                    self._send(w, number, "lose", {i: options for i, (_, options) in part.items()})
+                else:
+                    self._send(w, number, command, part)
+        except WorkerError:
+            raise
+        except BaseException:  # Ctrl-C mid-replacement: the next wait replaces it again, re-sending every request
+            self._outstanding[w] = deque(pending)
+            self._torn.add(w)
+            raise
