@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vlapt.plugins import declared_names, load_declared
+from vlapt.plugins import NOT_DECLARED, declared_names, load_declared
 
 GROUP = "vlapt.test_things"
 
@@ -24,15 +24,15 @@ def declared(monkeypatch):
     monkeypatch.setattr(metadata, "entry_points", entry_points)
 
 
-def test_a_declared_name_loads_and_an_undeclared_one_gives_none(declared):
+def test_a_declared_name_loads_and_an_undeclared_one_is_told_apart(declared):
     assert declared_names(GROUP) == {"My-Thing", "broken"}
     assert load_declared(GROUP, "My-Thing", what="thing") is json.dumps
-    assert load_declared(GROUP, "elsewhere", what="thing") is None, "another group's name is not this group's"
-    assert load_declared(GROUP, "nothing", what="thing") is None
+    assert load_declared(GROUP, "elsewhere", what="thing") is NOT_DECLARED, "another group's name is not this group's"
+    assert load_declared(GROUP, "nothing", what="thing") is NOT_DECLARED
 
 
 def test_names_match_exactly_unless_case_is_folded(declared):
-    assert load_declared(GROUP, "my-thing", what="thing") is None
+    assert load_declared(GROUP, "my-thing", what="thing") is NOT_DECLARED
     assert load_declared(GROUP, "my-thing", what="thing", casefold=True) is json.dumps
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.metadata as metadata
 from typing import Any
 
+NOT_DECLARED = object()  # what `load_declared` returns when no installed package declares the name
+
 
 def declared_names(group: str) -> set[str]:
     """The names installed packages declare in entry-point group ``group``."""
@@ -17,9 +19,9 @@ def declared_names(group: str) -> set[str]:
 
 
 def load_declared(group: str, name: str, *, what: str, error: type[Exception] = ValueError,
-                  casefold: bool = False) -> Any | None:
+                  casefold: bool = False) -> Any:
     """The object an installed package declares as ``name`` in ``group`` (names compared case-insensitively
-    when ``casefold``), or None when no package declares it. A declaration whose import fails raises ``error``
+    when ``casefold``), or `NOT_DECLARED` when no package declares it. A declaration whose import fails raises ``error``
     naming ``what`` was asked for, the group and the import error."""
     key = name.lower() if casefold else name
     for point in metadata.entry_points(group=group):
@@ -30,7 +32,7 @@ def load_declared(group: str, name: str, *, what: str, error: type[Exception] = 
         except (ImportError, AttributeError) as exc:
             raise error(f"{what} {name!r} is declared by an installed package's {group} entry point, "
                         f"which cannot be loaded: {exc}") from exc
-    return None
+    return NOT_DECLARED
 
 
-__all__ = ["declared_names", "load_declared"]
+__all__ = ["NOT_DECLARED", "declared_names", "load_declared"]

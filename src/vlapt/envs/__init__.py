@@ -13,7 +13,7 @@ import importlib
 from typing import Callable
 
 from vlapt.interfaces import EnvSuite, UnknownTaskError
-from vlapt.plugins import declared_names, load_declared
+from vlapt.plugins import NOT_DECLARED, declared_names, load_declared
 
 _SUITES: dict[str, Callable[[], EnvSuite]] = {}
 ENTRY_POINT_GROUP = "vlapt.env_suites"
@@ -47,13 +47,13 @@ def get_suite(name: str) -> EnvSuite:
     if key in _SUITES:
         return _SUITES[key]()
     target = load_declared(ENTRY_POINT_GROUP, str(name), what="env suite", error=UnknownTaskError, casefold=True)
-    if target is None and ":" in name:
+    if target is NOT_DECLARED and ":" in name:
         module, _, attribute = name.partition(":")
         try:
             target = getattr(importlib.import_module(module), attribute)
         except (ImportError, AttributeError) as exc:
             raise UnknownTaskError(f"cannot import env suite {name!r}: {exc}") from exc
-    elif target is None:
+    elif target is NOT_DECLARED:
         raise UnknownTaskError(f"unknown suite {name!r}; valid suites: {', '.join(suite_names())} "
                                f"(or module:attribute of your own EnvSuite, or a name its package declares in the "
                                f"{ENTRY_POINT_GROUP!r} entry-point group)")

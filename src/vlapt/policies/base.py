@@ -186,10 +186,10 @@ def _loader(name: str) -> PolicyLoader:
 
     loader = _POLICY_TYPES.get(name)
     if loader is None:
-        from vlapt.plugins import load_declared
+        from vlapt.plugins import NOT_DECLARED, load_declared
 
         declared = load_declared(ENTRY_POINT_GROUP, name, what="policy_type", error=CheckpointError)
-        if declared is not None:
+        if declared is not NOT_DECLARED:
             return declared
         raise CheckpointError(f"unknown policy_type {name!r}; known types: {', '.join(policy_types())} "
                               "(a family of your own registers with vlapt.policies.register_policy_type, or, to be "

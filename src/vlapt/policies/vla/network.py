@@ -219,10 +219,10 @@ def vision_backbone_builder(name: str) -> VisionBackboneBuilder:
     names only a backbone: it never makes loading import a module nobody declared."""
     if name in VISION_BACKBONES:
         return VISION_BACKBONES[name]
-    from vlapt.plugins import declared_names, load_declared
+    from vlapt.plugins import NOT_DECLARED, declared_names, load_declared
 
     builder = load_declared(VISION_BACKBONE_GROUP, name, what="vision_backbone")
-    if builder is not None:
+    if builder is not NOT_DECLARED:
         if not callable(builder):
             raise ValueError(f"vision_backbone {name!r} is declared as a {type(builder).__name__}, not a builder "
                              "(config -> module)")
