@@ -144,6 +144,8 @@ def test_cli_report_of_several_runs_and_bad_input(tmp_path, capsys):
     page = output.read_text()
     assert page.count('<section class="run">') == 2 and "repeat(2, minmax(0, 1fr))" in page
     assert '<td class="name">first</td>' in page and '<td class="name">second</td>' in page
+    assert main(["report", str(a), str(b), "--label", "first, seed 0", "--label", "second", "--output", str(output)]) == 0
+    assert '<td class="name">first, seed 0</td>' in output.read_text(), "a label given with --label keeps its commas"
     assert main(["report", str(a)]) == 0 and (a / "report.html").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
     (tmp_path / "empty").mkdir()

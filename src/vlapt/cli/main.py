@@ -199,10 +199,15 @@ def _serving():
 
 
 # -- report ------------------------------------------------------------------------------------
+def _run_labels(args: argparse.Namespace) -> list[str] | None:
+    """One label per run: from --label (repeated; a label may hold commas) or --labels (comma-separated)."""
+    return args.label or (args.labels.split(",") if args.labels else None)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from vlapt.report import build_report
 
-    labels = args.labels.split(",") if args.labels else None
+    labels = _run_labels(args)
     output = Path(args.output) if args.output else (Path(args.runs[0]) / "report.html" if len(args.runs) == 1
                                                      else Path("report.html"))
     path = build_report(args.runs, output, labels=labels, title=args.title, max_video_mb=args.max_video_mb)
@@ -278,7 +283,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from vlapt.evaluation.curves import compare_runs, plot_runs
 
-    labels = args.labels.split(",") if args.labels else None
+    labels = _run_labels(args)
     table = compare_runs(args.runs, labels, args.up_to)
     path = plot_runs(args.runs, args.output, labels, up_to_env_steps=args.plot_up_to)
     print(table)
@@ -362,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "commit, machine and wall time. Several runs are shown side by side.")
     p.add_argument("runs", nargs="+", help="run directories (vlapt pipeline / vlapt train output_dir)")
     p.add_argument("--output", help="HTML file (default: RUN_DIR/report.html for one run, ./report.html for several)")
-    p.add_argument("--labels", help="comma-separated labels, one per run")
+    named = p.add_mutually_exclusive_group()
+    named.add_argument("--labels", help="comma-separated labels, one per run")
+    named.add_argument("--label", action="append", help="a run's label, once per run in their order (may hold commas)")
     p.add_argument("--title", help="page title")
     p.add_argument("--max-video-mb", dest="max_video_mb", type=float, default=64.0,
                    help="embed videos up to this many MB in all (default 64)")
@@ -413,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and the periodic held-out evaluations, one colour per run.")
     p.add_argument("runs", nargs="+", help="output_dir of each `vlapt train` run")
     p.add_argument("--output", required=True, help="PNG file to write")
-    p.add_argument("--labels", help="comma-separated labels, one per run")
+    named = p.add_mutually_exclusive_group()
+    named.add_argument("--labels", help="comma-separated labels, one per run")
+    named.add_argument("--label", action="append", help="a run's label, once per run in their order (may hold commas)")
     p.add_argument("--up-to", dest="up_to", type=int,
                    help="compare the runs' tables within this many env steps (the shortest run's budget)")
     p.add_argument("--plot-up-to", dest="plot_up_to", type=int,
