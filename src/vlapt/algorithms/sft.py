@@ -134,10 +134,7 @@ class StatePredictionHead(nn.Module):
 
 def build_policy_config(model: ModelConfig, spec: ObservationSpec, stats: dict, vocabulary: list[str]) -> PolicyConfig:
     """The policy's full config: preset + knobs + normalisation + a vocabulary of every instruction of the suite."""
-    try:  # an unknown or unloadable backbone is named before anything is built
-        vision_backbone_builder(model.vision_backbone)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("vision_backbone", "model.vision_backbone", 1)) from None
+    vision_backbone_builder(model.vision_backbone, option="model.vision_backbone")  # named before anything is built
     return policy_config_for_size(
         model.size,
         chunk_len=model.chunk_len,

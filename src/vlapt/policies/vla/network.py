@@ -213,22 +213,23 @@ def register_vision_backbone(name: str, builder: VisionBackboneBuilder) -> None:
 VISION_BACKBONE_GROUP = "vlapt.vision_backbones"  # entry-point group: installed packages declare builders by name
 
 
-def vision_backbone_builder(name: str) -> VisionBackboneBuilder:
+def vision_backbone_builder(name: str, option: str = "vision_backbone") -> VisionBackboneBuilder:
     """The builder registered as ``name``, or the one an installed package declares under that name in the
     ``vlapt.vision_backbones`` entry-point group (so a policy saved with it loads in every process). A checkpoint
-    names only a backbone: it never makes loading import a module nobody declared."""
+    names only a backbone: it never makes loading import a module nobody declared. Errors name ``option``, the
+    setting the name came from."""
     if name in VISION_BACKBONES:
         return VISION_BACKBONES[name]
     from vlapt.plugins import NOT_DECLARED, declared_names, load_declared
 
-    builder = load_declared(VISION_BACKBONE_GROUP, name, what="vision_backbone")
+    builder = load_declared(VISION_BACKBONE_GROUP, name, what=option)
     if builder is not NOT_DECLARED:
         if not callable(builder):
-            raise ValueError(f"vision_backbone {name!r} is declared as a {type(builder).__name__}, not a builder "
+            raise ValueError(f"{option} {name!r} is declared as a {type(builder).__name__}, not a builder "
                              "(config -> module)")
         return builder
     known = sorted(set(VISION_BACKBONES) | declared_names(VISION_BACKBONE_GROUP))
-    raise ValueError(f"unknown vision_backbone {name!r}; available: {known} (a builder of your own: declare it in the "
+    raise ValueError(f"unknown {option} {name!r}; available: {known} (a builder of your own: declare it in the "
                      f"{VISION_BACKBONE_GROUP!r} entry-point group of its package, or register it in this process "
                      "with vlapt.policies.vla.register_vision_backbone)")
 
