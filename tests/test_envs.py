@@ -452,6 +452,36 @@ def test_make_pool_rejects_bad_arguments(monkeypatch):
         assert isinstance(pool, InProcessPool)  # a backend of one's own, by module:Class
 
 
+def test_a_backend_declared_by_an_installed_package_is_named_like_a_built_in_one(monkeypatch):
+    import importlib.metadata as metadata
+
+    from vlapt.envs.pools import backend_names
+
+    points = [metadata.EntryPoint("in-place", "vlapt.envs.pools.inprocess:InProcessPool", "vlapt.env_pools"),
+              metadata.EntryPoint("gone", "no_such_module_xyz:Pool", "vlapt.env_pools")]
+    monkeypatch.setattr(metadata, "entry_points", lambda group=None, name=None: metadata.EntryPoints(
+        p for p in points if p.group == group and name in (None, p.name)))  # as if a package declared these
+    slot = SlotSpec(SUITE, "reach-v3", EnvConfig(render=False))
+    assert backend_names()[:4] == ["local", "subprocess", "inprocess", "ray"] and {"in-place", "gone"} <= set(backend_names())
+    assert check_backend("in-place") == "in-place"
+    with make_pool([slot], num_workers=0, backend="in-place") as pool:
+        assert isinstance(pool, InProcessPool)
+    with pytest.raises(ValueError, match="'gone' is declared by an installed package's vlapt.env_pools entry point"):
+        check_backend("gone")
+    with pytest.raises(ValueError, match="valid backends: local, subprocess, inprocess, ray, gone, in-place"):
+        check_backend("threads")
+
+
+def test_a_module_class_backend_is_checked_when_a_config_is(monkeypatch):
+    # refused up front, before a run writes anything, with the reason: a missing module, a missing class, or
+    # something that is not an EnvPool class
+    for name, reason in (("no_such_module_xyz:Pool", "No module named 'no_such_module_xyz'"),
+                         ("vlapt.envs.pools.inprocess:NoSuchPool", "has no attribute 'NoSuchPool'"),
+                         ("vlapt.envs.pools:spread_groups", "not an EnvPool class")):
+        with pytest.raises(ValueError, match=f"env pool backend {name!r}.*{reason}"):
+            check_backend(name)
+
+
 def test_a_worker_that_dies_or_hangs_is_replaced_and_its_episode_reported_lost():
     slot = SlotSpec(SUITE, "reach-v3", EnvConfig(render=False, privileged_state=True), 2)
     with make_pool([slot], num_workers=1, backend="subprocess", max_restarts=2) as pool:

@@ -3,7 +3,8 @@
 ``make_pool(slots, backend=...)`` builds one; a backend is a class implementing
 `vlapt.interfaces.EnvPool` whose constructor takes ``(slots, num_workers, **options)``. The
 built-in names resolve lazily, so an optional backend's dependency is imported only when used;
-a backend of your own is named by ``module:Class``.
+a backend of your own is declared by its package in the ``vlapt.env_pools`` entry-point group (then
+named like a built-in one, in every process) or named by ``module:Class``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from vlapt.interfaces import EnvPool, SlotSpec, StepResult
+from vlapt.plugins import NOT_DECLARED, declared_names, load_declared
 
 BACKENDS: dict[str, str] = {
     "local": "",  # worker processes when num_workers > 0, else in this process
@@ -22,24 +24,61 @@ BACKENDS: dict[str, str] = {
     "inprocess": "vlapt.envs.pools.inprocess:InProcessPool",
     "ray": "vlapt.envs.pools.ray:RayPool",
 }
+ENTRY_POINT_GROUP = "vlapt.env_pools"
 
 
 class WorkerError(RuntimeError):
     """An env worker (a process or a Ray actor) failed for good; the message names it, its tasks and the cause."""
 
 
+_POOL_METHODS = ("reset", "submit", "wait", "groups", "close")  # what a backend's class must have (EnvPool)
+
 # built-in backends that need an optional extra: backend -> (the module it imports, the extra)
 OPTIONAL: dict[str, tuple[str, str]] = {"ray": ("ray", "ray")}
 
 
+def backend_names() -> list[str]:
+    """The built-in backends, then those installed packages declare."""
+    return list(BACKENDS) + sorted(declared_names(ENTRY_POINT_GROUP) - set(BACKENDS))
+
+
 def check_backend(name: str) -> str:
-    if name not in BACKENDS and ":" not in name:
-        raise ValueError(f"unknown env pool backend {name!r}; valid backends: {', '.join(BACKENDS)} "
-                         "(or module:Class of your own EnvPool)")
+    """``name`` if it names a backend that can be built here; else a ValueError saying why and what to do.
+    A declared or ``module:Class`` backend is imported now, so a config naming a missing one is refused
+    before its run writes anything."""
     if name in OPTIONAL and importlib.util.find_spec(OPTIONAL[name][0]) is None:
         raise ValueError(f"env pool backend {name!r} cannot be imported: {OPTIONAL[name][0]} is not installed "
                          f"(pip install 'vlapt[{OPTIONAL[name][1]}]')")
+    if name not in BACKENDS:
+        _backend_class(name)
     return name
+
+
+def _backend_class(name: str) -> type:
+    """The class the backend ``name`` builds its pools with ("local" already resolved to the backend it picks)."""
+    if name in BACKENDS:
+        target = _import(name, BACKENDS[name])
+    else:
+        target = load_declared(ENTRY_POINT_GROUP, name, what="env pool backend")
+        if target is NOT_DECLARED and ":" in name:
+            target = _import(name, name)
+        elif target is NOT_DECLARED:
+            raise ValueError(f"unknown env pool backend {name!r}; valid backends: {', '.join(backend_names())} "
+                             f"(or module:Class of your own EnvPool, or a name its package declares in the "
+                             f"{ENTRY_POINT_GROUP!r} entry-point group)")
+    if not callable(target) or not all(callable(getattr(target, method, None)) for method in _POOL_METHODS):
+        raise ValueError(f"env pool backend {name!r} gives {target!r}, not an EnvPool class (one with "
+                         f"{', '.join(_POOL_METHODS)}, built from (slots, num_workers, **options))")
+    return target
+
+
+def _import(name: str, path: str):
+    module, _, attribute = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        hint = f" (pip install 'vlapt[{OPTIONAL[name][1]}]')" if name in OPTIONAL else ""
+        raise ValueError(f"env pool backend {name!r} cannot be imported: {exc}{hint}") from exc
 
 
 def make_pool(slots: Sequence[SlotSpec], num_workers: int = 2, backend: str = "local", **options) -> EnvPool:
@@ -51,13 +90,7 @@ def make_pool(slots: Sequence[SlotSpec], num_workers: int = 2, backend: str = "l
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if backend == "local":
         backend = "subprocess" if num_workers > 0 else "inprocess"
-    module, _, name = (BACKENDS.get(backend) or backend).partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except ImportError as exc:
-        hint = f" (pip install 'vlapt[{OPTIONAL[backend][1]}]')" if backend in OPTIONAL else ""
-        raise ValueError(f"env pool backend {backend!r} cannot be imported: {exc}{hint}") from exc
-    return cls(list(slots), num_workers, **options)
+    return _backend_class(backend)(list(slots), num_workers, **options)
 
 
 def spread_groups(owner: Sequence[int], count: int) -> list[list[int]]:
@@ -210,4 +243,5 @@ class Slots:
         self.envs = {}
 
 
-__all__ = ["BACKENDS", "Slots", "WorkerError", "WorkerPool", "check_backend", "make_pool", "spread_groups"]
+__all__ = ["BACKENDS", "ENTRY_POINT_GROUP", "Slots", "WorkerError", "WorkerPool", "backend_names", "check_backend",
+           "make_pool", "spread_groups"]
