@@ -1,3 +1,4 @@
+import re
 import os
 import pickle
 import signal
@@ -458,28 +459,54 @@ def test_a_backend_declared_by_an_installed_package_is_named_like_a_built_in_one
     from vlapt.envs.pools import backend_names
 
     points = [metadata.EntryPoint("in-place", "vlapt.envs.pools.inprocess:InProcessPool", "vlapt.env_pools"),
-              metadata.EntryPoint("gone", "no_such_module_xyz:Pool", "vlapt.env_pools")]
+              metadata.EntryPoint("gone", "no_such_module_xyz:Pool", "vlapt.env_pools"),
+              metadata.EntryPoint("not-a-pool", "json:dumps", "vlapt.env_pools"),
+              metadata.EntryPoint("subprocess", "json:dumps", "vlapt.env_pools")]  # shadows a built-in name
     monkeypatch.setattr(metadata, "entry_points", lambda group=None, name=None: metadata.EntryPoints(
         p for p in points if p.group == group and name in (None, p.name)))  # as if a package declared these
     slot = SlotSpec(SUITE, "reach-v3", EnvConfig(render=False))
-    assert backend_names()[:4] == ["local", "subprocess", "inprocess", "ray"] and {"in-place", "gone"} <= set(backend_names())
-    assert check_backend("in-place") == "in-place"
+    assert backend_names() == ["local", "subprocess", "inprocess", "ray", "gone", "in-place", "not-a-pool"]
     with make_pool([slot], num_workers=0, backend="in-place") as pool:
         assert isinstance(pool, InProcessPool)
+    with make_pool([slot], num_workers=1, backend="subprocess") as pool:  # the built-in wins over the declaration
+        assert isinstance(pool, SubprocessPool)
     with pytest.raises(ValueError, match="'gone' is declared by an installed package's vlapt.env_pools entry point"):
         check_backend("gone")
-    with pytest.raises(ValueError, match="valid backends: local, subprocess, inprocess, ray, gone, in-place"):
+    with pytest.raises(ValueError, match="'not-a-pool' gives <function dumps.*>, not an EnvPool class"):
+        check_backend("not-a-pool")
+    with pytest.raises(ValueError, match="valid backends: local, subprocess, inprocess, ray, gone, in-place, not-a-pool"):
         check_backend("threads")
 
 
-def test_a_module_class_backend_is_checked_when_a_config_is(monkeypatch):
+class PoolWithoutWith:  # EnvPool's methods, but no context manager's: every caller says `with make_pool(...)`
+    def __init__(self, slots, num_workers=0): self.slots = slots
+    def __len__(self): return len(self.slots)
+    def reset(self, requests): return {}
+    def submit(self, actions, reset_options=None): return 0
+    def wait(self, ticket): return {}
+    def groups(self, count): return [list(range(len(self.slots)))]
+    def close(self): pass
+
+
+class Outer:
+    Pool = InProcessPool
+
+
+def test_a_module_class_backend_is_checked_when_a_config_is():
     # refused up front, before a run writes anything, with the reason: a missing module, a missing class, or
     # something that is not an EnvPool class
     for name, reason in (("no_such_module_xyz:Pool", "No module named 'no_such_module_xyz'"),
                          ("vlapt.envs.pools.inprocess:NoSuchPool", "has no attribute 'NoSuchPool'"),
-                         ("vlapt.envs.pools:spread_groups", "not an EnvPool class")):
-        with pytest.raises(ValueError, match=f"env pool backend {name!r}.*{reason}"):
+                         (":Pool", "Empty module name"),
+                         (".relative:Pool", "cannot be imported"),
+                         ("vlapt.envs.pools:spread_groups", "not an EnvPool class"),
+                         ("test_envs:PoolWithoutWith", "not an EnvPool class.*__enter__")):
+        with pytest.raises(ValueError, match=f"env pool backend {re.escape(repr(name))}.*{reason}"):
             check_backend(name)
+    assert check_backend("test_envs:Outer.Pool") == "test_envs:Outer.Pool"  # a nested class, as entry points allow
+    with make_pool([SlotSpec(SUITE, "reach-v3", EnvConfig(render=False))], num_workers=0,
+                   backend="test_envs:Outer.Pool") as pool:
+        assert isinstance(pool, InProcessPool)
 
 
 def test_a_worker_that_dies_or_hangs_is_replaced_and_its_episode_reported_lost():

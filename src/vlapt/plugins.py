@@ -1,7 +1,7 @@
 """Entry points: how an installed package extends vlapt in every process, without being imported first.
 
 Each extension point whose name travels in files (a checkpoint's policy type, a dataset's env suite,
-a policy config's vision backbone) looks the name up among those registered in this process, then
+a policy config's vision backbone, a config's env pool backend) looks the name up among those registered in this process, then
 among those installed packages declare in its entry-point group.
 """
 

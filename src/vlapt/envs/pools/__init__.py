@@ -31,7 +31,8 @@ class WorkerError(RuntimeError):
     """An env worker (a process or a Ray actor) failed for good; the message names it, its tasks and the cause."""
 
 
-_POOL_METHODS = ("reset", "submit", "wait", "groups", "close")  # what a backend's class must have (EnvPool)
+# what a backend's class must have: EnvPool's methods, and a context manager's (every caller says `with make_pool(...)`)
+_POOL_METHODS = ("__len__", "reset", "submit", "wait", "groups", "close", "__enter__", "__exit__")
 
 # built-in backends that need an optional extra: backend -> (the module it imports, the extra)
 OPTIONAL: dict[str, tuple[str, str]] = {"ray": ("ray", "ray")}
@@ -55,7 +56,8 @@ def check_backend(name: str) -> str:
 
 
 def _backend_class(name: str) -> type:
-    """The class the backend ``name`` builds its pools with ("local" already resolved to the backend it picks)."""
+    """The class the backend ``name`` builds its pools with ("local" already resolved to the backend it picks);
+    a built-in name wins over a declaration of the same name."""
     if name in BACKENDS:
         target = _import(name, BACKENDS[name])
     else:
@@ -75,8 +77,11 @@ def _backend_class(name: str) -> type:
 def _import(name: str, path: str):
     module, _, attribute = path.partition(":")
     try:
-        return getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as exc:
+        target = importlib.import_module(module)
+        for part in attribute.split("."):  # a class nested in another, as entry points allow
+            target = getattr(target, part)
+        return target
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:  # also "" and relative module names
         hint = f" (pip install 'vlapt[{OPTIONAL[name][1]}]')" if name in OPTIONAL else ""
         raise ValueError(f"env pool backend {name!r} cannot be imported: {exc}{hint}") from exc
 
