@@ -7,6 +7,7 @@ among those installed packages declare in its entry-point group.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as metadata
 from typing import Any
 
@@ -35,4 +36,17 @@ def load_declared(group: str, name: str, *, what: str, error: type[Exception] = 
     return NOT_DECLARED
 
 
-__all__ = ["NOT_DECLARED", "declared_names", "load_declared"]
+def import_object(path: str) -> Any:
+    """The object ``"module:attribute"`` names (the attribute may be dotted: a class nested in another, as entry
+    points allow). Any failure, an empty or relative module name included, is an ImportError saying why."""
+    module, _, attribute = path.partition(":")
+    try:
+        target = importlib.import_module(module)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        raise ImportError(str(exc)) from exc
+    return target
+
+
+__all__ = ["NOT_DECLARED", "declared_names", "import_object", "load_declared"]

@@ -9,11 +9,10 @@ or an instance).
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 from vlapt.interfaces import EnvSuite, UnknownTaskError
-from vlapt.plugins import NOT_DECLARED, declared_names, load_declared
+from vlapt.plugins import NOT_DECLARED, declared_names, import_object, load_declared
 
 _SUITES: dict[str, Callable[[], EnvSuite]] = {}
 ENTRY_POINT_GROUP = "vlapt.env_suites"
@@ -48,10 +47,9 @@ def get_suite(name: str) -> EnvSuite:
         return _SUITES[key]()
     target = load_declared(ENTRY_POINT_GROUP, str(name), what="env suite", error=UnknownTaskError, casefold=True)
     if target is NOT_DECLARED and ":" in name:
-        module, _, attribute = name.partition(":")
         try:
-            target = getattr(importlib.import_module(module), attribute)
-        except (ImportError, AttributeError) as exc:
+            target = import_object(name)
+        except ImportError as exc:
             raise UnknownTaskError(f"cannot import env suite {name!r}: {exc}") from exc
     elif target is NOT_DECLARED:
         raise UnknownTaskError(f"unknown suite {name!r}; valid suites: {', '.join(suite_names())} "

@@ -9,14 +9,13 @@ named like a built-in one, in every process) or named by ``module:Class``.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from typing import Sequence
 
 import numpy as np
 
 from vlapt.interfaces import EnvPool, SlotSpec, StepResult
-from vlapt.plugins import NOT_DECLARED, declared_names, load_declared
+from vlapt.plugins import NOT_DECLARED, declared_names, import_object, load_declared
 
 BACKENDS: dict[str, str] = {
     "local": "",  # worker processes when num_workers > 0, else in this process
@@ -75,20 +74,15 @@ def _backend_class(name: str) -> type:
 
 
 def _import(name: str, path: str):
-    module, _, attribute = path.partition(":")
     try:
-        target = importlib.import_module(module)
-        for part in attribute.split("."):  # a class nested in another, as entry points allow
-            target = getattr(target, part)
-        return target
-    except (ImportError, AttributeError, ValueError, TypeError) as exc:  # also "" and relative module names
+        return import_object(path)
+    except ImportError as exc:
         hint = f" (pip install 'vlapt[{OPTIONAL[name][1]}]')" if name in OPTIONAL else ""
         raise ValueError(f"env pool backend {name!r} cannot be imported: {exc}{hint}") from exc
 
 
 def make_pool(slots: Sequence[SlotSpec], num_workers: int = 2, backend: str = "local", **options) -> EnvPool:
     """An `EnvPool` over ``slots`` from the named backend."""
-    check_backend(backend)
     if not slots:
         raise ValueError("an env pool needs at least one slot")
     if num_workers < 0:
