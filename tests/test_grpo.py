@@ -128,6 +128,16 @@ def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
         return [{k: v for k, v in row.items() if k not in timing}
                 for row in json.loads((tmp_path / run / "history.json").read_text())]
     assert rows("grpo") == rows("straight")
+    # checkpoints on disk: the newest two by default; keep_checkpoints=0 keeps every one, each a loadable policy
+    kept = sorted(p.name for p in (tmp_path / "grpo" / "checkpoints").glob("step_*"))
+    assert kept == [f"step_{i:09d}" for i in (len(longer) - 1, len(longer))]
+    train_grpo(dataclasses.replace(config, output_dir=str(tmp_path / "all"), total_env_steps=80, keep_checkpoints=0),
+               progress=False)
+    all_kept = sorted((tmp_path / "all" / "checkpoints").glob("step_*"))
+    assert [p.name for p in all_kept] == [f"step_{i:09d}" for i in range(1, len(longer) + 1)]
+    assert all(load_policy(p).chunk_len == 5 for p in all_kept)
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        dataclasses.replace(config, keep_checkpoints=-1).validate()
     assert all(torch.equal(a, b) for a, b in zip(load_policy(resumed).state_dict().values(),
                                                   load_policy(straight).state_dict().values()))
     # lineage: the resumed run still names the SFT policy it started from, not its own checkpoint

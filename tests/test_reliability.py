@@ -175,12 +175,15 @@ def test_an_output_dir_that_is_a_file_or_under_one(dataset, tmp_path, capsys, wh
     assert "is a file" in capsys.readouterr().err and blocker.is_file()
 
 
-@pytest.mark.parametrize("command", [["sft", "checkpoint_every=0"], ["sft", "log_every=0"], ["train", "checkpoint_every=0"]])
-def test_zero_intervals_are_refused(dataset, sft_policy, tmp_path, capsys, command):
-    name, option = command
+@pytest.mark.parametrize("command", [["sft", "checkpoint_every=0", 1], ["sft", "log_every=0", 1],
+                                     ["train", "checkpoint_every=0", 1], ["sft", "keep_checkpoints=-1", 0],
+                                     ["train", "keep_checkpoints=-1", 0],
+                                     ["train", "algorithm=grpo keep_checkpoints=-1", 0]])
+def test_out_of_range_intervals_are_refused(dataset, sft_policy, tmp_path, capsys, command):
+    name, options, least = command
     inputs = (["--dataset", str(dataset)] if name == "sft" else ["--init-policy", str(sft_policy), "--demos", str(dataset)])
-    assert main([name, *inputs, "--output-dir", str(tmp_path / "run"), option]) == 2
-    assert "must be >= 1" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main([name, *inputs, "--output-dir", str(tmp_path / "run"), *options.split()]) == 2
+    assert f"must be >= {least}" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_failing_inputs_leave_no_stub_output_dir(dataset, sft_policy, tmp_path, capsys):

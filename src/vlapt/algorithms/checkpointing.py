@@ -187,7 +187,10 @@ def save_training_checkpoint(
     meta: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write ``checkpoints/step_<step>`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``checkpoints/step_<step>`` atomically, point ``latest`` at it, and prune all but the newest ``keep``
+    (0: keep every one)."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {keep}")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:09d}"
@@ -210,8 +213,9 @@ def save_training_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / "latest", final.name + "\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep:
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -97,6 +97,7 @@ class GRPOConfig:
     ema_decay: float = 0.95  # the weight average written as policy_ema/ (0: none)
     # bookkeeping
     checkpoint_every: int = 2  # iterations (each is groups_per_task x group_size episodes per task)
+    keep_checkpoints: int = 2  # training checkpoints kept on disk, newest first (0: all, e.g. to average iterates later)
     eval_every: int = 10  # iterations; 0 disables the periodic held-out evaluation
     eval_episodes: int = 5  # per task, held-out configurations
     seed: int = 0
@@ -120,7 +121,7 @@ class GRPOConfig:
             raise ValueError(f"group_size must be >= 2 (a group baseline needs company), got {self.group_size}")
         check_at_least(self, 1, "groups_per_task", "epochs", "minibatch_size", "total_env_steps", "buffer_capacity",
                        "bc_batch_size", "checkpoint_every", "threads", "rollout_threads", "eval_episodes")
-        check_at_least(self, 0, "num_workers", "eval_every")
+        check_at_least(self, 0, "num_workers", "eval_every", "keep_checkpoints")
         if not 1 <= self.max_episode_steps <= suite.max_episode_steps:
             raise ValueError(f"max_episode_steps must be in [1, {suite.max_episode_steps}], got {self.max_episode_steps}")
         if not 0 <= self.pace_weight < 1:
@@ -181,7 +182,7 @@ def train_grpo(config: GRPOConfig, progress: bool = True, evaluator: Evaluator |
         return _post_train(config, run.directory, suite, tasks, demos, policy, progress, evaluator)
 
 
-RESUMABLE = ("total_env_steps", "checkpoint_every", "eval_every", "eval_episodes", "num_workers", "env_backend",
+RESUMABLE = ("total_env_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_episodes", "num_workers", "env_backend",
              "threads", "rollout_threads", "resume", "ema_decay", "device", "precision")
 
 
@@ -282,7 +283,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
                 meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration,
                              "env_steps": env_steps, "next_index": dict(next_index), "history": history,
                              "init_state_sha256": init_sha256})
-                checkpoint = save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
+                checkpoint = save_training_checkpoint(out_dir, iteration, policy, tensors, meta, keep=config.keep_checkpoints)
                 run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
     metadata = {"trained_by": f"vlapt train algorithm=grpo ({config.advantage})", "env_steps": env_steps,

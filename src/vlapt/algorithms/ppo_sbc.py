@@ -99,6 +99,7 @@ class PPOConfig:
     ema_decay: float = 0.95
     # bookkeeping
     checkpoint_every: int = 5  # iterations
+    keep_checkpoints: int = 2  # training checkpoints kept on disk, newest first (0: all, e.g. to average iterates later)
     eval_every: int = 25  # iterations; 0 disables the periodic held-out evaluation
     eval_episodes: int = 5  # per task, held-out configurations
     max_nonfinite_updates: int = 20  # abort (keeping the last good checkpoint) after this many skipped updates
@@ -123,7 +124,7 @@ class PPOConfig:
         check_at_least(self, 1, "envs_per_task", "horizon", "rollout_groups", "threads", "rollout_threads", "epochs",
                        "minibatch_size", "total_env_steps", "buffer_capacity", "bc_batch_size", "checkpoint_every",
                        "eval_episodes")
-        check_at_least(self, 0, "num_workers", "eval_every", "value_warmup_iterations")
+        check_at_least(self, 0, "num_workers", "eval_every", "value_warmup_iterations", "keep_checkpoints")
         if self.eval_every % self.checkpoint_every:
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every ({self.checkpoint_every}): "
                              "an evaluation scores the checkpoint written at its iteration")
@@ -257,7 +258,7 @@ def train_ppo(config: PPOConfig, progress: bool = True, evaluator: Evaluator | N
 
 
 # options that may differ when a run is resumed: its budget, bookkeeping and resources, not what it learns
-RESUMABLE = ("total_env_steps", "checkpoint_every", "eval_every", "eval_episodes", "num_workers", "env_backend",
+RESUMABLE = ("total_env_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_episodes", "num_workers", "env_backend",
              "rollout_groups", "threads", "rollout_threads", "resume", "ema_decay", "device", "rollout_device", "precision")
 
 
@@ -348,7 +349,8 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             done = env_steps >= config.total_env_steps
             if iteration % config.checkpoint_every == 0 or done:
                 checkpoint = _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer,
-                                         bc_weight, rollout.next_index, history, average, init_sha256, recent)
+                                         bc_weight, rollout.next_index, history, average, init_sha256, recent,
+                                         config.keep_checkpoints)
                 run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
     metadata = {"trained_by": "vlapt train (chunked PPO + self-BC)", "env_steps": env_steps, "iterations": iteration,
@@ -436,7 +438,7 @@ def _explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 
 # -- checkpoints -----------------------------------------------------------------------------------------
 def _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history,
-                average: WeightAverage, init_sha256: str, recent: deque) -> Path:
+                average: WeightAverage, init_sha256: str, recent: deque, keep: int) -> Path:
     tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
     buffer_tensors, buffer_meta = buffer.state()
     tensors.update(buffer_tensors)
@@ -444,7 +446,7 @@ def _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_ge
     meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration, "env_steps": env_steps,
                  "next_index": dict(next_index), "history": history, "init_state_sha256": init_sha256,
                  "recent": [list(e) for e in recent]})
-    return save_training_checkpoint(out_dir, iteration, policy, tensors, meta)
+    return save_training_checkpoint(out_dir, iteration, policy, tensors, meta, keep=keep)
 
 
 def title(config: PPOConfig) -> str:

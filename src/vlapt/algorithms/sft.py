@@ -91,6 +91,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     augment_shift: int = 4  # pixels of random shift; 0 disables
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # training checkpoints kept on disk, newest first (0: all)
     log_every: int = 50
     seed: int = 0
     threads: int = 2
@@ -103,7 +104,7 @@ class SFTConfig:
 
     def validate(self) -> "SFTConfig":
         check_at_least(self, 1, "steps", "batch_size", "checkpoint_every", "log_every")
-        check_at_least(self, 0, "demos_per_task", "augment_shift", "relabelled_label_steps")
+        check_at_least(self, 0, "demos_per_task", "augment_shift", "relabelled_label_steps", "keep_checkpoints")
         if self.model.chunk_len < 1:
             raise ValueError(f"model.chunk_len must be >= 1, got {self.model.chunk_len}")
         if self.aux_state_coef < 0 or any(d < 0 for d in self.aux_state_dims):
@@ -220,7 +221,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
 
 
 # options that may differ when a run is resumed: its budget, bookkeeping and resources, not what it learns
-RESUMABLE = ("steps", "checkpoint_every", "log_every", "threads", "resume", "device")
+RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "threads", "resume", "device")
 
 
 def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSpec, episodes: list, dataset: ChunkDataset,
@@ -304,7 +305,7 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
             log.info("step %d loss %.4f mse %.5f std %.4f%s", step, loss.item(), mse.item(), std,
                      f" aux_state {aux_loss.item():.4f}" if aux_loss is not None else "")
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, aux_head)
+            _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, config.keep_checkpoints, aux_head)
     bar.close()
     writer.close()
     final = out_dir / "policy"
@@ -340,8 +341,8 @@ def _check_same_observations(what: str, observed: dict, dataset: str, expected: 
             f"{k} ({observed[k]} vs {expected[k]})" for k in differ) + f"; {fix}")
 
 
-def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, aux_head=None):
+def _checkpoint(out_dir, step, model, optimizer, rng, aug_gen, keep: int, aux_head=None):
     tensors, state = capture_state(optimizer, rng, {"augment": aug_gen})
     if aux_head is not None:
         tensors.update({f"aux.{k}": v for k, v in aux_head.state_dict().items()})
-    save_training_checkpoint(out_dir, step, model, tensors, state)
+    save_training_checkpoint(out_dir, step, model, tensors, state, keep=keep)
