@@ -2,6 +2,9 @@
 """Average the weights of policies of one architecture: a uniform model soup.
 
     scripts/soup.py runs/exp/grpo2m_mixed/policy runs/exp/grpo2m_mixed_seed1/policy ... --output runs/exp/soup/policy
+    scripts/soup.py $(ls -d runs/exp/grpo/checkpoints/step_* | tail -20) --output runs/exp/grpo_tail20
+
+The second averages one run's last 20 checkpoints (a run trained with ``keep_checkpoints=0`` keeps them all).
 
 Every floating-point tensor is the mean of the policies'; integer buffers must agree. Average only
 policies fine-tuned from one common starting policy (post-training seeds of one SFT policy): the

@@ -136,6 +136,9 @@ def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
     all_kept = sorted((tmp_path / "all" / "checkpoints").glob("step_*"))
     assert [p.name for p in all_kept] == [f"step_{i:09d}" for i in range(1, len(longer) + 1)]
     assert all(load_policy(p).chunk_len == 5 for p in all_kept)
+    # each checkpoint's policy names the policy the run started from, so scripts/soup.py can check its iterates' lineage
+    assert {json.loads((p / "config.json").read_text())["metadata"]["init_state_sha256"] for p in all_kept} == {
+        state_sha256(load_policy(sft_policy))}
     with pytest.raises(ValueError, match="keep_checkpoints"):
         dataclasses.replace(config, keep_checkpoints=-1).validate()
     assert all(torch.equal(a, b) for a, b in zip(load_policy(resumed).state_dict().values(),

@@ -197,7 +197,8 @@ def save_training_checkpoint(
     tmp = root / f".step_{step:09d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save(tmp, metadata={"step": step})
+        lineage = {k: meta[k] for k in ("init_state_sha256",) if k in meta}  # so a checkpoint's policy names its start too
+        model.save(tmp, metadata={"step": step, **lineage})
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))
         for name in ("state.safetensors", "state.json"):  # on disk before `latest` can name them
