@@ -39,7 +39,7 @@ ALLOWED = {
     "envs": {"interfaces", "config", "plugins"},
     "policies": {"interfaces", "config", "plugins"},
     "rollout": {"interfaces"},
-    "data": {"interfaces", "config", "rundir", "envs", "rollout", "policies"},
+    "data": {"interfaces", "config", "rundir", "envs", "rollout"},
     "evaluation": {"interfaces", "config", "rundir", "envs", "rollout", "policies"},
     "algorithms": {"interfaces", "config", "rundir", "envs", "rollout", "data", "policies"},
     "serving": {"interfaces", "config", "policies"},

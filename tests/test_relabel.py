@@ -15,6 +15,7 @@ from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
 from vlapt.data import read_episodes
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.relabel import RelabelConfig, relabel
+from vlapt.evaluation import CheckpointAgent
 from vlapt.envs.metaworld.env import MetaWorldVLAEnv
 from vlapt.envs.metaworld.experts import FastScriptedExpert, ScriptedExpert
 from vlapt.interfaces import EnvConfig, Episode
@@ -45,7 +46,7 @@ def policy(demos, tmp_path_factory):
 def relabelled(policy, tmp_path_factory):
     path = tmp_path_factory.mktemp("relabelled") / "relabelled.hdf5"
     summary = relabel(RelabelConfig(policy=str(policy), tasks=[TASK], episodes_per_task=2, max_episode_steps=8,
-                                    num_workers=0, output=str(path)), progress=False)
+                                    num_workers=0, output=str(path)), CheckpointAgent(str(policy)), progress=False)
     return path, summary
 
 
@@ -122,19 +123,20 @@ def test_relabelled_episodes_never_seed_the_self_bc_buffer(policy, relabelled, t
 
 
 def test_relabel_needs_a_policy_and_leaves_nothing_behind(tmp_path, policy):
+    agent = CheckpointAgent(str(policy))
     with pytest.raises(ValueError, match="policy="):
-        relabel(RelabelConfig(tasks=[TASK], output=str(tmp_path / "r.hdf5")), progress=False)
+        relabel(RelabelConfig(tasks=[TASK], output=str(tmp_path / "r.hdf5")), agent, progress=False)
     with pytest.raises(ValueError, match="valid experts: scripted, scripted-fast"):
-        relabel(RelabelConfig(policy=str(policy), tasks=[TASK], expert="oracle", output=str(tmp_path / "r.hdf5")),
+        relabel(RelabelConfig(policy=str(policy), tasks=[TASK], expert="oracle", output=str(tmp_path / "r.hdf5")), agent,
                 progress=False)
     with pytest.raises(ValueError, match="unknown expert 'oracle' for reach-v3"):
         relabel(RelabelConfig(policy=str(policy), tasks=[TASK], expert_per_task={TASK: "oracle"},
-                              output=str(tmp_path / "r.hdf5")), progress=False)
+                              output=str(tmp_path / "r.hdf5")), agent, progress=False)
     with pytest.raises(ValueError, match="max_episode_steps"):
         relabel(RelabelConfig(policy=str(policy), tasks=[TASK], max_episode_steps=501, output=str(tmp_path / "r.hdf5")),
-                progress=False)
+                agent, progress=False)
     with pytest.raises(Exception, match="missing|not found|does not exist|no such"):
-        relabel(RelabelConfig(policy=str(tmp_path / "nope"), tasks=[TASK], output=str(tmp_path / "r.hdf5")), progress=False)
+        CheckpointAgent(str(tmp_path / "nope"))  # what `vlapt relabel` and the pipeline load policy= with
     assert list(tmp_path.iterdir()) == []
 
 
@@ -154,7 +156,8 @@ def test_relabelled_label_steps_masks_the_rest_of_relabelled_chunks_only(demos, 
 def test_the_fast_expert_can_label_instead(policy, relabelled, tmp_path):
     path = tmp_path / "fast.hdf5"
     relabel(RelabelConfig(policy=str(policy), tasks=[TASK], episodes_per_task=1, max_episode_steps=8,
-                          expert="scripted-fast", num_workers=0, output=str(path)), progress=False)
+                          expert="scripted-fast", num_workers=0, output=str(path)), CheckpointAgent(str(policy)),
+            progress=False)
     (episode,) = read_episodes(path)
     (scripted,) = read_episodes(relabelled[0], demos_per_task=1)
     assert episode.config_index == scripted.config_index == 100_000
@@ -172,7 +175,7 @@ def test_experts_chosen_task_by_task_label_their_tasks(policy, relabelled, tmp_p
     path = tmp_path / "per_task.hdf5"
     relabel(RelabelConfig(policy=str(policy), tasks=[TASK], episodes_per_task=1, max_episode_steps=8,
                           expert="scripted-fast", expert_per_task={TASK: "scripted"}, num_workers=0, output=str(path)),
-            progress=False)
+            CheckpointAgent(str(policy)), progress=False)
     (episode,) = read_episodes(path)
     (scripted,) = read_episodes(relabelled[0], demos_per_task=1)
     np.testing.assert_allclose(episode.states, scripted.states, atol=1e-6)

@@ -274,7 +274,7 @@ def _run_stages(config: PipelineStages, progress: bool, command: str) -> dict:
             if Path(relabel_config.output).exists():
                 log.info("relabelled episodes exist at %s: reusing them", relabel_config.output)
             else:
-                relabel(relabel_config, progress=progress)
+                relabel(relabel_config, CheckpointAgent(relabel_config.policy), progress=progress)
             dagger_policy = train_sft(sft_config, progress=progress)
         timings["dagger_s"] = time.perf_counter() - t
 

@@ -92,6 +92,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_relabel(args: argparse.Namespace) -> int:
     from vlapt.config import load_config
     from vlapt.data.relabel import RelabelConfig, relabel
+    from vlapt.evaluation import CheckpointAgent
 
     overrides = _shortcut(args, {"policy": "policy", "suite": "suite", "tasks": "tasks",
                                  "episodes_per_task": "episodes_per_task", "output": "output",
@@ -100,7 +101,7 @@ def cmd_relabel(args: argparse.Namespace) -> int:
     if _printed(args, config):
         return 0
     config.validate()
-    summary = relabel(config, progress=not args.quiet)
+    summary = relabel(config, CheckpointAgent(config.policy), progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     print(f"train on it with: vlapt sft extra_datasets=[{summary['output']}] ...")
     return 0

@@ -31,8 +31,7 @@ from vlapt.data.format import RELABELLED, DemoWriter, check_writable
 from vlapt.envs import get_suite
 from vlapt.envs.experts import check_expert_choice, make_experts
 from vlapt.envs.pools import check_backend, make_pool
-from vlapt.interfaces import Episode, SlotSpec
-from vlapt.policies import PolicyAgent, load_policy
+from vlapt.interfaces import Agent, Episode, SlotSpec
 from vlapt.rollout.episodes import run_episodes
 
 
@@ -93,13 +92,16 @@ class PolicyExecution:
         return plan is not None and plan[0] is episode and len(plan[1]) > 0
 
 
-def relabel(config: RelabelConfig, progress: bool = True) -> dict:
-    """Write the relabelled dataset and return a summary (episodes, policy successes, steps per task)."""
+def relabel(config: RelabelConfig, agent: Agent, progress: bool = True) -> dict:
+    """Write the relabelled dataset and return a summary (episodes, policy successes, steps per task).
+
+    ``agent`` is the policy ``config.policy`` names, acting deterministically; the caller loads it
+    (``vlapt.evaluation.CheckpointAgent(config.policy)``), so that the data layer never imports models.
+    """
     config.validate()
     check_writable(config.output, config.overwrite)
     suite = get_suite(config.suite)
     tasks = suite.resolve_tasks(config.tasks)
-    agent = PolicyAgent(load_policy(config.policy), name=f"checkpoint:{config.policy}")
     expert = make_experts(suite, config.expert, config.expert_per_task)
     env_config = suite.check_env_config(dataclasses.replace(
         agent.observation_config(), privileged_state=True, max_episode_steps=config.max_episode_steps))
