@@ -1047,8 +1047,8 @@ def reference_run(dataset, sft_policy, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         _spy_updates(mp, records)
-        final = train_ppo(_ppo_config(dataset, sft_policy, out, eval_every=3, ema_decay=0.5), progress=False,
-                          evaluator=evaluator)
+        final = train_ppo(_ppo_config(dataset, sft_policy, out, eval_every=3, ema_decay=0.5, keep_checkpoints=0),
+                          progress=False, evaluator=evaluator)
     return SimpleNamespace(out=out, final=final, records=records, evaluated=evaluated)
 
 
@@ -1204,6 +1204,10 @@ def test_train_ppo_resume_continues_where_the_checkpoint_left_off(reference_run,
     assert env_steps[:2] == [row["env_steps"] for row in ckpt_state["history"]]
     assert env_steps[1] == ckpt_state["env_steps"] < env_steps[2] <= ckpt_state["env_steps"] + 20
     assert np.all(np.diff(env_steps) > 0) and env_steps[-1] >= 60 > env_steps[-2]
+    # checkpoints on disk: the newest two by default; the reference run (keep_checkpoints=0) kept every iteration's
+    kept = [f"step_{i:09d}" for i in range(1, len(history) + 1)]
+    assert sorted(p.name for p in (resumed_run.out / "checkpoints").glob("step_*")) == kept[-2:]
+    assert sorted(p.name for p in (reference_run.out / "checkpoints").glob("step_*")) == kept
     # the wall time carries on from the checkpoint's last row instead of restarting at 0
     walls = [row["wall_time_s"] for row in history]
     assert np.all(np.diff(walls) > 0) and walls[2] > walls[1] == ckpt_state["history"][-1]["wall_time_s"]

@@ -57,6 +57,9 @@ def test_labels_are_the_experts_actions_at_the_states_the_policy_visited(policy,
     assert all(isinstance(e, Episode) and e.source == "relabelled" and e.split == "train" for e in episodes)
     assert [e.config_index for e in episodes] == [100_000, 100_001], "fresh configurations, past the demonstrations'"
     expert = ScriptedExpert()
+    with h5py.File(path) as f:
+        record = json.loads(f["data"].attrs["env_args"])["relabelled"]
+    assert record["executed_policy"] == str(policy) and record["agent"] == f"checkpoint:{policy}" and record["deterministic"]
     agent = vlapt.load_policy(policy)
     for episode in episodes:
         assert len(episode) == 8, "an untrained policy runs to the step limit"

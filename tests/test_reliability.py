@@ -179,7 +179,7 @@ def test_an_output_dir_that_is_a_file_or_under_one(dataset, tmp_path, capsys, wh
                                      ["train", "checkpoint_every=0", 1], ["sft", "keep_checkpoints=-1", 0],
                                      ["train", "keep_checkpoints=-1", 0],
                                      ["train", "algorithm=grpo keep_checkpoints=-1", 0]])
-def test_out_of_range_intervals_are_refused(dataset, sft_policy, tmp_path, capsys, command):
+def test_out_of_range_intervals_and_counts_are_refused(dataset, sft_policy, tmp_path, capsys, command):
     name, options, least = command
     inputs = (["--dataset", str(dataset)] if name == "sft" else ["--init-policy", str(sft_policy), "--demos", str(dataset)])
     assert main([name, *inputs, "--output-dir", str(tmp_path / "run"), *options.split()]) == 2

@@ -227,6 +227,14 @@ def test_resume_false_starts_over(dataset, tmp_path):
     assert "resumed from" not in (out / "train.log").read_text()
 
 
+@pytest.mark.parametrize("keep, kept", [(0, [1, 2, 3]), (1, [3]), (2, [2, 3])])
+def test_keep_checkpoints_keeps_the_newest_n_or_all(dataset, tmp_path, keep, kept):
+    train_sft(_config(dataset, tmp_path / "run", steps=3, checkpoint_every=1, keep_checkpoints=keep), progress=False)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert names == [f"step_{i:09d}" for i in kept]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == names[-1]
+
+
 # -- what the policy is built from, and continuing one ------------------------------------------------------
 def test_policy_config_records_the_datasets_observations_and_the_suites_vocabulary(dataset):
     meta = env_args(dataset)

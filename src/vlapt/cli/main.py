@@ -91,6 +91,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 # -- relabel -----------------------------------------------------------------------------------
 def cmd_relabel(args: argparse.Namespace) -> int:
     from vlapt.config import load_config
+    from vlapt.data.format import check_writable
     from vlapt.data.relabel import RelabelConfig, relabel
     from vlapt.evaluation import CheckpointAgent
 
@@ -101,6 +102,7 @@ def cmd_relabel(args: argparse.Namespace) -> int:
     if _printed(args, config):
         return 0
     config.validate()
+    check_writable(config.output, config.overwrite)  # before the policy loads, as relabel itself checks it
     summary = relabel(config, CheckpointAgent(config.policy), progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     print(f"train on it with: vlapt sft extra_datasets=[{summary['output']}] ...")
