@@ -197,7 +197,8 @@ def save_training_checkpoint(
     tmp = root / f".step_{step:09d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        lineage = {k: meta[k] for k in ("init_state_sha256",) if k in meta}  # so a checkpoint's policy names its start too
+        # so a checkpoint's policy names the policy its run started from, as the final one does
+        lineage = {"init_state_sha256": meta["init_state_sha256"]} if "init_state_sha256" in meta else {}
         model.save(tmp, metadata={"step": step, **lineage})
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}))

@@ -113,7 +113,7 @@ def relabel(config: RelabelConfig, agent: Agent, progress: bool = True) -> dict:
         "policy": f"{suite.family} {expert.name} expert labels, actions clipped to the action bounds",
         "expert": config.expert,
         "expert_per_task": dict(config.expert_per_task),
-        RELABELLED: {"executed_policy": str(config.policy), "agent": getattr(agent, "name", type(agent).__name__),
+        RELABELLED: {"executed_policy": str(config.policy), "agent": agent.name,
                      "deterministic": bool(getattr(agent, "deterministic", True)), "first_config_index": first,
                      "note": "the env executed the policy's chunks; actions stores the expert's action at each visited state"},
         "success": "success of the executed policy; episodes end at its first success or at max_episode_steps",
