@@ -110,17 +110,18 @@ def test_every_group_runs_one_configuration(sft_policy):
 def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
     assert get_algorithm("grpo").train is train_grpo
     config = GRPOConfig(init_policy=str(sft_policy), demos=str(demos), tasks=[TASK], output_dir=str(tmp_path / "grpo"),
-                        group_size=2, max_episode_steps=20, num_workers=0, total_env_steps=40, minibatch_size=8,
-                        bc_batch_size=8, checkpoint_every=1, eval_every=0, threads=1, advantage="rloo")
+                        group_size=2, max_episode_steps=20, num_workers=0, total_env_steps=80, minibatch_size=8,
+                        bc_batch_size=8, checkpoint_every=1, eval_every=0, threads=1, advantage="rloo",
+                        swa_start_env_steps=50)
     final = train_grpo(config, progress=False)
     history = json.loads((tmp_path / "grpo" / "history.json").read_text())
-    assert history[-1]["env_steps"] >= 40 and load_policy(final).chunk_len == 5
+    assert history[-1]["env_steps"] >= 80 and load_policy(final).chunk_len == 5
     assert all(math.isfinite(row["policy_loss"]) for row in history)
-    resumed = train_grpo(dataclasses.replace(config, total_env_steps=80), progress=False)
+    resumed = train_grpo(dataclasses.replace(config, total_env_steps=120), progress=False)
     longer = json.loads((tmp_path / "grpo" / "history.json").read_text())
-    assert longer[: len(history)] == history and longer[-1]["env_steps"] >= 80 and resumed == final
+    assert longer[: len(history)] == history and longer[-1]["env_steps"] >= 120 and resumed == final
     # a larger budget resumed is the run it extends: the same rows and weights as one uninterrupted run
-    straight = train_grpo(dataclasses.replace(config, output_dir=str(tmp_path / "straight"), total_env_steps=80),
+    straight = train_grpo(dataclasses.replace(config, output_dir=str(tmp_path / "straight"), total_env_steps=120),
                           progress=False)
     timing = ("rollout_env_steps_per_s", "learn_time_s", "wall_time_s")
 
@@ -131,11 +132,29 @@ def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
     # checkpoints on disk: the newest two by default; keep_checkpoints=0 keeps every one, each a loadable policy
     kept = sorted(p.name for p in (tmp_path / "grpo" / "checkpoints").glob("step_*"))
     assert kept == [f"step_{i:09d}" for i in (len(longer) - 1, len(longer))]
-    train_grpo(dataclasses.replace(config, output_dir=str(tmp_path / "all"), total_env_steps=80, keep_checkpoints=0),
-               progress=False)
+    every = train_grpo(dataclasses.replace(config, output_dir=str(tmp_path / "all"), total_env_steps=120,
+                                           keep_checkpoints=0, swa_start_env_steps=0), progress=False)
     all_kept = sorted((tmp_path / "all" / "checkpoints").glob("step_*"))
     assert [p.name for p in all_kept] == [f"step_{i:09d}" for i in range(1, len(longer) + 1)]
     assert all(load_policy(p).chunk_len == 5 for p in all_kept)
+    # swa_start_env_steps: policy_swa/ is the plain mean of the iterates made after that many env steps, carried across
+    # the resume, and never fed back (the run without it kept every iterate and ends on the same weights)
+    assert not (tmp_path / "all" / "policy_swa").exists()
+    assert all(torch.equal(a, b) for a, b in zip(load_policy(every).state_dict().values(),
+                                                  load_policy(straight).state_dict().values()))
+    late = [p for p, row in zip(all_kept, longer) if row["env_steps"] > 50]
+    assert 1 <= len(late) < len(all_kept)
+    weights = [load_policy(p).state_dict() for p in late]
+    mean = {k: torch.stack([w[k].float() for w in weights]).mean(0) for k in weights[0]}
+    for run in ("grpo", "straight"):
+        averaged = load_policy(tmp_path / run / "policy_swa").state_dict()
+        for k, v in mean.items():
+            torch.testing.assert_close(averaged[k].float(), v, rtol=1e-5, atol=1e-6, msg=f"{run}: {k}")
+        assert json.loads((tmp_path / run / "policy_swa" / "config.json").read_text())["metadata"][
+            "iterates_averaged"] == len(late)
+    for bad in (-1, 80):
+        with pytest.raises(ValueError, match="swa_start_env_steps"):
+            dataclasses.replace(config, swa_start_env_steps=bad).validate()
     # each checkpoint's policy names the policy the run started from, so scripts/soup.py can check its iterates' lineage
     assert {json.loads((p / "config.json").read_text())["metadata"]["init_state_sha256"] for p in all_kept} == {
         state_sha256(load_policy(sft_policy))}

@@ -169,10 +169,12 @@ def test_pipeline_post_trains_with_the_algorithm_it_is_given(tmp_path, capsys):
     run = tmp_path / "run"
     common = [o for o in _TINY if not o.startswith("ppo.")]
     argv = ["pipeline", "--quiet", "--post-training", "grpo", "--output-dir", str(run), "evaluate_scripted=false",
-            "video_episodes=0", *common, *_TINY_GRPO]
+            "video_episodes=0", *common, *_TINY_GRPO, "grpo.swa_start_env_steps=10"]
     assert main(argv) == 0
-    rows = [json.loads((run / f"eval_{key}.json").read_text())["row"] for key in ("post_trained", "post_trained_average")]
-    assert rows == ["SFT + GRPO + self-BC", "SFT + GRPO + self-BC, weight average"]
+    rows = [json.loads((run / f"eval_{key}.json").read_text())["row"]
+            for key in ("post_trained", "post_trained_average", "post_trained_swa")]
+    assert rows == ["SFT + GRPO + self-BC", "SFT + GRPO + self-BC, weight average", "SFT + GRPO + self-BC, uniform tail average"]
+    assert str(run / "grpo" / "policy_swa") in json.loads((run / "eval_post_trained_swa.json").read_text())["agent"]
     assert (run / "grpo" / "policy" / "model.safetensors").is_file() and not (run / "ppo").exists()
     assert str(run / "grpo" / "policy") in json.loads((run / "eval_post_trained.json").read_text())["agent"]
     # the recorded config holds the algorithm's own section, wired to the earlier stages, and no PPO section

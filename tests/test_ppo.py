@@ -1034,6 +1034,11 @@ class _RecordingEvaluator:
         return {"agent": str(path), "per_task": {TASK: metrics}, "average": metrics}
 
 
+# env steps after which the uniform average takes the iterates: each iteration makes at most 20, so the reference run's
+# first actor iterate (iteration 2) stays out and its last enters; the resumed run's takes every actor iterate
+SWA_START, SWA_START_RESUMED = 40, 1
+
+
 @pytest.fixture(scope="module")
 def reference_run(dataset, sft_policy, tmp_path_factory):
     """An uninterrupted run that evaluates (for real, through `checkpoint_evaluator`) every 3rd iteration and at the end."""
@@ -1047,8 +1052,8 @@ def reference_run(dataset, sft_policy, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         _spy_updates(mp, records)
-        final = train_ppo(_ppo_config(dataset, sft_policy, out, eval_every=3, ema_decay=0.5, keep_checkpoints=0),
-                          progress=False, evaluator=evaluator)
+        final = train_ppo(_ppo_config(dataset, sft_policy, out, eval_every=3, ema_decay=0.5, keep_checkpoints=0,
+                                      swa_start_env_steps=SWA_START), progress=False, evaluator=evaluator)
     return SimpleNamespace(out=out, final=final, records=records, evaluated=evaluated)
 
 
@@ -1056,7 +1061,7 @@ def reference_run(dataset, sft_policy, tmp_path_factory):
 def resumed_run(dataset, sft_policy, tmp_path_factory):
     """The same run, evaluated every iteration, killed inside iteration 3 and resumed."""
     out = tmp_path_factory.mktemp("ppo_resumed")
-    config = _ppo_config(dataset, sft_policy, out, eval_every=1, ema_decay=0.5)
+    config = _ppo_config(dataset, sft_policy, out, eval_every=1, ema_decay=0.5, swa_start_env_steps=SWA_START_RESUMED)
     before_crash = _RecordingEvaluator()
     with pytest.MonkeyPatch.context() as mp:
         original = ppo_module._update
@@ -1291,8 +1296,38 @@ def test_weight_average_never_feeds_back_into_training(dataset, sft_policy, refe
     stale = tmp_path / "stale"
     shutil.copytree(reference_run.out, stale)
     assert (stale / "policy_ema").is_dir()
-    train_ppo(_ppo_config(dataset, sft_policy, stale, ema_decay=0.0), progress=False)  # already finished
-    assert (stale / "policy").is_dir() and not (stale / "policy_ema").exists()
+    train_ppo(_ppo_config(dataset, sft_policy, stale, ema_decay=0.0, swa_start_env_steps=SWA_START),
+              progress=False)  # already finished
+    assert (stale / "policy").is_dir() and not (stale / "policy_ema").exists() and (stale / "policy_swa").is_dir()
+
+
+def test_uniform_tail_average_takes_the_iterates_after_its_start_and_survives_a_resume(reference_run, resumed_run):
+    """swa_start_env_steps: policy_swa/ is the plain mean of the actor iterates made after that many env steps."""
+    history = _history(reference_run.out)
+    final = load_policy(reference_run.out / "policy").state_dict()
+    # records[k] holds the weights after iteration k; iteration 1 is the critic's warm-up and never enters
+    iterates = [r["params"] for r in reference_run.records[2:]] + [final]
+    late = [w for w, row in zip(iterates, history[1:]) if row["env_steps"] > SWA_START]
+    assert 1 <= len(late) < len(iterates) and late[-1] is final, "the start leaves an actor iterate out, not the last"
+    averaged = load_policy(reference_run.out / "policy_swa").state_dict()
+    for k in final:
+        torch.testing.assert_close(averaged[k].float(), torch.stack([w[k].float() for w in late]).mean(0),
+                                   rtol=1e-5, atol=1e-6, msg=k)
+    metadata = json.loads((reference_run.out / "policy_swa" / "config.json").read_text())["metadata"]
+    assert metadata["swa_start_env_steps"] == SWA_START and metadata["iterates_averaged"] == len(late)
+
+    # the checkpoint of iteration 2 holds the mean so far (iteration 2 alone: the warm-up never enters), and the
+    # resumed run goes on from it
+    saved = {k[len("swa.module."):]: v for k, v in resumed_run.tensors.items() if k.startswith("swa.module.")}
+    count = int(resumed_run.tensors["swa.n_averaged"])
+    assert saved.keys() == resumed_run.weights.keys() and count == 1
+    for k, v in resumed_run.weights.items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0, msg=k)
+    after = [r["params"] for r in resumed_run.records[1:]] + [load_policy(resumed_run.out / "policy").state_dict()]
+    resumed = load_policy(resumed_run.out / "policy_swa").state_dict()
+    for k in saved:
+        expected = (saved[k].float() * count + sum(w[k].float() for w in after)) / (count + len(after))
+        torch.testing.assert_close(resumed[k].float(), expected, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_evaluations_start_at_the_initial_policy_and_are_kept_per_iteration(resumed_run, sft_policy):
@@ -1353,6 +1388,7 @@ def test_train_ppo_rejects_bad_config(dataset, sft_policy, tmp_path):
         (dict(ema_decay=1.0), "ema_decay"), (dict(buffer_admission="pace"), "buffer_admission"),
         (dict(advantage_norm="task"), "advantage_norm"), (dict(env_backend="carrier-pigeon"), "backend"),
         (dict(checkpoint_every=0), "checkpoint_every"), (dict(suite="mt99"), "mt99"),
+        (dict(swa_start_env_steps=-1), "swa_start_env_steps"), (dict(swa_start_env_steps=60), "swa_start_env_steps"),
     ]
     for change, word in cases:
         with pytest.raises(ValueError, match=word):

@@ -13,7 +13,8 @@ exists, so an interrupted pipeline continues where it stopped. The evaluation ro
 the ones every results table carries: the scripted expert, the SFT policy and the
 post-trained policy, on the same held-out configurations. Post-training's last iterate and,
 when it keeps one (``ema_decay > 0``, the default), the moving average of its weights
-are both rows: the same run, two ways of reading a policy off it.
+are both rows: the same run, two ways of reading a policy off it; a run with ``swa_start_env_steps > 0``
+adds a third, the uniform average of its late iterates.
 
 At the end the pipeline films a few evaluation episodes of the post-trained policy
 (``video_episodes`` per task, into ``videos/``), records how the run was made (``run.json``:
@@ -208,7 +209,7 @@ def stages(config: PipelineStages) -> list[tuple[str, Path, Any, tuple[str, ...]
 
 
 COLLECT_RESUMABLE = ("num_workers", "env_backend", "overwrite", "output")
-EVAL_FILES = ("scripted", "sft", "dagger", "post_trained", "post_trained_average")  # eval_<key>.json: the results' rows
+EVAL_FILES = ("scripted", "sft", "dagger", "post_trained", "post_trained_average", "post_trained_swa")  # eval_<key>.json: the results' rows
 
 
 def check_stages(config: PipelineStages) -> None:
@@ -305,9 +306,11 @@ def _run_stages(config: PipelineStages, progress: bool, command: str) -> dict:
     title = algorithm.title(post) if callable(algorithm.title) else algorithm.title or algorithm.name
     post_trained = ("SFT + DAgger + " if config.dagger_rounds else "SFT + ") + title
     agents.append((post_trained, "post_trained", policy_agent(post_trained_policy), protocol))
-    weight_average = Path(post_trained_policy).parent / "policy_ema"  # left only when it belongs to this run
-    if weight_average.is_dir():
-        agents.append((f"{post_trained}, weight average", "post_trained_average", policy_agent(weight_average), protocol))
+    for directory, label, file_key in (("policy_ema", "weight average", "post_trained_average"),
+                                       ("policy_swa", "uniform tail average", "post_trained_swa")):
+        weight_average = Path(post_trained_policy).parent / directory  # left only when it belongs to this run
+        if weight_average.is_dir():
+            agents.append((f"{post_trained}, {label}", file_key, policy_agent(weight_average), protocol))
     for file_key in set(EVAL_FILES) - {key for _, key, _, _ in agents}:  # an earlier run's row that this one has not
         (out / f"eval_{file_key}.json").unlink(missing_ok=True)
     for name, file_key, agent, eval_config in agents:

@@ -40,7 +40,7 @@ from vlapt.config import ConfigError, atomic_write_json, retired_options, save_c
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
 # what a run writes as it goes, removed when a run starts over in the directory (resume=false)
-STARTED_OVER = ("checkpoints", "evals", "tb", "history.json", "policy", "policy_ema", "run.json")
+STARTED_OVER = ("checkpoints", "evals", "tb", "history.json", "policy", "policy_ema", "policy_swa", "run.json")
 _TEMPORARY = re.compile(r"^\..+\.(tmp|tmp-|old-)(\d+)$")
 
 

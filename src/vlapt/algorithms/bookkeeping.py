@@ -2,8 +2,8 @@
 
 `RunLog` keeps a run's per-iteration history, TensorBoard scalars, progress bar and the
 periodic held-out evaluations (through the caller's evaluator, written to
-``evals/iteration_*.json`` beside the checkpoints, never into them). `WeightAverage` keeps an
-exponential moving average of the policy's weights that never feeds back into training.
+``evals/iteration_*.json`` beside the checkpoints, never into them). `WeightAverage` keeps a
+running average of the policy's weights (exponential or uniform) that never feeds back into training.
 """
 
 from __future__ import annotations
@@ -100,17 +100,43 @@ class RunLog:
 
 
 class WeightAverage:
-    """An exponential moving average of the policy's weights (``decay`` per update; 0: none)."""
+    """A running average of the policy's weights, written as a policy; it never feeds back into training.
 
-    PREFIX = "ema."
+    Two kinds, each kept in every checkpoint under its own prefix so that a resumed run carries it on:
+    `exponential` (``ema_decay``: each update moves the average by 1 - decay) and `uniform`
+    (``swa_start_env_steps``: every update the caller passes on weighs alike, stochastic weight averaging).
+    A value of 0 keeps none.
+    """
 
-    def __init__(self, policy, decay: float):
-        self.decay = decay
+    def __init__(self, policy, option: str, value: float, prefix: str, multi_avg_fn=None):
+        self.option, self.value, self.prefix = option, value, prefix
         self.average = None
-        if decay:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        if value:
+            from torch.optim.swa_utils import AveragedModel
 
-            self.average = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+            self.average = AveragedModel(policy, multi_avg_fn=multi_avg_fn, use_buffers=True)
+
+    @classmethod
+    def exponential(cls, policy, decay: float) -> "WeightAverage":
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        return cls(policy, "ema_decay", decay, "ema.", get_ema_multi_avg_fn(decay) if decay else None)
+
+    @classmethod
+    def uniform(cls, policy, start_env_steps: int) -> "WeightAverage":
+        """Equal weights for every update the caller passes on (those after ``start_env_steps``; 0: none)."""
+        import torch
+        from torch.optim.swa_utils import get_swa_multi_avg_fn
+
+        mean = get_swa_multi_avg_fn()
+
+        def update(averaged: list, current: list, count) -> None:  # called once per dtype
+            if torch.is_floating_point(averaged[0]):
+                mean(averaged, current, count)
+            else:  # boolean and integer buffers (masks, counters) cannot be averaged: they follow the policy
+                torch._foreach_copy_(averaged, current)
+
+        return cls(policy, "swa_start_env_steps", start_env_steps, "swa.", update)
 
     def update(self, policy) -> None:
         if self.average is not None:
@@ -119,26 +145,27 @@ class WeightAverage:
     def state(self) -> dict:
         if self.average is None:
             return {}
-        return {f"{self.PREFIX}{k}": v for k, v in self.average.state_dict().items()}
+        return {f"{self.prefix}{k}": v for k, v in self.average.state_dict().items()}
 
     def load(self, tensors: dict, checkpoint: Path) -> None:
         if self.average is None:
             return
-        state = {k[len(self.PREFIX):]: v for k, v in tensors.items() if k.startswith(self.PREFIX)}
+        state = {k[len(self.prefix):]: v for k, v in tensors.items() if k.startswith(self.prefix)}
         if not state:  # a run started without the average: the first update after the resume starts it
-            log.warning("%s holds no weight average; ema_decay starts one with the iterates after it", checkpoint)
+            log.warning("%s holds no %s weight average; %s starts one with the iterates after it",
+                        checkpoint, self.prefix.rstrip("."), self.option)
             return
         self.average.load_state_dict(state)
 
     def save(self, path: Path, metadata: dict) -> None:
         """Write the average as a policy, or remove one left by an earlier invocation that it would no longer describe."""
         if self.average is not None and int(self.average.n_averaged) > 0:
-            self.average.module.save(path, metadata={**metadata, "ema_decay": self.decay,
+            self.average.module.save(path, metadata={**metadata, self.option: self.value,
                                                      "iterates_averaged": int(self.average.n_averaged)})
             return
-        why = "ema_decay=0" if self.average is None else "no iteration after the warm-up has been averaged yet"
+        why = f"{self.option}=0" if self.average is None else "no iterate has been averaged yet"
         if path.exists():
             log.warning("removing %s: it is not the weight average of this run's final policy (%s)", path, why)
             shutil.rmtree(path)
         elif self.average is not None:
-            log.warning("no weight average written: %s", why)
+            log.warning("no weight average written to %s: %s", path, why)

@@ -95,6 +95,9 @@ class GRPOConfig:
     buffer_capacity: int = 50  # successful episodes per task
     buffer_admission: str = "shorter"  # "shorter": the policy's successes enter when faster; "none": demos only
     ema_decay: float = 0.95  # the weight average written as policy_ema/ (0: none)
+    # > 0: also average the iterates made after this many env steps uniformly (stochastic weight averaging) and write
+    # the average as policy_swa/; late iterates scatter around a basin, and their mean sits nearer its centre (0: none)
+    swa_start_env_steps: int = 0
     # bookkeeping
     checkpoint_every: int = 2  # iterations (each is groups_per_task x group_size episodes per task)
     keep_checkpoints: int = 2  # training checkpoints kept on disk, newest first (0: all, e.g. to average iterates later)
@@ -135,6 +138,9 @@ class GRPOConfig:
             raise ValueError(f"bc_coef ({self.bc_coef}) must lie in [bc_coef_min, bc_coef_max] with bc_coef_min > 0")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.swa_start_env_steps < self.total_env_steps:
+            raise ValueError(f"swa_start_env_steps must be in [0, total_env_steps = {self.total_env_steps}) (the env steps "
+                             f"after which iterates enter the uniform average; 0: none), got {self.swa_start_env_steps}")
         resolve_device(self.device)
         return self
 
@@ -202,7 +208,8 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
         keep_shortest(buffer, demo, demo_key=key)
     bc_weight = BCWeight(config.bc_weight_rule, config.bc_coef, config.bc_target_ratio, config.bc_lr,
                          config.bc_coef_min, config.bc_coef_max)
-    average = WeightAverage(policy, config.ema_decay)
+    average = WeightAverage.exponential(policy, config.ema_decay)
+    tail_average = WeightAverage.uniform(policy, config.swa_start_env_steps)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     sample_gen = torch.Generator().manual_seed(config.seed)
@@ -216,6 +223,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
         buffer.load_state(tensors, state["buffer"], demos)
         bc_weight.load(state["bc_weight"])
         average.load(tensors, resume_from)
+        tail_average.load(tensors, resume_from)
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
         lost_episodes = history[-1]["lost_episodes"] if history else 0
 
@@ -259,6 +267,8 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
             if actor is not policy:
                 actor.load_state_dict(policy.state_dict())
             average.update(policy)
+            if env_steps > config.swa_start_env_steps:
+                tail_average.update(policy)
             grouped = [e for members in batch.groups for e in members]  # the episodes not lost with a worker
             finished = [batch.episodes[e] for e in grouped]
             successes = [e for e in finished if e.success]
@@ -279,7 +289,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
             if iteration % config.checkpoint_every == 0 or done:
                 tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
                 buffer_tensors, buffer_meta = buffer.state()
-                tensors.update({**buffer_tensors, **average.state()})
+                tensors.update({**buffer_tensors, **average.state(), **tail_average.state()})
                 meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration,
                              "env_steps": env_steps, "next_index": dict(next_index), "history": history,
                              "init_state_sha256": init_sha256})
@@ -290,6 +300,7 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
                 "iterations": iteration, "init_policy": config.init_policy, "init_state_sha256": init_sha256}
     policy.save(final, metadata=metadata)
     average.save(out_dir / "policy_ema", {**metadata, "trained_by": f"{metadata['trained_by']}, weight average"})
+    tail_average.save(out_dir / "policy_swa", {**metadata, "trained_by": f"{metadata['trained_by']}, uniform tail average"})
     run_log.close()
     return final
 

@@ -97,6 +97,9 @@ class PPOConfig:
     # > 0: also keep an exponential moving average of the policy's weights (decay per iteration) and write it as
     # policy_ema/ beside policy/: a smoother read-out of the same run that never feeds back into training (0: off)
     ema_decay: float = 0.95
+    # > 0: also average the iterates made after this many env steps uniformly (stochastic weight averaging) and write
+    # the average as policy_swa/; late iterates scatter around a basin, and their mean sits nearer its centre (0: none)
+    swa_start_env_steps: int = 0
     # bookkeeping
     checkpoint_every: int = 5  # iterations
     keep_checkpoints: int = 2  # training checkpoints kept on disk, newest first (0: all, e.g. to average iterates later)
@@ -138,6 +141,9 @@ class PPOConfig:
                              f"[{self.bc_coef_min}, {self.bc_coef_max}] with bc_coef_min > 0 (bc_weight_rule=none disables BC)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
+        if not 0 <= self.swa_start_env_steps < self.total_env_steps:
+            raise ValueError(f"swa_start_env_steps must be in [0, total_env_steps = {self.total_env_steps}) (the env steps "
+                             f"after which iterates enter the uniform average; 0: none), got {self.swa_start_env_steps}")
         return self
 
 
@@ -282,7 +288,8 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
         keep_shortest(buffer, demo, demo_key=key)
     bc_weight = BCWeight(config.bc_weight_rule, config.bc_coef, config.bc_target_ratio, config.bc_lr,
                          config.bc_coef_min, config.bc_coef_max)
-    average = WeightAverage(policy, config.ema_decay)
+    average = WeightAverage.exponential(policy, config.ema_decay)
+    tail_average = WeightAverage.uniform(policy, config.swa_start_env_steps)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     sample_gen = torch.Generator().manual_seed(config.seed)  # on the CPU whatever the devices: its state resumes anywhere
@@ -296,6 +303,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
         buffer.load_state(tensors, state["buffer"], demos)
         bc_weight.load(state["bc_weight"])
         average.load(tensors, resume_from)
+        tail_average.load(tensors, resume_from)
         iteration, env_steps, next_index, history = state["iteration"], state["env_steps"], state["next_index"], state["history"]
         log.info("resumed from %s: iteration %d, %d env steps", resume_from, iteration, env_steps)
 
@@ -330,6 +338,8 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             nonfinite += stats.pop("nonfinite")
             if iteration > config.value_warmup_iterations:  # averaged from the first actor update on
                 average.update(policy)
+                if env_steps > config.swa_start_env_steps:
+                    tail_average.update(policy)
             if nonfinite > config.max_nonfinite_updates:
                 raise FloatingPointError(
                     f"{nonfinite} updates had non-finite losses or gradients; stopped. The last good checkpoint is in "
@@ -349,7 +359,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
             done = env_steps >= config.total_env_steps
             if iteration % config.checkpoint_every == 0 or done:
                 checkpoint = _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer,
-                                         bc_weight, rollout.next_index, history, average, init_sha256, recent,
+                                         bc_weight, rollout.next_index, history, (average, tail_average), init_sha256, recent,
                                          config.keep_checkpoints)
                 run_log.after_checkpoint(checkpoint, iteration, env_steps, done)
     final = out_dir / "policy"
@@ -357,6 +367,7 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
                 "init_policy": config.init_policy, "init_state_sha256": init_sha256}
     policy.save(final, metadata=metadata)
     average.save(out_dir / "policy_ema", {**metadata, "trained_by": f"{metadata['trained_by']}, weight average"})
+    tail_average.save(out_dir / "policy_swa", {**metadata, "trained_by": f"{metadata['trained_by']}, uniform tail average"})
     run_log.close()
     return final
 
@@ -438,11 +449,12 @@ def _explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 
 # -- checkpoints -----------------------------------------------------------------------------------------
 def _checkpoint(out_dir, iteration, env_steps, policy, optimizer, rng, sample_gen, buffer, bc_weight, next_index, history,
-                average: WeightAverage, init_sha256: str, recent: deque, keep: int) -> Path:
+                averages: tuple[WeightAverage, ...], init_sha256: str, recent: deque, keep: int) -> Path:
     tensors, meta = capture_state(optimizer, rng, {"sample": sample_gen})
     buffer_tensors, buffer_meta = buffer.state()
     tensors.update(buffer_tensors)
-    tensors.update(average.state())
+    for average in averages:
+        tensors.update(average.state())
     meta.update({"buffer": buffer_meta, "bc_weight": bc_weight.state(), "iteration": iteration, "env_steps": env_steps,
                  "next_index": dict(next_index), "history": history, "init_state_sha256": init_sha256,
                  "recent": [list(e) for e in recent]})

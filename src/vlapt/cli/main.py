@@ -263,8 +263,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     final = algorithm.train(config, progress=not args.quiet, evaluator=evaluator)
     record.finish()
     print(f"post-trained policy written to {final}; evaluate it with: vlapt eval --policy {final}")
-    if (final.parent / "policy_ema").is_dir():
-        print(f"the moving average of its weights: {final.parent / 'policy_ema'}")
+    for directory, what in (("policy_ema", "the moving average of its weights"),
+                            ("policy_swa", "the uniform average of its late iterates")):
+        if (final.parent / directory).is_dir():
+            print(f"{what}: {final.parent / directory}")
     return 0
 
 
