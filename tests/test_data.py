@@ -480,3 +480,24 @@ def test_dataset_suite_names_the_suite_a_dataset_was_collected_in():
     assert dataset_suite({}) is get_suite("mt50")
     with pytest.raises(UnknownTaskError, match="mt11"):
         dataset_suite({"suite": "mt11"})
+
+
+def test_action_saturation_counts_the_steps_at_the_translation_bound(load_script, tmp_path, capsys):
+    import h5py
+
+    script = load_script("action_saturation")
+    path = tmp_path / "demos.hdf5"
+    with h5py.File(path, "w") as f:
+        for name, task, actions in (("demo_0", "reach-v3", [[1.0, 0, 0, -1], [0.5, 0.2, 0, -1], [0, -0.995, 0, 1]]),
+                                    ("demo_1", "push-v3", [[0.2, 0.3, 0.1, 1], [0.1, 0.1, 0.1, 1]])):
+            group = f.create_group(f"data/{name}")
+            group.attrs["task"] = task
+            group["actions"] = np.array(actions, np.float32)  # the gripper (last column) never counts
+    assert script.saturation(path, 0.99) == {"push-v3": (1, 2, 0), "reach-v3": (1, 3, 2)}
+    assert script.main([str(path)]) == 0
+    assert "| all | 2 | 5 | 0.40 |" in capsys.readouterr().out
+    other = tmp_path / "other.hdf5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    assert script.main([str(other)]) == 2
+    assert "no 'data' group" in capsys.readouterr().err
