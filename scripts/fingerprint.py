@@ -59,7 +59,7 @@ def episodes_digest(path: Path) -> dict:
 
 def fingerprint(run: Path) -> dict:
     out: dict = {"demos": dataset_digest(run / "demos.hdf5")}
-    for name in ("sft/policy", "ppo/policy", "ppo/policy_ema"):
+    for name in ("sft/policy", "ppo/policy", "ppo/policy_ema", "ppo/policy_swa"):
         weights = run / name / "model.safetensors"
         if weights.is_file():
             out[name] = tensors_digest(weights)

@@ -15,6 +15,7 @@ from vlapt.algorithms import get_algorithm
 from vlapt.algorithms.grpo import GRPOConfig, clipped_surrogate, group_advantages, outcome_reward, train_grpo
 from vlapt.rollout.groups import run_groups
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, train_sft
+from vlapt.config import ConfigError
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.envs import get_suite
 from vlapt.envs.pools import make_pool
@@ -155,6 +156,9 @@ def test_grpo_end_to_end_with_resume(demos, sft_policy, tmp_path):
     for bad in (-1, 80):
         with pytest.raises(ValueError, match="swa_start_env_steps"):
             dataclasses.replace(config, swa_start_env_steps=bad).validate()
+    # its start cannot change on resume: the mean so far would mix two starts
+    with pytest.raises(ConfigError, match="swa_start_env_steps"):
+        train_grpo(dataclasses.replace(config, total_env_steps=160, swa_start_env_steps=60), progress=False)
     # each checkpoint's policy names the policy the run started from, so scripts/soup.py can check its iterates' lineage
     assert {json.loads((p / "config.json").read_text())["metadata"]["init_state_sha256"] for p in all_kept} == {
         state_sha256(load_policy(sft_policy))}

@@ -1301,6 +1301,24 @@ def test_weight_average_never_feeds_back_into_training(dataset, sft_policy, refe
     assert (stale / "policy").is_dir() and not (stale / "policy_ema").exists() and (stale / "policy_swa").is_dir()
 
 
+def test_uniform_average_starts_after_its_env_steps_and_leaves_integer_buffers_to_the_policy():
+    from vlapt.algorithms.bookkeeping import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.register_buffer("mask", torch.tensor([True]))
+    uniform, exponential = WeightAverage.uniform(model, 10), WeightAverage.exponential(model, 0.5)
+    for value, env_steps in ((1.0, 10), (3.0, 11), (5.0, 20)):  # made at 10 env steps: not after the start
+        with torch.no_grad():
+            model.weight.fill_(value)
+        model.mask.fill_(value < 4)
+        uniform.update(model, env_steps)
+        exponential.update(model, env_steps)
+    assert int(uniform.average.n_averaged) == 2 and uniform.average.module.weight.item() == 4.0
+    assert uniform.average.module.mask.item() is False  # the last iterate's, not an average of booleans
+    assert int(exponential.average.n_averaged) == 3  # the moving average takes every update it is given
+    assert WeightAverage.uniform(model, 0).average is None
+
+
 def test_uniform_tail_average_takes_the_iterates_after_its_start_and_survives_a_resume(reference_run, resumed_run):
     """swa_start_env_steps: policy_swa/ is the plain mean of the actor iterates made after that many env steps."""
     history = _history(reference_run.out)

@@ -99,17 +99,26 @@ class RunLog:
         atomic_write_json(self.out_dir / "history.json", self.history)
 
 
+def check_average_options(config) -> None:
+    """The weight-average options of a post-training config (``ema_decay``, ``swa_start_env_steps``)."""
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: no moving average), got {config.ema_decay}")
+    if not 0 <= config.swa_start_env_steps < config.total_env_steps:
+        raise ValueError(f"swa_start_env_steps must be in [0, total_env_steps = {config.total_env_steps}) (the env steps "
+                         f"after which iterates enter the uniform average; 0: none), got {config.swa_start_env_steps}")
+
+
 class WeightAverage:
     """A running average of the policy's weights, written as a policy; it never feeds back into training.
 
     Two kinds, each kept in every checkpoint under its own prefix so that a resumed run carries it on:
     `exponential` (``ema_decay``: each update moves the average by 1 - decay) and `uniform`
-    (``swa_start_env_steps``: every update the caller passes on weighs alike, stochastic weight averaging).
-    A value of 0 keeps none.
+    (``swa_start_env_steps``: the iterates made after that many env steps weigh alike, stochastic weight
+    averaging). A value of 0 keeps none.
     """
 
-    def __init__(self, policy, option: str, value: float, prefix: str, multi_avg_fn=None):
-        self.option, self.value, self.prefix = option, value, prefix
+    def __init__(self, policy, option: str, value: float, prefix: str, multi_avg_fn=None, start_env_steps: int = 0):
+        self.option, self.value, self.prefix, self.start_env_steps = option, value, prefix, start_env_steps
         self.average = None
         if value:
             from torch.optim.swa_utils import AveragedModel
@@ -124,7 +133,7 @@ class WeightAverage:
 
     @classmethod
     def uniform(cls, policy, start_env_steps: int) -> "WeightAverage":
-        """Equal weights for every update the caller passes on (those after ``start_env_steps``; 0: none)."""
+        """Equal weights for every iterate made after ``start_env_steps`` env steps (0: none)."""
         import torch
         from torch.optim.swa_utils import get_swa_multi_avg_fn
 
@@ -136,10 +145,11 @@ class WeightAverage:
             else:  # boolean and integer buffers (masks, counters) cannot be averaged: they follow the policy
                 torch._foreach_copy_(averaged, current)
 
-        return cls(policy, "swa_start_env_steps", start_env_steps, "swa.", update)
+        return cls(policy, "swa_start_env_steps", start_env_steps, "swa.", update, start_env_steps)
 
-    def update(self, policy) -> None:
-        if self.average is not None:
+    def update(self, policy, env_steps: int) -> None:
+        """Average in the policy's weights, made with ``env_steps`` env steps so far."""
+        if self.average is not None and env_steps > self.start_env_steps:
             self.average.update_parameters(policy)
 
     def state(self) -> dict:

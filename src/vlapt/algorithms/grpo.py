@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from vlapt.algorithms import Algorithm
-from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage
+from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage, check_average_options
 from vlapt.algorithms.checkpointing import (
     capture_state, check_same_start, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint,
     start_run,
@@ -136,11 +136,7 @@ class GRPOConfig:
                              "an evaluation scores the checkpoint written at its iteration")
         if not self.bc_coef_min <= self.bc_coef <= self.bc_coef_max or self.bc_coef_min <= 0:
             raise ValueError(f"bc_coef ({self.bc_coef}) must lie in [bc_coef_min, bc_coef_max] with bc_coef_min > 0")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.swa_start_env_steps < self.total_env_steps:
-            raise ValueError(f"swa_start_env_steps must be in [0, total_env_steps = {self.total_env_steps}) (the env steps "
-                             f"after which iterates enter the uniform average; 0: none), got {self.swa_start_env_steps}")
+        check_average_options(self)
         resolve_device(self.device)
         return self
 
@@ -266,9 +262,8 @@ def _post_train(config, out_dir: Path, suite, tasks, demos, policy, progress, ev
                     f"{out_dir / 'checkpoints'}; lower lr or max_grad_norm and resume")
             if actor is not policy:
                 actor.load_state_dict(policy.state_dict())
-            average.update(policy)
-            if env_steps > config.swa_start_env_steps:
-                tail_average.update(policy)
+            average.update(policy, env_steps)
+            tail_average.update(policy, env_steps)
             grouped = [e for members in batch.groups for e in members]  # the episodes not lost with a worker
             finished = [batch.episodes[e] for e in grouped]
             successes = [e for e in finished if e.success]

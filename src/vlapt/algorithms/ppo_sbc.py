@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vlapt.algorithms import Algorithm
-from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage
+from vlapt.algorithms.bookkeeping import Evaluator, RunLog, WeightAverage, check_average_options
 from vlapt.algorithms.checkpointing import (
     capture_state, check_same_start, latest_checkpoint, load_training_checkpoint, restore_state, save_training_checkpoint,
     start_run,
@@ -139,11 +139,7 @@ class PPOConfig:
         if not self.bc_coef_min <= self.bc_coef <= self.bc_coef_max or self.bc_coef_min <= 0:
             raise ValueError(f"bc_coef ({self.bc_coef}) must lie in [bc_coef_min, bc_coef_max] = "
                              f"[{self.bc_coef_min}, {self.bc_coef_max}] with bc_coef_min > 0 (bc_weight_rule=none disables BC)")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
-        if not 0 <= self.swa_start_env_steps < self.total_env_steps:
-            raise ValueError(f"swa_start_env_steps must be in [0, total_env_steps = {self.total_env_steps}) (the env steps "
-                             f"after which iterates enter the uniform average; 0: none), got {self.swa_start_env_steps}")
+        check_average_options(self)
         return self
 
 
@@ -337,9 +333,8 @@ def _post_train(config: PPOConfig, out_dir: Path, suite, tasks, demos: list[Epis
                 actor.load_state_dict(policy.state_dict())
             nonfinite += stats.pop("nonfinite")
             if iteration > config.value_warmup_iterations:  # averaged from the first actor update on
-                average.update(policy)
-                if env_steps > config.swa_start_env_steps:
-                    tail_average.update(policy)
+                average.update(policy, env_steps)
+                tail_average.update(policy, env_steps)
             if nonfinite > config.max_nonfinite_updates:
                 raise FloatingPointError(
                     f"{nonfinite} updates had non-finite losses or gradients; stopped. The last good checkpoint is in "
