@@ -14,7 +14,7 @@ the ones every results table carries: the scripted expert, the SFT policy and th
 post-trained policy, on the same held-out configurations. Post-training's last iterate and,
 when it keeps one (``ema_decay > 0``, the default), the moving average of its weights
 are both rows: the same run, two ways of reading a policy off it; a run with ``swa_start_env_steps > 0``
-adds a third, the uniform average of its late iterates.
+adds another, the uniform average of its late iterates.
 
 At the end the pipeline films a few evaluation episodes of the post-trained policy
 (``video_episodes`` per task, into ``videos/``), records how the run was made (``run.json``:
@@ -44,6 +44,7 @@ from vlapt.envs import get_suite
 from vlapt.envs.experts import make_experts
 from vlapt.evaluation import CheckpointAgent, EvalConfig, checkpoint_evaluator, evaluate, format_table
 from vlapt.report import build_report
+from vlapt.report.runs import ROW_ORDER
 from vlapt.rundir import CONFIG_FILE, RunRecord, check_output_dir, check_recorded_config, open_run
 
 log = logging.getLogger("vlapt.pipeline")
@@ -209,7 +210,6 @@ def stages(config: PipelineStages) -> list[tuple[str, Path, Any, tuple[str, ...]
 
 
 COLLECT_RESUMABLE = ("num_workers", "env_backend", "overwrite", "output")
-EVAL_FILES = ("scripted", "sft", "dagger", "post_trained", "post_trained_average", "post_trained_swa")  # eval_<key>.json: the results' rows
 
 
 def check_stages(config: PipelineStages) -> None:
@@ -311,7 +311,7 @@ def _run_stages(config: PipelineStages, progress: bool, command: str) -> dict:
         weight_average = Path(post_trained_policy).parent / directory  # left only when it belongs to this run
         if weight_average.is_dir():
             agents.append((f"{post_trained}, {label}", file_key, policy_agent(weight_average), protocol))
-    for file_key in set(EVAL_FILES) - {key for _, key, _, _ in agents}:  # an earlier run's row that this one has not
+    for file_key in set(ROW_ORDER) - {key for _, key, _, _ in agents}:  # an earlier run's row that this one has not
         (out / f"eval_{file_key}.json").unlink(missing_ok=True)
     for name, file_key, agent, eval_config in agents:
         if eval_config.execute_steps:

@@ -19,7 +19,7 @@ from typing import Any
 
 from vlapt.evaluation.curves import load_evaluations, load_history
 
-# the pipeline's rows, in the order its results table has them
+# the pipeline's rows (eval_<key>.json), in the order its results table has them
 ROW_ORDER = ("scripted", "sft", "dagger", "post_trained", "post_trained_average", "post_trained_swa")
 ROW_LABELS = {"scripted": "scripted expert", "sft": "SFT", "dagger": "SFT + DAgger",
               "post_trained": "post-trained", "post_trained_average": "post-trained, weight average",
