@@ -17,6 +17,12 @@ first stage it never got past:
 
 On reach, where nothing is carried, the gripper itself is the "object": a failure is a missed goal,
 and the closest the gripper came to it is reported.
+
+A missed goal is also told apart by where the object ended: ``left`` when the episode ended at
+least ``--left`` m farther from the goal than the closest it came (it got near and went away
+again), else it stopped near its closest approach (``stopped``). Each episode records the env
+step of that closest approach, the object's offset from the goal there (x, y, z), the distance at
+the end and the goal's position.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def run_episode(policy, env: MetaWorldVLAEnv, task: str, index: int) -> dict:
         return np.array(mw.tcp_center if task in HAND_TASKS else mw._get_pos_objects()[:3], dtype=float)
 
     start, goal = carried(), np.array(mw._target_pos, dtype=float)
-    closest_hand, farthest_moved, highest, closest_goal = np.inf, 0.0, 0.0, np.inf
+    closest_hand, farthest_moved, highest, closest_goal, closest_step, closest_offset = np.inf, 0.0, 0.0, np.inf, 0, None
     done, terminated, steps = False, False, 0
     while not done:
         observation, _, terminated, truncated, info = env.step(policy.predict(observation))  # predict: inference mode
@@ -55,10 +61,12 @@ def run_episode(policy, env: MetaWorldVLAEnv, task: str, index: int) -> dict:
         closest_hand = min(closest_hand, float(np.linalg.norm(mw.tcp_center - obj)))
         farthest_moved = max(farthest_moved, float(np.linalg.norm(obj - start)))
         highest = max(highest, float(obj[2] - start[2]))
-        closest_goal = min(closest_goal, float(np.linalg.norm(obj - goal)))
+        if (distance := float(np.linalg.norm(obj - goal))) < closest_goal:
+            closest_goal, closest_step, closest_offset = distance, steps, obj - goal
     return {"index": index, "success": bool(terminated), "steps": int(steps), "closest_hand_to_object": closest_hand,
             "object_moved": farthest_moved, "object_lifted": highest, "closest_object_to_goal": closest_goal,
-            "start_to_goal": float(np.linalg.norm(start - goal))}
+            "closest_step": closest_step, "closest_offset": closest_offset.tolist(), "end_object_to_goal": distance,
+            "start_to_goal": float(np.linalg.norm(start - goal)), "goal": goal.tolist()}
 
 
 def failure_stage(episode: dict, task: str, reach: float, moved: float, lifted: float) -> str | None:
@@ -75,6 +83,11 @@ def failure_stage(episode: dict, task: str, reach: float, moved: float, lifted: 
     return "missed goal"
 
 
+def left_goal(episode: dict, margin: float) -> bool:
+    """A missed goal the object came near and then went away from: it ended ``margin`` m beyond its closest."""
+    return episode["end_object_to_goal"] - episode["closest_object_to_goal"] >= margin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="a policy directory (config.json + model.safetensors)")
@@ -83,13 +96,16 @@ def main() -> None:
     parser.add_argument("--reach", type=float, default=0.05)
     parser.add_argument("--moved", type=float, default=0.02)
     parser.add_argument("--lifted", type=float, default=0.02)
+    parser.add_argument("--left", type=float, default=0.05,
+                        help="a missed goal 'left' when it ended this much farther from the goal than its closest (m)")
     parser.add_argument("--output", help="write every episode's measurements to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     policy = load_policy(args.policy)
     results = {}
-    print("| task | episodes | success | " + " | ".join(STAGES) + " | closest object-goal distance when it missed (m, median) |")
-    print("|---|---|---|" + "---|" * len(STAGES) + "---|")
+    print("| task | episodes | success | " + " | ".join(STAGES) + " | closest object-goal distance when it missed (m, median) "
+          "| of those misses, left the goal |")
+    print("|---|---|---|" + "---|" * len(STAGES) + "---|---|")
     for task in args.tasks:
         env = MetaWorldVLAEnv(task, policy.observation_config(), chunk_len=policy.chunk_len)
         try:
@@ -100,17 +116,20 @@ def main() -> None:
         for episode in episodes:
             episode["failure"] = failure_stage(episode, task, args.reach, args.moved, args.lifted)
         counts = Counter(e["failure"] for e in episodes)
-        missed = [e["closest_object_to_goal"] for e in episodes if e["failure"] == "missed goal"]
+        misses = [e for e in episodes if e["failure"] == "missed goal"]
+        missed = [e["closest_object_to_goal"] for e in misses]
+        left = sum(left_goal(e, args.left) for e in misses)
         cells = " | ".join("-" if (stage == "not lifted" and task not in LIFTING_TASKS)
                            or (stage != "missed goal" and task in HAND_TASKS) else str(counts.get(stage, 0))
                            for stage in STAGES)
         median = f"{np.median(missed):.3f}" if missed else "-"
         success = np.mean([e["success"] for e in episodes])
-        print(f"| {task} | {len(episodes)} | {success:.2f} | {cells} | {median} |", flush=True)
+        print(f"| {task} | {len(episodes)} | {success:.2f} | {cells} | {median} | {left if misses else '-'} |", flush=True)
         results[task] = episodes
     if args.output:
         with open(args.output, "w") as file:
-            json.dump({"policy": args.policy, "thresholds": {"reach": args.reach, "moved": args.moved, "lifted": args.lifted},
+            json.dump({"policy": args.policy, "thresholds": {"reach": args.reach, "moved": args.moved, "lifted": args.lifted,
+                                                                    "left": args.left},
                        "episodes": results}, file, indent=1)
 
 

@@ -372,6 +372,9 @@ def test_failure_modes_names_the_first_stage_a_failed_episode_never_passed(load_
     assert stage("pick-place-v3", object_lifted=0.0) == "not lifted"
     assert stage("push-v3", object_lifted=0.0) == "missed goal"  # push's goal is on the table
     assert stage("reach-v3", closest_hand_to_object=0.2, object_moved=0.0) == "missed goal"  # nothing to carry
+    # a miss that came within 6 cm and ended 30 cm away left the goal; one that ended 2 cm beyond its closest stopped
+    assert fm.left_goal({"closest_object_to_goal": 0.06, "end_object_to_goal": 0.30}, margin=0.05)
+    assert not fm.left_goal({"closest_object_to_goal": 0.06, "end_object_to_goal": 0.08}, margin=0.05)
 
     # one held-out reach episode of an untrained policy, measured from the simulator after every chunk
     policy = load_policy(tiny_policy_dir)
@@ -381,6 +384,10 @@ def test_failure_modes_names_the_first_stage_a_failed_episode_never_passed(load_
     finally:
         env.close()
     assert episode["index"] == 0 and 1 <= episode["steps"] <= 500 and episode["start_to_goal"] > 0
+    assert 1 <= episode["closest_step"] <= episode["steps"]
+    assert episode["end_object_to_goal"] >= episode["closest_object_to_goal"]
+    assert np.linalg.norm(episode["closest_offset"]) == pytest.approx(episode["closest_object_to_goal"])
+    assert len(episode["goal"]) == 3
     if not episode["success"]:  # success is judged at every step: a failure never came within 5 cm
         assert episode["steps"] == 500 and episode["closest_object_to_goal"] > 0.05
 

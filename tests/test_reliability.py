@@ -70,6 +70,27 @@ def test_a_second_run_on_a_directory_in_use_is_refused_with_the_holder(tmp_path)
         pass
 
 
+def test_a_started_run_without_its_recorded_options_is_not_resumed_blind(tmp_path):
+    run = tmp_path / "run"
+    with open_run(run, {"lr": 1}, log_file=None):
+        (run / "checkpoints" / "iter_000001").mkdir(parents=True)
+    for record in (None, "", "[not, a, mapping]", "lr: [unclosed"):  # deleted, empty, or not options at all
+        if record is None:
+            (run / "config.yaml").unlink()
+        else:
+            (run / "config.yaml").write_text(record)
+        with pytest.raises(ConfigError, match="no readable record of its options \\(config.yaml\\).*resume=false"):
+            open_run(run, {"lr": 2}, log_file=None)
+        assert (run / "checkpoints" / "iter_000001").is_dir()  # refused before anything changed
+        assert not (run / "config.yaml").exists() if record is None else (run / "config.yaml").read_text() == record
+    with open_run(run, {"lr": 2}, log_file=None, resume=False):  # the way out the error names
+        pass
+    assert yaml.safe_load((run / "config.yaml").read_text()) == {"lr": 2}
+    # a record may be missing where nothing has started: the run simply begins
+    with open_run(tmp_path / "fresh", {"lr": 1}, log_file=None):
+        pass
+
+
 def test_two_cli_runs_on_one_output_dir_the_second_refused(dataset, tmp_path, capsys):
     out = tmp_path / "sft"
     holder = open_run(out, {}, log_file=None, resume=False)  # stands for a run still going in another process

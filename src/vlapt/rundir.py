@@ -192,14 +192,22 @@ def config_differences(recorded: dict, current: dict, exempt: Iterable[str] = ()
     return out
 
 
-def check_recorded_config(path: Path, config: Any, exempt: Iterable[str] = (), what: str = "run") -> None:
-    """Refuse, naming the differences, when ``path`` records a config other than ``config``."""
-    if not path.is_file():
-        return
+def check_recorded_config(path: Path, config: Any, exempt: Iterable[str] = (), what: str = "run",
+                          required: bool = False) -> None:
+    """Refuse, naming the differences, when ``path`` records a config other than ``config``.
+
+    A missing or unreadable record passes unless ``required`` (a run that has made progress: going on
+    without knowing its options could mix two runs in one directory)."""
     try:
-        recorded = yaml.safe_load(path.read_text()) or {}
+        recorded = yaml.safe_load(path.read_text()) if path.is_file() else None
     except yaml.YAMLError:
-        return  # unreadable: the run's state decides, and its config is written anew
+        recorded = None
+    if not isinstance(recorded, dict):  # missing, empty or not a mapping of options
+        if required:
+            raise ConfigError(f"{path.parent} holds a started {what} but no readable record of its options ({path.name}): "
+                              f"it cannot be checked against this one. Restore {path.name}, start over with resume=false, "
+                              "or choose another output directory")
+        return
     current = yaml.safe_load(yaml.safe_dump(to_dict(config)))
     defaults = yaml.safe_load(yaml.safe_dump(to_dict(type(config)()))) if dataclasses.is_dataclass(config) else {}
     differences = config_differences(recorded, current, exempt, defaults=defaults, retired=retired_options(config))
@@ -251,7 +259,7 @@ def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] =
             logging.getLogger("vlapt").info("removed %s, left by a run that died while writing it", path)
         resumed = resume and (directory / has_progress).exists()
         if resumed:
-            check_recorded_config(directory / CONFIG_FILE, config, exempt)
+            check_recorded_config(directory / CONFIG_FILE, config, exempt, required=True)
         elif has_progress and (directory / has_progress).exists():  # resume=false: the earlier run's outputs go
             for name in STARTED_OVER:
                 stale = directory / name
