@@ -86,8 +86,10 @@ def test_a_started_run_without_its_recorded_options_is_not_resumed_blind(tmp_pat
     with open_run(run, {"lr": 2}, log_file=None, resume=False):  # the way out the error names
         pass
     assert yaml.safe_load((run / "config.yaml").read_text()) == {"lr": 2}
-    # a record may be missing where nothing has started: the run simply begins
+    # a record may be missing where nothing has started: the run simply begins (also where nothing marks progress)
     with open_run(tmp_path / "fresh", {"lr": 1}, log_file=None):
+        pass
+    with open_run(tmp_path / "unmarked", {"lr": 1}, has_progress="", log_file=None):
         pass
 
 
@@ -157,6 +159,12 @@ def test_a_pipeline_rerun_with_changed_stage_options_refuses_or_redoes_them(tmp_
     with pytest.raises(ConfigError, match=r"sft stage made with other options \(batch_size: 8 -> 4\)"):
         run_pipeline(_tiny_pipeline(tmp_path, "sft.batch_size=4"), progress=False)
     assert (run / "config.yaml").read_text() == config_before  # nothing recorded before the check
+    sft_record = (run / "sft" / "config.yaml").read_text()
+    (run / "sft" / "config.yaml").unlink()  # a started stage that no longer says what it was made with
+    with pytest.raises(ConfigError, match=r"started sft stage but no readable record.*rerun_stale"):
+        run_pipeline(_tiny_pipeline(tmp_path), progress=False)
+    assert (run / "config.yaml").read_text() == config_before
+    (run / "sft" / "config.yaml").write_text(sft_record)
     holder = open_run(run, {}, has_progress="", log_file=None, resume=False)  # the run, still going in another process
     try:
         with pytest.raises(RunInUseError):

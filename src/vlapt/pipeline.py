@@ -220,7 +220,8 @@ def check_stages(config: PipelineStages) -> None:
             continue
         recorded = output.with_suffix(".config.yaml") if output.suffix == ".hdf5" else output / CONFIG_FILE
         try:
-            check_recorded_config(recorded, stage_config, exempt, what=f"{name} stage")
+            # a started stage directory must say what it was made with; a dataset may come without its record
+            check_recorded_config(recorded, stage_config, exempt, what=f"{name} stage", required=output.suffix != ".hdf5")
         except ConfigError as exc:
             if not config.rerun_stale:
                 raise ConfigError(f"{exc}; or pass rerun_stale=true to redo the {name} stage and the stages after it") from None

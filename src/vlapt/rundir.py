@@ -205,8 +205,8 @@ def check_recorded_config(path: Path, config: Any, exempt: Iterable[str] = (), w
     if not isinstance(recorded, dict):  # missing, empty or not a mapping of options
         if required:
             raise ConfigError(f"{path.parent} holds a started {what} but no readable record of its options ({path.name}): "
-                              f"it cannot be checked against this one. Restore {path.name}, start over with resume=false, "
-                              "or choose another output directory")
+                              f"it cannot be checked against this one. Restore {path.name}, start over with resume=false "
+                              "(in a pipeline: that section's resume=false), or choose another output directory")
         return
     current = yaml.safe_load(yaml.safe_dump(to_dict(config)))
     defaults = yaml.safe_load(yaml.safe_dump(to_dict(type(config)()))) if dataclasses.is_dataclass(config) else {}
@@ -257,7 +257,7 @@ def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] =
             check()
         for path in clean_stale_temporaries(directory):
             logging.getLogger("vlapt").info("removed %s, left by a run that died while writing it", path)
-        resumed = resume and (directory / has_progress).exists()
+        resumed = resume and bool(has_progress) and (directory / has_progress).exists()
         if resumed:
             check_recorded_config(directory / CONFIG_FILE, config, exempt, required=True)
         elif has_progress and (directory / has_progress).exists():  # resume=false: the earlier run's outputs go
