@@ -14,7 +14,7 @@ import vlapt  # noqa: F401  (sets the headless GL backend before mujoco is impor
 import vlapt.algorithms.sft as sft_module
 from vlapt.algorithms.checkpointing import latest_checkpoint, load_training_checkpoint
 from vlapt.algorithms.sft import ModelConfig, SFTConfig, build_policy_config, dataset_spec, random_shift, train_sft
-from vlapt.config import load_config
+from vlapt.config import load_config, save_config
 from vlapt.data import DatasetError, env_args, read_episodes
 from vlapt.data.collect import CollectConfig, collect
 from vlapt.data.dataset import ChunkDataset
@@ -385,6 +385,7 @@ def test_dangling_latest_pointer_is_a_checkpoint_error(dataset, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("step_000000042\n")
+    save_config(_config(dataset, out), out / "config.yaml")  # the run's own record: only the pointer is broken
     with pytest.raises(CheckpointError, match="step_000000042"):
         train_sft(_config(dataset, out), progress=False)
 
