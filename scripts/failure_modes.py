@@ -21,8 +21,8 @@ and the closest the gripper came to it is reported.
 A missed goal is also told apart by where the object ended: ``left`` when the episode ended at
 least ``--left`` m farther from the goal than the closest it came (it got near and went away
 again), else it stopped near its closest approach (``stopped``). Each episode records the env
-step of that closest approach (read at the end of each chunk, like every measurement here), the object's offset from the goal there (x, y, z), the distance at
-the end and the goal's position.
+step of that closest approach (read at the end of each chunk, like every measurement here), the
+object's offset from the goal there (x, y, z), the distance at the end and the goal's position.
 """
 
 from __future__ import annotations

@@ -218,10 +218,10 @@ def check_stages(config: PipelineStages) -> None:
     for k, (name, output, stage_config, exempt, started) in enumerate(listed):
         if not started.exists():
             continue
-        recorded = output.with_suffix(".config.yaml") if output.suffix == ".hdf5" else output / CONFIG_FILE
+        dataset = output.suffix == ".hdf5"  # a dataset may come without its record; a started stage directory may not
+        recorded = output.with_suffix(".config.yaml") if dataset else output / CONFIG_FILE
         try:
-            # a started stage directory must say what it was made with; a dataset may come without its record
-            check_recorded_config(recorded, stage_config, exempt, what=f"{name} stage", required=output.suffix != ".hdf5")
+            check_recorded_config(recorded, stage_config, exempt, what=f"{name} stage", required=not dataset)
         except ConfigError as exc:
             if not config.rerun_stale:
                 raise ConfigError(f"{exc}; or pass rerun_stale=true to redo the {name} stage and the stages after it") from None

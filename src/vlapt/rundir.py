@@ -257,10 +257,11 @@ def open_run(output_dir: str | os.PathLike, config: Any, exempt: Iterable[str] =
             check()
         for path in clean_stale_temporaries(directory):
             logging.getLogger("vlapt").info("removed %s, left by a run that died while writing it", path)
-        resumed = resume and bool(has_progress) and (directory / has_progress).exists()
+        started = bool(has_progress) and (directory / has_progress).exists()
+        resumed = resume and started
         if resumed:
             check_recorded_config(directory / CONFIG_FILE, config, exempt, required=True)
-        elif has_progress and (directory / has_progress).exists():  # resume=false: the earlier run's outputs go
+        elif started:  # resume=false: the earlier run's outputs go
             for name in STARTED_OVER:
                 stale = directory / name
                 if stale.exists():
