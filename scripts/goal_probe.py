@@ -16,6 +16,11 @@ to beat.
 ``--against`` takes `vlapt eval` results of the same policies (one per policy, in order) and splits
 the held-out configurations of each task by the episode's outcome: is the probe's error larger where
 the policy failed?
+
+Each error is also split into its part along the camera's line of sight to the true position
+(``probe_cm_along_view``: what one image can show only through the target's apparent size) and
+its part across it (``probe_cm_across_view``: what moves the target in the image); with several
+views, the first view's line of sight.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import vlapt  # noqa: F401  (before mujoco: headless rendering setup)
 from vlapt.envs import get_suite
 from vlapt.envs.metaworld.env import AUX_TARGETS
 from vlapt.envs.pools import make_pool
-from vlapt.interfaces import SlotSpec, stack_observations
+from vlapt.interfaces import SlotSpec, camera_views, stack_observations
 from vlapt.policies import load_policy
 
 TARGETS = {"goal": list(AUX_TARGETS[-3:]),  # the goal's xyz in MetaWorld's state: the last of the env's auxiliary targets
@@ -50,6 +55,22 @@ def first_frames(policy, suite, task: str, split: str, count: int, target: str =
             observations.append(observation)
     positions = np.stack([o.pop("state")[TARGETS[target]] for o in observations]).astype(np.float64)
     return observations, positions
+
+
+def camera_position(policy, suite, task: str) -> np.ndarray:
+    """Where the policy's (first) camera sits in the world (MetaWorld's cameras are fixed in the scene)."""
+    import mujoco
+
+    from vlapt.envs.metaworld.env import MetaWorldVLAEnv
+
+    config = suite.check_env_config(policy.observation_config())
+    env = MetaWorldVLAEnv(task, dataclasses.replace(config, render=False))
+    try:
+        env.reset(options={"split": "eval", "index": 0})
+        raw, view = env._env.unwrapped, camera_views(config.camera)[0]
+        return np.array(raw.data.cam_xpos[mujoco.mj_name2id(raw.model, mujoco.mjtObj.mjOBJ_CAMERA, view)])
+    finally:
+        env.close()
 
 
 def readout_features(policy, observations: list[dict], batch_size: int = 64) -> np.ndarray:
@@ -81,9 +102,15 @@ def probe(policy, suite, task: str, train: int, held_out: int, ridge: float, tar
     train_obs, train_positions = first_frames(policy, suite, task, "train", train, target)
     eval_obs, eval_positions = first_frames(policy, suite, task, "eval", held_out, target)
     predict = fit_probe(readout_features(policy, train_obs), train_positions, ridge)
-    errors = np.linalg.norm(predict(readout_features(policy, eval_obs)) - eval_positions, axis=1) * 100
+    offsets = predict(readout_features(policy, eval_obs)) - eval_positions
+    errors = np.linalg.norm(offsets, axis=1) * 100
+    sight = eval_positions - camera_position(policy, suite, task)
+    sight /= np.linalg.norm(sight, axis=1, keepdims=True)
+    along = np.abs((offsets * sight).sum(1)) * 100
     guess = np.linalg.norm(train_positions.mean(0) - eval_positions, axis=1) * 100
     return {"probe_cm_mean": float(errors.mean()), "probe_cm_median": float(np.median(errors)),
+            "probe_cm_along_view": float(along.mean()),
+            "probe_cm_across_view": float(np.sqrt(np.maximum(errors ** 2 - along ** 2, 0)).mean()),
             "share_over_5cm": float((errors > 5).mean()), "mean_guess_cm": float(guess.mean()),
             "per_configuration_cm": [round(float(e), 3) for e in errors]}
 

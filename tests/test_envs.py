@@ -162,6 +162,31 @@ def test_suite_fills_in_env_config_defaults_and_describes_observations():
                                    state_dim=39, aux_targets=(4, 5, 6, 36, 37, 38))
 
 
+def test_several_views_render_side_by_side_each_as_alone():
+    views = ("corner", "topview")
+    two = MetaWorldVLAEnv("reach-v3", EnvConfig(camera="+".join(views), image_size=32, camera_fovy=30.0,
+                                                 video_size=48), chunk_len=2)
+    singles = [MetaWorldVLAEnv("reach-v3", EnvConfig(camera=v, image_size=32, camera_fovy=30.0)) for v in views]
+    try:
+        assert two.observation_space["image"].shape == (32, 64, 3)
+        observation, _ = two.reset(options={"split": "eval", "index": 3})
+        assert observation["image"].shape == (32, 64, 3) and two.observation_space["image"].contains(observation["image"])
+        for k, single in enumerate(singles):  # each half is that camera's own image, upright, at the same zoom
+            alone, _ = single.reset(options={"split": "eval", "index": 3})
+            np.testing.assert_array_equal(observation["image"][:, 32 * k:32 * (k + 1)], alone["image"])
+        assert not np.array_equal(observation["image"][:, :32], observation["image"][:, 32:])
+        _, _, _, _, info = two.step(np.zeros((2, 4), np.float32))
+        assert info["frames"].shape == (2, 48, 96, 3), "video frames show every view too"
+    finally:
+        for env in (two, *singles):
+            env.close()
+    assert SUITE.observation_spec(EnvConfig(camera="corner+topview")).camera == "corner+topview"
+    with pytest.raises(ValueError, match="unknown camera 'ceiling' in camera='corner\\+ceiling'"):
+        check_env_config(EnvConfig(camera="corner+ceiling"))
+    with pytest.raises(ValueError, match="names a view twice"):
+        check_env_config(EnvConfig(camera="corner+corner"))
+
+
 def test_suite_builds_envs_configurations_and_experts():
     env = SUITE.make_env("push-v3", EnvConfig(render=False), chunk_len=3, config_seed=2)
     try:

@@ -418,6 +418,11 @@ def test_goal_probe_reads_the_goal_off_held_out_first_frames(load_script, tiny_p
     figures = json.loads(output.read_text())["results"][str(tiny_policy_dir)]["reach-v3"]
     assert len(figures["per_configuration_cm"]) == 3 and figures["mean_guess_cm"] > 0
     policy, suite = load_policy(tiny_policy_dir), get_suite("mt10")
+    # the error's parts along and across the line of sight of the corner camera, which sits where MetaWorld puts it
+    assert 0 <= figures["probe_cm_along_view"] <= figures["probe_cm_mean"] + 1e-9
+    assert 0 <= figures["probe_cm_across_view"] <= figures["probe_cm_mean"] + 1e-9
+    assert figures["probe_cm_along_view"] + figures["probe_cm_across_view"] >= figures["probe_cm_mean"] - 1e-9
+    np.testing.assert_allclose(gp.camera_position(policy, suite, "reach-v3"), [-1.1, -0.4, 0.6], atol=1e-6)
     _, goals = gp.first_frames(policy, suite, "reach-v3", "eval", 2)
     assert goals.shape == (2, 3) and not np.allclose(goals[0], goals[1])
     assert np.allclose(goals[0], make_configuration("reach-v3", "eval", 0).rand_vec[-3:], atol=1e-6)

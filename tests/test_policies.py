@@ -367,6 +367,30 @@ def test_keypoint_tokens_train_and_survive_a_checkpoint(tokenizer, tmp_path):
         torch.testing.assert_close(loaded(batch).mean, model(batch).mean)
 
 
+def test_two_views_are_encoded_one_by_one_and_told_apart(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = VLAPolicy(tiny_config(tokenizer, camera="corner+corner2")).eval()
+    assert model.config.views == 2 and model.image_pos.shape[1] == 2 * model.vision.num_tokens
+    obs = observations(2)
+    wide = np.concatenate([obs["image"], observations(2, seed=1)["image"]], axis=2)  # (B, 32, 64, 3)
+    batch = model.make_batch({**obs, "image": wide})
+    with torch.no_grad():
+        tokens = model._image_tokens(batch["image"])
+        n = model.vision.num_tokens
+        torch.testing.assert_close(tokens[:, :n], model.vision(batch["image"][:, :, :IMAGE_SIZE].contiguous()))
+        torch.testing.assert_close(tokens[:, n:], model.vision(batch["image"][:, :, IMAGE_SIZE:].contiguous()))
+        swapped = torch.cat([batch["image"][:, :, IMAGE_SIZE:], batch["image"][:, :, :IMAGE_SIZE]], dim=2)
+        assert not torch.allclose(model(batch).mean, model({**batch, "image": swapped}).mean), \
+            "which view is which reaches the actions"
+    with pytest.raises(ValueError, match=r"\(32, 64, 3\).*2 views of 32x32 side by side"):
+        model.make_batch(obs)  # one square view where the policy reads two
+    model.save(tmp_path / "two")
+    loaded = load_policy(tmp_path / "two")
+    assert loaded.config.views == 2 and loaded.observation_config().camera == "corner+corner2"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).mean, model(batch).mean)
+
+
 def test_spatial_softmax_returns_the_peak_position(tokenizer):
     encoder = VLAPolicy(tiny_config(tokenizer, image_keypoints=2)).vision
     channels = encoder.keypoint_features.in_channels

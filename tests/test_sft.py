@@ -271,6 +271,23 @@ def test_continuing_from_a_policy_keeps_its_architecture_and_checks_its_camera(d
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_dataset_of_two_views_trains_a_policy_that_acts_on_them(tmp_path):
+    path = tmp_path / "two_views.hdf5"
+    collect(CollectConfig(tasks=[TASK], demos_per_task=1, image_size=IMAGE_SIZE, camera="corner+topview",
+                          num_workers=0, output=str(path)), progress=False)
+    assert read_episodes(path)[0].images.shape[1:] == (IMAGE_SIZE, 2 * IMAGE_SIZE, 3)
+    policy = load_policy(train_sft(_config(path, tmp_path / "run", steps=2, augment_shift=2), progress=False))
+    assert policy.config.camera == "corner+topview" and policy.config.views == 2
+    env = SUITE.make_env(TASK, policy.observation_config(), chunk_len=policy.chunk_len)
+    try:
+        observation, _ = env.reset(options={"split": "eval", "index": 0})
+        actions = policy.act(observation, deterministic=True).env_actions
+        assert np.isfinite(np.asarray(actions)).all()
+        env.step(np.asarray(actions)[0])
+    finally:
+        env.close()
+
+
 # -- random shift --------------------------------------------------------------------------------------
 def test_random_shift_keeps_shape_dtype_and_zero_pad_is_identity():
     gen = torch.Generator().manual_seed(0)
@@ -282,6 +299,22 @@ def test_random_shift_keeps_shape_dtype_and_zero_pad_is_identity():
     a = random_shift(images, 3, torch.Generator().manual_seed(7))
     b = random_shift(images, 3, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
+
+
+def test_random_shift_moves_views_one_by_one_without_mixing_them():
+    pad, n, size = 3, 32, 16
+    images = torch.zeros(n, size, 2 * size, 3, dtype=torch.uint8)
+    images[:, :, size:] = 200  # the right view is bright, the left dark: replicated edges keep each as it is
+    images[:, 8, 7] = 255  # one marked pixel in each view
+    images[:, 8, size + 7] = 0
+    out = random_shift(images, pad, torch.Generator().manual_seed(0), views=2)
+    assert out.shape == images.shape
+    assert int(out[:, :, :size].max()) == 255 and int((out[:, :, :size] > 0).sum(dim=(1, 2, 3)).max()) == 3
+    assert int((out[:, :, size:] == 0).sum(dim=(1, 2, 3)).min()) == 3 and int(out[:, :, size:].min()) == 0
+    left = [tuple(torch.nonzero(out[k, :, :size].sum(-1))[0].tolist()) for k in range(n)]
+    right = [tuple(torch.nonzero(out[k, :, size:].sum(-1) == 0)[0].tolist()) for k in range(n)]
+    assert all(abs(y - 8) <= pad and abs(x - 7) <= pad for y, x in left + right)
+    assert sum(a != b for a, b in zip(left, right)) > n // 2, "each view gets its own offset"
 
 
 def test_random_shift_translates_each_image_by_at_most_pad():

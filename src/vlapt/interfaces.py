@@ -45,7 +45,9 @@ def stack_observations(observations: list[Observation]) -> dict[str, Any]:
 class EnvConfig:
     """How an episode is observed and run; shared by collection, training and evaluation."""
 
-    camera: str = ""  # the suite's camera name; "": the suite's default view
+    # the suite's camera name; "": the suite's default view. Several names joined by "+" ("corner+corner2") are
+    # rendered image_size x image_size each and placed side by side: the image is (image_size, views * image_size)
+    camera: str = ""
     image_size: int = 96
     camera_fovy: float = 0.0  # vertical field of view in degrees; 0 keeps the camera's own
     render: bool = True  # False for state-only agents (e.g. scripted experts)
@@ -56,6 +58,15 @@ class EnvConfig:
     # watch (reset and step report them in info["frames"]; reset option "video": False skips an episode);
     # the policy's observations are unchanged. 0: none
     video_size: int = 0
+
+
+VIEW_SEPARATOR = "+"
+
+
+def camera_views(camera: str) -> tuple[str, ...]:
+    """The views a camera setting names, left to right in the image: ``"corner+corner2"`` is two; ``""`` is one
+    (the suite's default)."""
+    return tuple(camera.split(VIEW_SEPARATOR)) if camera else ("",)
 
 
 @dataclasses.dataclass(frozen=True)

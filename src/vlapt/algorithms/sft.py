@@ -38,7 +38,7 @@ from vlapt.algorithms.checkpointing import (
 from vlapt.config import check_at_least
 from vlapt.data.dataset import ChunkDataset
 from vlapt.data.format import dataset_suite, env_args, read_episodes
-from vlapt.interfaces import EnvConfig, ObservationSpec
+from vlapt.interfaces import EnvConfig, ObservationSpec, camera_views
 from vlapt.policies import load_policy, resolve_device
 from vlapt.policies.vla import PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
 from vlapt.policies.vla.network import vision_backbone_builder
@@ -171,10 +171,17 @@ def dataset_spec(meta: dict) -> ObservationSpec:
                                action_dim=int(meta.get("action_dim", own.action_dim)))
 
 
-def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Pad by replicating edges and crop back at a random offset per image (uint8 in, uint8 out)."""
+def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator, views: int = 1) -> torch.Tensor:
+    """Pad by replicating edges and crop back at a random offset per image (uint8 in, uint8 out); images of
+    ``views`` square views side by side are shifted view by view, each by its own offset."""
     if pad == 0:
         return images
+    if views > 1:
+        n, h, width, c = images.shape
+        w = width // views
+        split = images.reshape(n, h, views, w, c).transpose(1, 2).reshape(n * views, h, w, c)
+        shifted = random_shift(split, pad, generator)
+        return shifted.reshape(n, views, h, w, c).transpose(1, 2).reshape(n, h, width, c)
     n, h, w, _ = images.shape
     padded = F.pad(images.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="replicate")
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -267,6 +274,7 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
+    views = len(camera_views(spec.camera))  # shifted one by one
     while step < config.steps:
         stop_if_requested()
         lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
@@ -275,7 +283,7 @@ def _fine_tune(config: SFTConfig, out_dir: Path, meta: dict, spec: ObservationSp
             group["lr"] = lr
         indices = rng.integers(0, len(dataset), size=config.batch_size)
         sample = dataset.batch(indices)
-        sample["image"] = random_shift(sample["image"], config.augment_shift, aug_gen)
+        sample["image"] = random_shift(sample["image"], config.augment_shift, aug_gen, views)
         observations = {"image": sample["image"].numpy(), "proprio": sample["proprio"].numpy(),
                         "instruction": sample["instruction"]}
         with autocast:

@@ -1,5 +1,5 @@
-"""One MetaWorld task as a VLA sees it: an upright camera image, proprioception and an
-instruction; one `step` executes a whole action chunk.
+"""One MetaWorld task as a VLA sees it: an upright camera image (or several views side by side),
+proprioception and an instruction; one `step` executes a whole action chunk.
 
 The image is rendered once per chunk (after its last executed action), because software
 rendering costs several physics steps; physics runs every step. For videos
@@ -18,7 +18,7 @@ import numpy as np
 from vlapt.envs.metaworld._raw import make_raw_env
 from vlapt.envs.metaworld.configurations import Configuration, draw_configuration
 from vlapt.envs.metaworld.tasks import INSTRUCTIONS, check_task
-from vlapt.interfaces import EnvConfig
+from vlapt.interfaces import VIEW_SEPARATOR, EnvConfig, camera_views
 
 CAMERAS: tuple[str, ...] = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 DEFAULT_CAMERA = "corner"
@@ -38,8 +38,13 @@ def check_env_config(config: EnvConfig) -> EnvConfig:
         import dataclasses
 
         config = dataclasses.replace(config, camera=DEFAULT_CAMERA)
-    if config.camera not in CAMERAS:
-        raise ValueError(f"unknown camera {config.camera!r}; valid cameras: {', '.join(CAMERAS)}")
+    views = camera_views(config.camera)
+    for view in views:
+        if view not in CAMERAS:
+            raise ValueError(f"unknown camera {view!r} in camera={config.camera!r}; valid cameras: {', '.join(CAMERAS)} "
+                             f"(several views: join names with {VIEW_SEPARATOR!r}, e.g. 'corner{VIEW_SEPARATOR}corner2')")
+    if len(set(views)) != len(views):
+        raise ValueError(f"camera={config.camera!r} names a view twice; name each camera once")
     if not 8 <= config.image_size <= 1024:
         raise ValueError(f"image_size must be in [8, 1024], got {config.image_size}")
     if config.camera_fovy and not 5.0 <= config.camera_fovy <= 120.0:
@@ -77,6 +82,7 @@ class MetaWorldVLAEnv(gym.Env):
         self.instruction = INSTRUCTIONS[task]
         self.render_mode = "rgb_array" if self.config.render else None
         self._env = make_raw_env(task)
+        self._views = camera_views(self.config.camera)
         self._renderer = None
         self._video_renderer = None
         self._video = False  # render video frames this episode
@@ -91,7 +97,7 @@ class MetaWorldVLAEnv(gym.Env):
             "instruction": gym.spaces.Text(max_length=256, min_length=1, charset=string.printable),
         }
         if self.config.render:
-            spaces["image"] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+            spaces["image"] = gym.spaces.Box(0, 255, (size, len(self._views) * size, 3), np.uint8)
         if self.config.privileged_state:
             spaces["state"] = gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
@@ -193,11 +199,13 @@ class MetaWorldVLAEnv(gym.Env):
         return self._draw(self._video_renderer)
 
     def _draw(self, renderer) -> np.ndarray:
-        renderer.update_scene(self._env.data, camera=self.config.camera)
-        image = renderer.render()
-        if self.config.camera in _ROTATED_CAMERAS:
-            image = image[::-1, ::-1]
-        return np.ascontiguousarray(image)
+        """Every view, left to right, each upright."""
+        images = []
+        for view in self._views:
+            renderer.update_scene(self._env.data, camera=view)
+            image = renderer.render()
+            images.append(image[::-1, ::-1] if view in _ROTATED_CAMERAS else image)
+        return np.ascontiguousarray(images[0] if len(images) == 1 else np.concatenate(images, axis=1))
 
     def close(self):
         for renderer in (self._renderer, self._video_renderer):
@@ -231,7 +239,8 @@ class MetaWorldVLAEnv(gym.Env):
 
         model = self._env.model
         if self.config.camera_fovy:  # zoom in: small objects (goals, pucks) cover more pixels
-            model.cam_fovy[model.camera(self.config.camera).id] = self.config.camera_fovy
+            for view in self._views:
+                model.cam_fovy[model.camera(view).id] = self.config.camera_fovy
         model.vis.global_.offwidth = size
         model.vis.global_.offheight = size
         if self.config.fast_render:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlapt.config import check_at_least
+from vlapt.interfaces import camera_views
 from vlapt.policies.vla.tokenizer import check_vocab
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -106,9 +107,14 @@ class PolicyConfig:
     action_std: list[float] = field(default_factory=list)
 
     # Observation spec the policy was trained on, recorded so users feed it the same inputs.
-    camera: str = ""  # the suite's camera name; "": the suite's default view
+    camera: str = ""  # the suite's camera name ("a+b": two views side by side); "": the suite's default view
     camera_fovy: float = 0.0  # 0: the camera's own field of view
     proprio_fields: list[str] = field(default_factory=list)  # names of the proprio entries, as the suite reports them
+
+    @property
+    def views(self) -> int:
+        """Camera views side by side in each image, each ``image_size`` square, encoded one by one."""
+        return len(camera_views(self.camera))
 
     @property
     def vocab_size(self) -> int:

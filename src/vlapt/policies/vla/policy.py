@@ -53,14 +53,15 @@ def make_batch(observations: Mapping[str, Any], tokenizer: Tokenizer, config: Po
     missing = [key for key in ("image", "proprio", "instruction") if key not in observations]
     if missing:
         raise ValueError(f"observation is missing {missing}; expected keys 'image', 'proprio', 'instruction'")
-    size, proprio_dim = config.image_size, config.proprio_dim
+    size, width, proprio_dim = config.image_size, config.views * config.image_size, config.proprio_dim
     image = np.asarray(observations["image"])
     if image.ndim == 3:
         image = image[None]
-    if image.ndim != 4 or image.shape[1:] != (size, size, 3):
+    if image.ndim != 4 or image.shape[1:] != (size, width, 3):
         camera = config.camera or "default"
-        raise ValueError(f"observation 'image' must have shape ({size}, {size}, 3) or (B, {size}, {size}, 3), "
-                         f"got {image.shape}; render the {camera!r} camera at {size}x{size} RGB")
+        views = f", {config.views} views of {size}x{size} side by side" if config.views > 1 else ""
+        raise ValueError(f"observation 'image' must have shape ({size}, {width}, 3) or (B, {size}, {width}, 3), "
+                         f"got {image.shape}; render the {camera!r} camera at {width}x{size} RGB{views}")
     if image.dtype != np.uint8:
         raise ValueError(f"observation 'image' must be uint8 RGB in 0-255, got dtype {image.dtype}")
     batch_size = image.shape[0]
@@ -100,7 +101,9 @@ class VLAPolicy(GaussianChunkPolicy):
         d = config.d_model
 
         self.vision = build_vision_backbone(config)
-        self.image_pos = nn.Parameter(torch.zeros(1, self.vision.num_tokens, d))
+        # each view is encoded on its own by the same encoder; the positional embedding tells the views apart
+        self.num_image_tokens = config.views * self.vision.num_tokens
+        self.image_pos = nn.Parameter(torch.zeros(1, self.num_image_tokens, d))
 
         if config.language_backbone == "hf":
             from vlapt.policies.vla.backbones import TOKENIZER_FILE, HFLanguageEncoder
@@ -154,7 +157,7 @@ class VLAPolicy(GaussianChunkPolicy):
 
     def _readout_mask(self) -> torch.Tensor:
         """Which trunk token may attend to which, before language padding is applied."""
-        n_obs = self.config.max_instruction_tokens + self.vision.num_tokens + 1
+        n_obs = self.config.max_instruction_tokens + self.num_image_tokens + 1
         size = n_obs + 2
         allowed = torch.zeros(size, size, dtype=torch.bool)
         allowed[:, :n_obs] = True  # everyone sees observations
@@ -165,7 +168,7 @@ class VLAPolicy(GaussianChunkPolicy):
     def _trunk_token_types(self) -> torch.Tensor:
         return torch.cat([
             torch.full((self.config.max_instruction_tokens,), _LANGUAGE),
-            torch.full((self.vision.num_tokens,), _IMAGE),
+            torch.full((self.num_image_tokens,), _IMAGE),
             torch.tensor([_PROPRIO, _ACTION_READOUT, _VALUE_READOUT]),
         ])
 
@@ -225,11 +228,18 @@ class VLAPolicy(GaussianChunkPolicy):
         return tower(ids, mask)
 
     def _image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """The image encoder's tokens; a frozen encoder's features come from the feature cache when it has them."""
+        """The image encoder's tokens, view after view; a frozen encoder's features come from the feature cache
+        when it has them."""
+        views = self.config.views
+        if views > 1:  # (B, S, V*S, 3) -> (B*V, S, S, 3): every view through the same encoder
+            batch, size = image.shape[0], self.config.image_size
+            image = image.reshape(batch, size, views, size, 3).transpose(1, 2).reshape(batch * views, size, size, 3)
         cacheable = getattr(self.vision, "cacheable", None)
         if self._feature_cache is not None and cacheable is not None and cacheable():
-            return self.vision.tokens(self._feature_cache.lookup(image, self.vision.features))
-        return self.vision(image)
+            tokens = self.vision.tokens(self._feature_cache.lookup(image, self.vision.features))
+        else:
+            tokens = self.vision(image)
+        return tokens if views == 1 else tokens.reshape(-1, views * tokens.shape[1], tokens.shape[2])
 
     # -- freezing and the feature cache ------------------------------------------------------------
     FREEZABLE = ("vision", "language")
@@ -284,11 +294,11 @@ class VLAPolicy(GaussianChunkPolicy):
         if missing:
             raise KeyError(f"policy batch is missing {missing}; build it with make_batch")
         image, proprio, ids, mask = (batch[k] for k in BATCH_KEYS)
-        size = self.config.image_size
+        size, width = self.config.image_size, self.config.views * self.config.image_size
         if image.dtype != torch.uint8:
             raise ValueError(f"batch['image'] must be uint8 (0-255 RGB), got {image.dtype}")
-        if image.dim() != 4 or image.shape[1:] != (size, size, 3):
-            raise ValueError(f"batch['image'] must have shape (B, {size}, {size}, 3), got {tuple(image.shape)}")
+        if image.dim() != 4 or image.shape[1:] != (size, width, 3):
+            raise ValueError(f"batch['image'] must have shape (B, {size}, {width}, 3), got {tuple(image.shape)}")
         if proprio.dim() != 2 or proprio.shape[1] != self.config.proprio_dim:
             raise ValueError(f"batch['proprio'] must have shape (B, {self.config.proprio_dim}), got {tuple(proprio.shape)}")
         if ids.dim() != 2 or ids.shape != mask.shape or ids.shape[1] > self.config.max_instruction_tokens:
