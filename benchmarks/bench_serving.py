@@ -29,6 +29,7 @@ import torch
 
 import vlapt  # noqa: F401
 from vlapt.envs import get_suite
+from vlapt.interfaces import camera_views
 from vlapt.policies import load_policy
 from vlapt.rundir import machine_description, source_commit
 from vlapt.serving import PolicyClient
@@ -55,9 +56,9 @@ def random_policy(size: str, image_size: int, where: Path) -> Path:
     return VLAPolicy(policy_config_for_size(size, image_size=image_size, vocab=vocab)).save(where / "policy")
 
 
-def observation(image_size: int, seed: int) -> dict:
+def observation(image_size: int, seed: int, views: int = 1) -> dict:
     rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+    return {"image": rng.integers(0, 256, (image_size, views * image_size, 3), dtype=np.uint8),
             "proprio": rng.normal(size=4).astype(np.float32),
             "instruction": get_suite("mt10").instruction("reach-v3")}
 
@@ -92,16 +93,16 @@ def start_server(policy: Path, threads: int) -> tuple[subprocess.Popen, str]:
     return process, found.group(1)
 
 
-def throughput(url: str, clients: int, image_size: int, seconds: float, max_requests: int) -> dict:
+def throughput(url: str, clients: int, image_size: int, seconds: float, max_requests: int, views: int = 1) -> dict:
     latencies: list[list[float]] = [[] for _ in range(clients)]
     connections = [PolicyClient(url) for _ in range(clients)]
     for client in connections:
-        client.predict(observation(image_size, 0))  # warm
+        client.predict(observation(image_size, 0, views))  # warm
     barrier = threading.Barrier(clients + 1)
     deadline = [0.0]
 
     def work(k: int) -> None:
-        obs = observation(image_size, k)
+        obs = observation(image_size, k, views)
         barrier.wait()
         while time.perf_counter() < deadline[0] and len(latencies[k]) < max_requests:
             start = time.perf_counter()
@@ -130,15 +131,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.policy) if args.policy else random_policy(args.size, args.image_size, Path(tmp))
         policy = load_policy(path)
-        image_size = policy.observation_config().image_size
-        obs = observation(image_size, 0)
+        seen = policy.observation_config()
+        image_size, views = seen.image_size, len(camera_views(seen.camera))
+        obs = observation(image_size, 0, views)
         local = percentiles(timed(lambda: policy.predict(obs), args.requests))
         process, url = start_server(path, args.threads)
         try:
             with PolicyClient(url) as client:
                 np.testing.assert_array_equal(client.predict(obs), policy.predict(obs))
                 remote = percentiles(timed(lambda: client.predict(obs), args.requests))
-            levels = [throughput(url, int(n), image_size, args.seconds, args.max_requests)
+            levels = [throughput(url, int(n), image_size, args.seconds, args.max_requests, views)
                       for n in args.clients.split(",")]
         finally:
             process.terminate()
@@ -146,7 +148,7 @@ def main() -> None:
 
     print(f"command: python {' '.join(sys.argv)}")
     print(f"commit: {source_commit()}; machine: {machine_description()}; torch threads: {args.threads}")
-    print(f"policy: {args.policy or f'random {args.size}'}, {image_size} px images, chunk {policy.chunk_len}x{policy.action_dim}")
+    print(f"policy: {args.policy or f'random {args.size}'}, {image_size} px images ({seen.camera or 'default'} camera), chunk {policy.chunk_len}x{policy.action_dim}")
     print()
     print("| predict, one observation | p50 (ms) | p99 (ms) |")
     print("|---|---|---|")

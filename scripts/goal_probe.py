@@ -20,7 +20,8 @@ the policy failed?
 Each error is also split into its part along the camera's line of sight to the true position
 (``probe_cm_along_view``: what one image can show only through the target's apparent size) and
 its part across it (``probe_cm_across_view``: what moves the target in the image); with several
-views, the first view's line of sight.
+views, along and across the first view's line of sight, which the other views see from the side. ``sight_in_box_cm`` is how far that line runs, on average,
+through the box the training positions span: how much one view of a target leaves open.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def first_frames(policy, suite, task: str, split: str, count: int, target: str =
             observations.append(observation)
     positions = np.stack([o.pop("state")[TARGETS[target]] for o in observations]).astype(np.float64)
     return observations, positions
+
+
+def sight_in_box(positions: np.ndarray, camera: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Length of the line from ``camera`` through each position that lies inside the box ``[low, high]``."""
+    sight = positions - camera
+    sight = sight / np.linalg.norm(sight, axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ends = np.stack([(low - positions) / sight, (high - positions) / sight])  # (2, N, 3): where each face is met
+    crosses = np.isfinite(ends).all(0)  # a line parallel to a pair of faces is bounded by the others
+    enter = np.where(crosses, ends.min(0), -np.inf).max(1)
+    leave = np.where(crosses, ends.max(0), np.inf).min(1)
+    return np.maximum(leave - enter, 0.0)
 
 
 def camera_position(policy, suite, task: str) -> np.ndarray:
@@ -104,13 +117,16 @@ def probe(policy, suite, task: str, train: int, held_out: int, ridge: float, tar
     predict = fit_probe(readout_features(policy, train_obs), train_positions, ridge)
     offsets = predict(readout_features(policy, eval_obs)) - eval_positions
     errors = np.linalg.norm(offsets, axis=1) * 100
-    sight = eval_positions - camera_position(policy, suite, task)
+    camera = camera_position(policy, suite, task)
+    sight = eval_positions - camera
     sight /= np.linalg.norm(sight, axis=1, keepdims=True)
     along = np.abs((offsets * sight).sum(1)) * 100
+    in_box = sight_in_box(eval_positions, camera, train_positions.min(0), train_positions.max(0)) * 100
     guess = np.linalg.norm(train_positions.mean(0) - eval_positions, axis=1) * 100
     return {"probe_cm_mean": float(errors.mean()), "probe_cm_median": float(np.median(errors)),
             "probe_cm_along_view": float(along.mean()),
             "probe_cm_across_view": float(np.sqrt(np.maximum(errors ** 2 - along ** 2, 0)).mean()),
+            "sight_in_box_cm": float(in_box.mean()),
             "share_over_5cm": float((errors > 5).mean()), "mean_guess_cm": float(guess.mean()),
             "per_configuration_cm": [round(float(e), 3) for e in errors]}
 

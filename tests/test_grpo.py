@@ -85,6 +85,19 @@ def sft_policy(demos, tmp_path_factory):
                                batch_size=8, warmup_steps=1, checkpoint_every=4, log_every=4, threads=1), progress=False)
 
 
+def test_grpo_refuses_demonstrations_of_another_camera(demos, sft_policy, tmp_path):
+    from vlapt.data.format import DemoWriter, env_args, read_episodes
+
+    other = tmp_path / "two_views.hdf5"
+    with DemoWriter(other, {**env_args(demos), "camera": "corner+topview"}) as writer:
+        for episode in read_episodes(demos):
+            writer.add(episode)
+    config = GRPOConfig(init_policy=str(sft_policy), demos=str(other), output_dir=str(tmp_path / "run"), tasks=[TASK])
+    with pytest.raises(ValueError, match=r"camera='corner\+topview', init_policy with camera='corner'"):
+        train_grpo(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_group_runs_one_configuration(sft_policy):
     suite = get_suite("mt10")
     policy = load_policy(sft_policy)

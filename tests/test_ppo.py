@@ -1424,6 +1424,23 @@ def test_train_ppo_refuses_relabelled_demonstrations(dataset, sft_policy, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(camera="corner+topview"), r"camera='corner\+topview', init_policy with camera='corner'"),
+    (dict(camera_fovy=45.0), "camera_fovy=45.0, init_policy with camera_fovy=30.0"),
+    (dict(image_size=64), "image_size=64, init_policy with image_size=32"),
+])
+def test_train_ppo_refuses_demonstrations_rendered_otherwise_than_the_policy_sees(dataset, sft_policy, tmp_path,
+                                                                                 change, message):
+    other = tmp_path / "other.hdf5"
+    with DemoWriter(other, {**env_args(dataset), "camera_fovy": 30.0, **change}) as writer:
+        for episode in read_episodes(dataset):
+            writer.add(episode)
+    assert load_policy(sft_policy).observation_config().camera_fovy == 30.0
+    with pytest.raises(ValueError, match=message + ".*vlapt collect camera=corner camera_fovy=30.0 image_size=32"):
+        train_ppo(_ppo_config(other, sft_policy, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_buffer_admission_none_keeps_the_demonstrations_only(dataset, sft_policy, tmp_path, monkeypatch):
     """The policy's successes enter the buffer under buffer_admission=shorter (the default), never under none."""
     original = ChunkedRollout.collect

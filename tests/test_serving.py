@@ -132,6 +132,15 @@ def test_a_batch_over_max_batch_is_split_as_in_process_reads_it(server, policy):
         np.testing.assert_allclose(client.predict_batch(shared), policy.predict_batch(shared), atol=1e-6)
 
 
+def test_a_batch_over_the_message_limit_is_sent_in_requests_that_fit(policy):
+    rows = batch(9)  # 9 x 3 KiB of images, over a 12 KiB message limit: three requests of three rows each
+    with PolicyServer(policy, port=0, max_message_bytes=12 * 1024, max_batch=8) as server:
+        with PolicyClient(server.url) as client:
+            assert client._rows_per_request(rows, 9) == 3
+            np.testing.assert_allclose(client.predict_batch(rows), policy.predict_batch(rows), atol=1e-6)
+            assert client.predict(observation(3)).shape == (client.chunk_len, client.action_dim)
+
+
 def test_a_timed_out_request_closes_the_connection_so_no_late_answer_is_taken_for_the_next(server, policy, monkeypatch):
     predict, calls = policy.predict, []
 

@@ -54,7 +54,7 @@ class EnvConfig:
     privileged_state: bool = False  # add observation["state"] for experts and auxiliary targets
     max_episode_steps: int = 500
     fast_render: bool = True  # no MSAA, shadows or reflections: much cheaper in software, the same at policy sizes
-    # > 0: also render a (video_size, video_size) frame of the same camera after every env step, for people to
+    # > 0: also render a (video_size, views * video_size) frame of the same camera after every env step, for people to
     # watch (reset and step report them in info["frames"]; reset option "video": False skips an episode);
     # the policy's observations are unchanged. 0: none
     video_size: int = 0

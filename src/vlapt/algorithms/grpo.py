@@ -40,7 +40,7 @@ from vlapt.algorithms.checkpointing import (
 from vlapt.algorithms.ppo_sbc import BCWeight, keep_shortest, policy_surrogate
 from vlapt.config import check_at_least, check_positive
 from vlapt.data.buffer import DemoBuffer
-from vlapt.data.format import RELABELLED, env_args, read_episodes
+from vlapt.data.format import RELABELLED, check_observed_as, env_args, read_episodes
 from vlapt.envs import get_suite
 from vlapt.envs.pools import check_backend, make_pool
 from vlapt.interfaces import ChunkPolicy, SlotSpec
@@ -180,6 +180,7 @@ def train_grpo(config: GRPOConfig, progress: bool = True, evaluator: Evaluator |
         raise ValueError(f"demos {config.demos} is a `vlapt relabel` dataset; seed the self-BC buffer with `vlapt collect`'s")
     demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     policy = load_policy(config.init_policy)
+    check_observed_as(config.demos, policy.observation_config(), "init_policy")  # the self-BC buffer's images
     with start_run(config, config.output_dir, config.threads, exempt=RESUMABLE) as run:
         return _post_train(config, run.directory, suite, tasks, demos, policy, progress, evaluator)
 

@@ -38,7 +38,7 @@ from vlapt.algorithms.checkpointing import (
 from vlapt.algorithms.returns import chunk_gae
 from vlapt.config import check_at_least, check_positive
 from vlapt.data.buffer import DemoBuffer
-from vlapt.data.format import RELABELLED, env_args, read_episodes
+from vlapt.data.format import RELABELLED, check_observed_as, env_args, read_episodes
 from vlapt.envs import get_suite
 from vlapt.envs.pools import check_backend, make_pool
 from vlapt.interfaces import ChunkPolicy, Episode, SlotSpec
@@ -250,6 +250,7 @@ def train_ppo(config: PPOConfig, progress: bool = True, evaluator: Evaluator | N
                          "trials that reached success; seed the self-BC buffer with a `vlapt collect` dataset")
     demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     policy = load_policy(config.init_policy)  # checked before the run directory exists
+    check_observed_as(config.demos, policy.observation_config(), "init_policy")  # the self-BC buffer's images
     # -- option `freeze` (ChunkPolicyBase.freeze, optional for a family): the policy records what it froze, so
     # its checkpoints, and a resumed run, stay frozen ---------------------------------------------------------
     if config.freeze:

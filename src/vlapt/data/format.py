@@ -18,7 +18,7 @@ import numpy as np
 
 from vlapt.config import check_output_file, save_config
 from vlapt.data.errors import DatasetError
-from vlapt.interfaces import Episode
+from vlapt.interfaces import EnvConfig, Episode
 from vlapt.rundir import clean_stale_temporaries
 
 FORMAT = "vlapt-demos"
@@ -151,6 +151,23 @@ def dataset_suite(args: dict[str, Any]):
     from vlapt.envs import get_suite
 
     return get_suite(args.get("suite") or {"metaworld": "mt50"}.get(args.get("env_name", ""), "mt50"))
+
+
+def check_observed_as(path: str | os.PathLike, config: EnvConfig, what: str = "the policy") -> None:
+    """Refuse a dataset whose images were rendered otherwise than ``config`` renders them (another camera or view
+    order, field of view or image size): a policy that learns from it would read images unlike its own."""
+    args = env_args(path)
+    suite = dataset_suite(args)
+    recorded = suite.check_env_config(EnvConfig(camera=args.get("camera") or "", image_size=int(args["image_size"]),
+                                                camera_fovy=float(args.get("camera_fovy") or 0.0)))
+    wanted = suite.check_env_config(config)
+    keys = ("camera", "camera_fovy", "image_size")
+    differ = [k for k in keys if getattr(recorded, k) != getattr(wanted, k)]
+    if differ:
+        settings = " ".join(f"{k}={getattr(wanted, k)}" for k in keys)
+        raise ValueError(f"{path} was rendered with " + ", ".join(f"{k}={getattr(recorded, k)!r}" for k in differ)
+                         + f", {what} with " + ", ".join(f"{k}={getattr(wanted, k)!r}" for k in differ)
+                         + f"; collect demonstrations as {what} sees: vlapt collect {settings}")
 
 
 def read_episodes(

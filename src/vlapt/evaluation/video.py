@@ -39,7 +39,7 @@ def annotate_frames(frames: np.ndarray, task: str, success: bool, steps: int, ma
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"frames must be uint8 (T, H, W, 3) with T >= 1, got {frames.dtype} {frames.shape}")
     height, width = frames.shape[1:3]
-    size = max(10, width // 18)
+    size = max(10, min(width, height) // 18)  # by the shorter side: several views side by side keep the same text
     font, small = ImageFont.load_default(size=size + 2), ImageFont.load_default(size=size)
     band = 2 * size + 20
     colour = _SUCCESS if success else _FAILURE

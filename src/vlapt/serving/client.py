@@ -57,6 +57,7 @@ class PolicyClient:
             self.chunk_len = int(metadata["chunk_len"])
             self.action_dim = int(metadata["action_dim"])
             self.max_batch = int(metadata.get("max_batch", 256))
+            self.max_message_bytes = int(metadata.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConnectionError(f"{self.url} sent incomplete metadata ({type(exc).__name__}: {exc})") from None
         self.metadata: dict = metadata
@@ -80,9 +81,10 @@ class PolicyClient:
             raise ValueError(f"observations must be a dict with 'image', 'proprio' and 'instruction', "
                              f"got {type(observations).__name__}")
         size = len(observations["image"]) if np.ndim(observations.get("image")) == 4 else 0
-        if size > self.max_batch:  # the server takes at most max_batch at a time
-            parts = [self.predict_batch(_rows(observations, size, slice(s, s + self.max_batch)), deterministic)
-                     for s in range(0, size, self.max_batch)]
+        rows = self._rows_per_request(observations, size)
+        if size > rows:  # the server takes at most max_batch rows, and max_message_bytes, at a time
+            parts = [self.predict_batch(_rows(observations, size, slice(s, s + rows)), deterministic)
+                     for s in range(0, size, rows)]
             return np.concatenate(parts)
         actions = self._call("predict_batch", observations, deterministic)
         return self._checked(actions, (size, self.chunk_len, self.action_dim) if size else None)
@@ -97,6 +99,16 @@ class PolicyClient:
         self.close()
 
     # -- internals ---------------------------------------------------------------------------------
+    def _rows_per_request(self, observations: Mapping, size: int) -> int:
+        """How many rows of a batch one request carries: at most max_batch, and few enough to fit the server's
+        message limit (large or several-view images)."""
+        if size == 0:
+            return self.max_batch
+        row_bytes = _ROW_OVERHEAD_BYTES + sum(
+            np.asarray(v[0]).nbytes for v in observations.values()
+            if isinstance(v, np.ndarray) and v.ndim > 0 and len(v) == size)
+        return max(1, min(self.max_batch, (self.max_message_bytes - _REQUEST_OVERHEAD_BYTES) // row_bytes))
+
     def _call(self, method: str, observation: Mapping, deterministic: bool) -> Any:
         from websockets.exceptions import ConnectionClosed
 
@@ -137,6 +149,10 @@ class PolicyClient:
             got = f"{actions.dtype} {actions.shape}" if isinstance(actions, np.ndarray) else type(actions).__name__
             raise ConnectionError(f"the policy server answered {got}, expected float32 actions of shape {shape}")
         return actions
+
+
+_ROW_OVERHEAD_BYTES = 512  # a row's instruction and framing
+_REQUEST_OVERHEAD_BYTES = 1024  # a request's method name, keys and array headers
 
 
 def _sendable(observation: Mapping) -> dict:

@@ -66,7 +66,7 @@ class MetaWorldVLAEnv(gym.Env):
     success or at the step limit, and reports the per-step rewards (1 at the first success, else
     0) and the number of steps actually executed in ``info`` (``rewards``, ``steps``). With
     ``config.video_size`` > 0, reset's and step's ``info["frames"]`` hold a ``(n, video_size,
-    video_size, 3)`` frame after reset and after each executed step (``reset(options={"video":
+    views * video_size, 3)`` frame after reset and after each executed step (``reset(options={"video":
     False})``: none this episode).
     """
 

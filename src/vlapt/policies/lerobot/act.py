@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlapt.interfaces import EnvConfig
+from vlapt.interfaces import EnvConfig, camera_views
 from vlapt.policies.checkpoint import CheckpointError, check_state_matches
 from vlapt.policies.gaussian import GaussianChunk, GaussianChunkPolicy
 from vlapt.policies.lerobot import (
@@ -72,10 +72,12 @@ class LeRobotACTPolicy(GaussianChunkPolicy):
         self.lerobot_policy = lerobot_policy  # LeRobot's ACTPolicy
         self.image_key = images[0]
         channels, height, width = config.image_features[self.image_key].shape
-        if channels != 3 or height != width:
+        views = len(camera_views(str(observation.get("camera", ""))))
+        if channels != 3 or width != views * height:
             raise CheckpointError(f"the ACT policy in {where} reads {channels}x{height}x{width} images; vlapt renders "
-                                  "square RGB images")
-        self.image_size = int(height)
+                                  f"RGB images of {views} square view(s) side by side (camera "
+                                  f"{observation.get('camera') or 'default'!r})")
+        self.image_size, self.image_width = int(height), int(width)
         self.proprio_dim = int(config.robot_state_feature.shape[0])
         self._chunk_len = int(config.n_action_steps)
         self._action_dim = int(config.action_feature.shape[0])
@@ -117,13 +119,13 @@ class LeRobotACTPolicy(GaussianChunkPolicy):
         missing = [key for key in ("image", "proprio") if key not in observations]
         if missing:
             raise ValueError(f"observation is missing {missing}; ACT reads 'image' and 'proprio'")
-        size = self.image_size
+        size, width = self.image_size, self.image_width
         image = np.asarray(observations["image"])
         if image.ndim == 3:
             image = image[None]
-        if image.ndim != 4 or image.shape[1:] != (size, size, 3) or image.dtype != np.uint8:
-            raise ValueError(f"observation 'image' must be uint8 with shape (B, {size}, {size}, 3) for this ACT policy "
-                             f"({self.image_key}: 3x{size}x{size}), got {image.dtype} {image.shape}")
+        if image.ndim != 4 or image.shape[1:] != (size, width, 3) or image.dtype != np.uint8:
+            raise ValueError(f"observation 'image' must be uint8 with shape (B, {size}, {width}, 3) for this ACT policy "
+                             f"({self.image_key}: 3x{size}x{width}), got {image.dtype} {image.shape}")
         proprio = np.asarray(observations["proprio"], dtype=np.float32)
         if proprio.ndim == 1:
             proprio = proprio[None]
