@@ -67,7 +67,8 @@ def sight_in_box(positions: np.ndarray, camera: np.ndarray, low: np.ndarray, hig
     crosses = np.isfinite(ends).all(0)  # a line parallel to a pair of faces is bounded by the others
     enter = np.where(crosses, ends.min(0), -np.inf).max(1)
     leave = np.where(crosses, ends.max(0), np.inf).min(1)
-    return np.maximum(leave - enter, 0.0)
+    outside = (~crosses & ((positions < low) | (positions > high))).any(1)  # parallel to a slab it is not in
+    return np.where(outside, 0.0, np.maximum(leave - enter, 0.0))
 
 
 def camera_position(policy, suite, task: str) -> np.ndarray:

@@ -409,6 +409,8 @@ def test_goal_probe_reads_the_goal_off_held_out_first_frames(load_script, tiny_p
     low, high, centre = np.zeros(3), np.ones(3), np.full((1, 3), 0.5)
     for camera, length in [((0.5, 0.5, 10.0), 1.0), ((-10.0, 0.5, 0.5), 1.0), ((10.5, 10.5, 0.5), np.sqrt(2))]:
         np.testing.assert_allclose(gp.sight_in_box(centre, np.array(camera), low, high), [length], rtol=1e-9)
+    beside = np.array([[0.5, 0.5, 2.0]])  # above the cube, on a horizontal line that never enters it
+    np.testing.assert_allclose(gp.sight_in_box(beside, np.array([-10.0, 0.5, 2.0]), low, high), [0.0])
     # errors split by the episode's outcome on the same configuration
     result = {"episodes": [{"task": "reach-v3", "config_index": i, "success": i != 1} for i in range(3)]}
     split = gp.by_outcome([1.0, 7.0, 3.0], result, "reach-v3")

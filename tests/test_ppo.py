@@ -1441,6 +1441,19 @@ def test_train_ppo_refuses_demonstrations_rendered_otherwise_than_the_policy_see
     assert not (tmp_path / "run").exists()
 
 
+def test_demonstrations_that_do_not_record_their_camera_are_held_to_their_image_size(dataset, tmp_path):
+    from vlapt.data.format import check_observed_as
+
+    unknown = tmp_path / "unknown_camera.hdf5"  # as LeRobot's own datasets read: no camera recorded
+    with DemoWriter(unknown, {**env_args(dataset), "camera": "", "camera_fovy": 0.0}) as writer:
+        for episode in read_episodes(dataset):
+            writer.add(episode)
+    suite = get_suite("mt10")
+    check_observed_as(unknown, EnvConfig(camera="corner+topview", camera_fovy=45.0, image_size=IMAGE_SIZE), suite)
+    with pytest.raises(ValueError, match=f"image_size={IMAGE_SIZE}, the policy with image_size=64"):
+        check_observed_as(unknown, EnvConfig(image_size=64), suite)
+
+
 def test_buffer_admission_none_keeps_the_demonstrations_only(dataset, sft_policy, tmp_path, monkeypatch):
     """The policy's successes enter the buffer under buffer_admission=shorter (the default), never under none."""
     original = ChunkedRollout.collect

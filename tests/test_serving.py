@@ -137,6 +137,7 @@ def test_a_batch_over_the_message_limit_is_sent_in_requests_that_fit(policy):
     with PolicyServer(policy, port=0, max_message_bytes=12 * 1024, max_batch=8) as server:
         with PolicyClient(server.url) as client:
             assert client._rows_per_request(rows, 9) == 3
+            assert client._rows_per_request({**rows, "image": list(rows["image"])}, 9) == 3, "a list of images too"
             np.testing.assert_allclose(client.predict_batch(rows), policy.predict_batch(rows), atol=1e-6)
             assert client.predict(observation(3)).shape == (client.chunk_len, client.action_dim)
 

@@ -178,9 +178,9 @@ def train_grpo(config: GRPOConfig, progress: bool = True, evaluator: Evaluator |
     tasks = suite.resolve_tasks(config.tasks)
     if RELABELLED in env_args(config.demos):
         raise ValueError(f"demos {config.demos} is a `vlapt relabel` dataset; seed the self-BC buffer with `vlapt collect`'s")
-    demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     policy = load_policy(config.init_policy)
-    check_observed_as(config.demos, policy.observation_config(), "init_policy")  # the self-BC buffer's images
+    check_observed_as(config.demos, policy.observation_config(), suite, "init_policy")  # the self-BC buffer's images
+    demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     with start_run(config, config.output_dir, config.threads, exempt=RESUMABLE) as run:
         return _post_train(config, run.directory, suite, tasks, demos, policy, progress, evaluator)
 

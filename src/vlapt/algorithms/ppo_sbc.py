@@ -248,9 +248,9 @@ def train_ppo(config: PPOConfig, progress: bool = True, evaluator: Evaluator | N
     if RELABELLED in env_args(config.demos):
         raise ValueError(f"demos {config.demos} is a `vlapt relabel` dataset: its actions are the expert's labels, not "
                          "trials that reached success; seed the self-BC buffer with a `vlapt collect` dataset")
-    demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     policy = load_policy(config.init_policy)  # checked before the run directory exists
-    check_observed_as(config.demos, policy.observation_config(), "init_policy")  # the self-BC buffer's images
+    check_observed_as(config.demos, policy.observation_config(), suite, "init_policy")  # the self-BC buffer's images
+    demos = read_episodes(config.demos, tasks, config.demos_per_task or None)
     # -- option `freeze` (ChunkPolicyBase.freeze, optional for a family): the policy records what it froze, so
     # its checkpoints, and a resumed run, stay frozen ---------------------------------------------------------
     if config.freeze:

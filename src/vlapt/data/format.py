@@ -153,21 +153,22 @@ def dataset_suite(args: dict[str, Any]):
     return get_suite(args.get("suite") or {"metaworld": "mt50"}.get(args.get("env_name", ""), "mt50"))
 
 
-def check_observed_as(path: str | os.PathLike, config: EnvConfig, what: str = "the policy") -> None:
-    """Refuse a dataset whose images were rendered otherwise than ``config`` renders them (another camera or view
-    order, field of view or image size): a policy that learns from it would read images unlike its own."""
+def check_observed_as(path: str | os.PathLike, config: EnvConfig, suite, what: str = "the policy") -> None:
+    """Refuse a dataset whose images were rendered otherwise than ``config`` renders them in ``suite`` (another
+    camera or view order, field of view or image size): a policy that learns from it would read images unlike its
+    own. A dataset that does not record its camera (LeRobot's own) is held to its image size only."""
     args = env_args(path)
-    suite = dataset_suite(args)
+    wanted = suite.check_env_config(config)
+    keys = ("camera", "camera_fovy", "image_size") if args.get("camera") else ("image_size",)
     recorded = suite.check_env_config(EnvConfig(camera=args.get("camera") or "", image_size=int(args["image_size"]),
                                                 camera_fovy=float(args.get("camera_fovy") or 0.0)))
-    wanted = suite.check_env_config(config)
-    keys = ("camera", "camera_fovy", "image_size")
     differ = [k for k in keys if getattr(recorded, k) != getattr(wanted, k)]
     if differ:
-        settings = " ".join(f"{k}={getattr(wanted, k)}" for k in keys)
+        settings = " ".join(f"{k}={getattr(wanted, k)}" for k in ("camera", "camera_fovy", "image_size"))
         raise ValueError(f"{path} was rendered with " + ", ".join(f"{k}={getattr(recorded, k)!r}" for k in differ)
                          + f", {what} with " + ", ".join(f"{k}={getattr(wanted, k)!r}" for k in differ)
-                         + f"; collect demonstrations as {what} sees: vlapt collect {settings}")
+                         + f"; collect demonstrations as {what} sees (vlapt collect {settings}), or, where {what} "
+                         "records the wrong camera settings, save it with the ones it was trained with")
 
 
 def read_episodes(

@@ -105,8 +105,8 @@ class PolicyClient:
         if size == 0:
             return self.max_batch
         row_bytes = _ROW_OVERHEAD_BYTES + sum(
-            np.asarray(v[0]).nbytes for v in observations.values()
-            if isinstance(v, np.ndarray) and v.ndim > 0 and len(v) == size)
+            len(v[0].encode()) if isinstance(v[0], str) else np.asarray(v[0]).nbytes
+            for v in observations.values() if _per_row(v, size))
         return max(1, min(self.max_batch, (self.max_message_bytes - _REQUEST_OVERHEAD_BYTES) // row_bytes))
 
     def _call(self, method: str, observation: Mapping, deterministic: bool) -> Any:
@@ -172,13 +172,14 @@ def _sendable(observation: Mapping) -> dict:
     return out
 
 
+def _per_row(value: Any, size: int) -> bool:
+    """Whether a batch value holds one entry per row (not one instruction for all)."""
+    return (isinstance(value, (list, tuple)) or np.ndim(value) > 0) and not isinstance(value, str) and len(value) == size
+
+
 def _rows(observations: Mapping, size: int, rows: slice) -> dict:
     """Some rows of a batch; a value not per row (one instruction for all) is passed whole, as in-process."""
-    def per_row(value: Any) -> bool:
-        return (isinstance(value, (list, tuple)) or np.ndim(value) > 0) and not isinstance(value, str) \
-            and len(value) == size
-
-    return {k: (v[rows] if per_row(v) else v) for k, v in observations.items()}
+    return {k: (v[rows] if _per_row(v, size) else v) for k, v in observations.items()}
 
 
 class RemotePolicyAgent:
