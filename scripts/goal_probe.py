@@ -20,8 +20,9 @@ the policy failed?
 Each error is also split into its part along the camera's line of sight to the true position
 (``probe_cm_along_view``: what one image can show only through the target's apparent size) and
 its part across it (``probe_cm_across_view``: what moves the target in the image); with several
-views, along and across the first view's line of sight, which the other views see from the side. ``sight_in_box_cm`` is how far that line runs, on average,
-through the box the training positions span: how much one view of a target leaves open.
+views, along and across the first view's line of sight, which the other views see from the side.
+``sight_in_box_cm`` is how far that line runs, on average, through the box the training positions
+span: how much one view of a target leaves open.
 """
 
 from __future__ import annotations
