@@ -59,10 +59,15 @@ def first_frames(policy, suite, task: str, split: str, count: int, target: str =
     return observations, positions
 
 
+def lines_of_sight(positions: np.ndarray, camera: np.ndarray) -> np.ndarray:
+    """Unit vectors from ``camera`` towards each position."""
+    sight = positions - camera
+    return sight / np.linalg.norm(sight, axis=1, keepdims=True)
+
+
 def sight_in_box(positions: np.ndarray, camera: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Length of the line from ``camera`` through each position that lies inside the box ``[low, high]``."""
-    sight = positions - camera
-    sight = sight / np.linalg.norm(sight, axis=1, keepdims=True)
+    sight = lines_of_sight(positions, camera)
     with np.errstate(divide="ignore", invalid="ignore"):
         ends = np.stack([(low - positions) / sight, (high - positions) / sight])  # (2, N, 3): where each face is met
     crosses = np.isfinite(ends).all(0)  # a line parallel to a pair of faces is bounded by the others
@@ -120,8 +125,7 @@ def probe(policy, suite, task: str, train: int, held_out: int, ridge: float, tar
     offsets = predict(readout_features(policy, eval_obs)) - eval_positions
     errors = np.linalg.norm(offsets, axis=1) * 100
     camera = camera_position(policy, suite, task)
-    sight = eval_positions - camera
-    sight /= np.linalg.norm(sight, axis=1, keepdims=True)
+    sight = lines_of_sight(eval_positions, camera)
     along = np.abs((offsets * sight).sum(1)) * 100
     in_box = sight_in_box(eval_positions, camera, train_positions.min(0), train_positions.max(0)) * 100
     guess = np.linalg.norm(train_positions.mean(0) - eval_positions, axis=1) * 100

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkPolicy, ChunkSample
+from vlapt.interfaces import BCLoss, ChunkEvaluation, ChunkPolicy, ChunkSample, join_views, split_views
 from vlapt.policies import CheckpointError, PolicyAgent, load_policy, policy_types, read_config
 from vlapt.policies.vla import MODEL_SIZES, PolicyConfig, Tokenizer, VLAPolicy, make_batch, policy_config_for_size
 
@@ -365,6 +365,23 @@ def test_keypoint_tokens_train_and_survive_a_checkpoint(tokenizer, tmp_path):
     batch = model.make_batch(obs)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).mean, model(batch).mean)
+
+
+@pytest.mark.parametrize("to", [np.asarray, torch.as_tensor])
+def test_split_views_gives_each_view_alone_and_join_views_undoes_it(to):
+    images = np.random.default_rng(0).integers(0, 256, (2, 4, 12, 3), dtype=np.uint8)  # three 4x4 views
+    split = split_views(to(images), 3)
+    assert tuple(split.shape) == (6, 4, 4, 3)
+    for n in range(2):
+        for v in range(3):
+            np.testing.assert_array_equal(np.asarray(split[3 * n + v]), images[n, :, 4 * v:4 * (v + 1)])
+    np.testing.assert_array_equal(np.asarray(join_views(split, 3)), images)
+    with pytest.raises(ValueError, match="not 2 square view"):
+        split_views(to(images), 2)
+    with pytest.raises(ValueError, match="groups of 4"):
+        join_views(split, 4)
+    with pytest.raises(ValueError, match="not square views"):
+        join_views(to(images), 2)
 
 
 def test_two_views_are_encoded_one_by_one_and_told_apart(tokenizer, tmp_path):

@@ -1449,7 +1449,9 @@ def test_demonstrations_that_do_not_record_their_camera_are_held_to_their_image_
         for episode in read_episodes(dataset):
             writer.add(episode)
     suite = get_suite("mt10")
-    check_observed_as(unknown, EnvConfig(camera="corner+topview", camera_fovy=45.0, image_size=IMAGE_SIZE), suite)
+    check_observed_as(unknown, EnvConfig(camera="topview", camera_fovy=45.0, image_size=IMAGE_SIZE), suite)
+    with pytest.raises(ValueError, match=r"does not record its camera, so its images are one view, and the policy reads 2"):
+        check_observed_as(unknown, EnvConfig(camera="corner+topview", image_size=IMAGE_SIZE), suite)
     with pytest.raises(ValueError, match=f"image_size={IMAGE_SIZE}, the policy with image_size=64"):
         check_observed_as(unknown, EnvConfig(image_size=64), suite)
 

@@ -69,6 +69,24 @@ def camera_views(camera: str) -> tuple[str, ...]:
     return tuple(camera.split(VIEW_SEPARATOR)) if camera else ("",)
 
 
+def split_views(images, views: int):
+    """Images of ``views`` square views side by side, ``(N, S, V*S, C)``, -> the views one by one, ``(N*V, S, S, C)``
+    (each image's views consecutive, left to right); numpy arrays or torch tensors. ``join_views`` undoes it."""
+    n, height, width, channels = images.shape
+    if views < 1 or width != views * height:
+        raise ValueError(f"images of shape {tuple(images.shape)} are not {views} square view(s) side by side")
+    return images.reshape(n, height, views, height, channels).swapaxes(1, 2).reshape(n * views, height, height, channels)
+
+
+def join_views(images, views: int):
+    """The views one by one, ``(N*V, S, S, C)``, -> side by side, ``(N, S, V*S, C)``: the inverse of ``split_views``."""
+    n_views, height, width, channels = images.shape
+    if views < 1 or n_views % views or width != height:
+        raise ValueError(f"images of shape {tuple(images.shape)} are not square views in groups of {views}")
+    n = n_views // views
+    return images.reshape(n, views, height, width, channels).swapaxes(1, 2).reshape(n, height, views * width, channels)
+
+
 @dataclasses.dataclass(frozen=True)
 class ObservationSpec:
     """What a suite's envs emit under one `EnvConfig`, as policies and datasets record it."""

@@ -37,8 +37,8 @@ from vlapt.algorithms.checkpointing import (
 )
 from vlapt.config import check_at_least
 from vlapt.data.dataset import ChunkDataset
-from vlapt.data.format import dataset_suite, env_args, read_episodes
-from vlapt.interfaces import EnvConfig, ObservationSpec, camera_views
+from vlapt.data.format import check_observed_as, dataset_suite, env_args, read_episodes
+from vlapt.interfaces import EnvConfig, ObservationSpec, camera_views, join_views, split_views
 from vlapt.policies import load_policy, resolve_device
 from vlapt.policies.vla import PolicyConfig, Tokenizer, VLAPolicy, policy_config_for_size
 from vlapt.policies.vla.network import vision_backbone_builder
@@ -177,11 +177,7 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator, vie
     if pad == 0:
         return images
     if views > 1:
-        n, h, width, c = images.shape
-        w = width // views
-        split = images.reshape(n, h, views, w, c).transpose(1, 2).reshape(n * views, h, w, c)
-        shifted = random_shift(split, pad, generator)
-        return shifted.reshape(n, views, h, w, c).transpose(1, 2).reshape(n, h, width, c)
+        return join_views(random_shift(split_views(images, views), pad, generator), views)
     n, h, w, _ = images.shape
     padded = F.pad(images.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="replicate")
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -198,6 +194,11 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
     config.validate()
     meta = env_args(config.dataset)
     spec = dataset_spec(meta)
+    init = load_policy(config.init_policy) if config.init_policy else None
+    if init is not None:  # before any demonstration is read
+        check_observed_as(config.dataset, init.observation_config(), dataset_suite(meta), f"init_policy {config.init_policy}")
+    elif (config.model.image_size or spec.image_size) != spec.image_size:
+        raise ValueError(f"model.image_size {config.model.image_size} differs from the dataset's {spec.image_size}")
     episodes = read_episodes(config.dataset, config.tasks or None, config.demos_per_task or None)
     for extra in config.extra_datasets:
         keys = ("camera", "camera_fovy", "image_size", "proprio_fields")
@@ -205,16 +206,8 @@ def train_sft(config: SFTConfig, progress: bool = True) -> Path:
         _check_same_observations(f"extra dataset {extra}", {k: extra_meta.get(k) for k in keys}, config.dataset,
                                  {k: meta.get(k) for k in keys}, "collect both with the same camera settings")
         episodes += read_episodes(extra, config.tasks or None)
-    init = load_policy(config.init_policy) if config.init_policy else None
     chunk_len = init.chunk_len if init is not None else config.model.chunk_len
     dataset = ChunkDataset(episodes, chunk_len, config.relabelled_label_steps)
-    if init is not None:
-        seen = init.observation_config()
-        expected = {"camera": spec.camera, "camera_fovy": spec.camera_fovy, "image_size": spec.image_size}
-        _check_same_observations(f"init_policy {config.init_policy}", {k: getattr(seen, k) for k in expected},
-                                 config.dataset, expected, "fine-tune on a dataset collected with the policy's camera settings")
-    elif (config.model.image_size or spec.image_size) != spec.image_size:
-        raise ValueError(f"model.image_size {config.model.image_size} differs from the dataset's {spec.image_size}")
     aux_dims = list(config.aux_state_dims or spec.aux_targets)
     if config.aux_state_coef > 0:
         if dataset.states is None:
@@ -342,7 +335,7 @@ def _feature_dim(model, dataset: ChunkDataset) -> int:
 
 
 def _check_same_observations(what: str, observed: dict, dataset: str, expected: dict, fix: str) -> None:
-    """Every dataset of one SFT run, and the policy it continues, must see the scene the same way."""
+    """Every dataset of one SFT run must see the scene the same way (the policy it continues: check_observed_as)."""
     differ = [k for k in observed if observed[k] != expected[k]]
     if differ:
         raise ValueError(f"{what} differs from {dataset} in " + ", ".join(

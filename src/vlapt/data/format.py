@@ -18,7 +18,7 @@ import numpy as np
 
 from vlapt.config import check_output_file, save_config
 from vlapt.data.errors import DatasetError
-from vlapt.interfaces import EnvConfig, Episode
+from vlapt.interfaces import EnvConfig, Episode, camera_views
 from vlapt.rundir import clean_stale_temporaries
 
 FORMAT = "vlapt-demos"
@@ -156,15 +156,19 @@ def dataset_suite(args: dict[str, Any]):
 def check_observed_as(path: str | os.PathLike, config: EnvConfig, suite, what: str = "the policy") -> None:
     """Refuse a dataset whose images were rendered otherwise than ``config`` renders them in ``suite`` (another
     camera or view order, field of view or image size): a policy that learns from it would read images unlike its
-    own. A dataset that does not record its camera (LeRobot's own) is held to its image size only."""
+    own. A dataset that does not record its camera (LeRobot's own) is held to its image size and one view."""
     args = env_args(path)
     wanted = suite.check_env_config(config)
     keys = ("camera", "camera_fovy", "image_size") if args.get("camera") else ("image_size",)
     recorded = suite.check_env_config(EnvConfig(camera=args.get("camera") or "", image_size=int(args["image_size"]),
                                                 camera_fovy=float(args.get("camera_fovy") or 0.0)))
     differ = [k for k in keys if getattr(recorded, k) != getattr(wanted, k)]
+    settings = " ".join(f"{k}={getattr(wanted, k)}" for k in ("camera", "camera_fovy", "image_size"))
+    if not args.get("camera") and len(camera_views(wanted.camera)) > 1:
+        raise ValueError(f"{path} does not record its camera, so its images are one view, and {what} reads "
+                         f"{len(camera_views(wanted.camera))} (camera={wanted.camera!r}); collect demonstrations as "
+                         f"{what} sees (vlapt collect {settings})")
     if differ:
-        settings = " ".join(f"{k}={getattr(wanted, k)}" for k in ("camera", "camera_fovy", "image_size"))
         raise ValueError(f"{path} was rendered with " + ", ".join(f"{k}={getattr(recorded, k)!r}" for k in differ)
                          + f", {what} with " + ", ".join(f"{k}={getattr(wanted, k)!r}" for k in differ)
                          + f"; collect demonstrations as {what} sees (vlapt collect {settings}), or, where {what} "

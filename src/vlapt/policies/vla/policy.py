@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlapt.interfaces import EnvConfig
+from vlapt.interfaces import EnvConfig, split_views
 from vlapt.policies.checkpoint import CheckpointError, check_state_matches, write_checkpoint
 from vlapt.policies.gaussian import GaussianChunk, GaussianChunkPolicy
 from vlapt.policies.vla.config import PolicyConfig
@@ -231,9 +231,8 @@ class VLAPolicy(GaussianChunkPolicy):
         """The image encoder's tokens, view after view; a frozen encoder's features come from the feature cache
         when it has them."""
         views = self.config.views
-        if views > 1:  # (B, S, V*S, 3) -> (B*V, S, S, 3): every view through the same encoder
-            batch, size = image.shape[0], self.config.image_size
-            image = image.reshape(batch, size, views, size, 3).transpose(1, 2).reshape(batch * views, size, size, 3)
+        if views > 1:  # every view through the same encoder
+            image = split_views(image, views)
         cacheable = getattr(self.vision, "cacheable", None)
         if self._feature_cache is not None and cacheable is not None and cacheable():
             tokens = self.vision.tokens(self._feature_cache.lookup(image, self.vision.features))
