@@ -113,8 +113,9 @@ def test_extra_dataset_or_init_policy_with_other_camera_settings_is_refused(demo
     with pytest.raises(ValueError, match="camera_fovy"):
         train_sft(config, progress=False)
     config = SFTConfig(dataset=str(other), init_policy=str(policy), output_dir=str(tmp_path / "run2"), steps=1, threads=1)
-    with pytest.raises(ValueError, match=r"init_policy .* camera_fovy \(30.0 vs 0.0\)"):
+    with pytest.raises(ValueError, match=r"rendered with camera_fovy=0.0, init_policy .* with camera_fovy=30.0"):
         train_sft(config, progress=False)
+    assert not (tmp_path / "run2").exists()
 
 
 def test_relabelled_episodes_never_seed_the_self_bc_buffer(policy, relabelled, tmp_path):
